@@ -1,0 +1,154 @@
+"""Configs: Python files with `get_config()` (as in big_vision), plus `--config.a.b=v` overrides.
+
+`default_config()` holds every field with its default and the reason for it; files in
+`configs/` start from it and change only what their setting needs.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+from pathlib import Path
+
+import ml_collections
+from ml_collections import ConfigDict
+
+
+def default_config() -> ConfigDict:
+    c = ConfigDict()
+    c.seed = 0  # Every random stream (init, dropout, data order, augmentation) derives from it.
+    # Orbax checkpoint written by `cae-jax import-weights` to start the encoder from; "" = random.
+    c.init_from = ""
+
+    c.model = m = ConfigDict()
+    m.image_size = 299  # Xception's native input; gives the 10x10x2048 latent.
+    m.dtype = "float32"  # Compute dtype: "float32" or "bfloat16" (parameters stay float32).
+    m.bn_momentum = 0.99  # Running-average decay (Keras convention; PyTorch's 0.01).
+    m.bn_epsilon = 1e-3  # Keras Xception's value; timm's legacy_xception uses 1e-5.
+    # MaxPool padding in the strided blocks: "torch" (symmetric, timm/Cadene weights) or
+    # "same" (TF/Keras). They differ only where the input side is even (74 -> 37 at 299).
+    m.pool_padding = "torch"
+    # Depthwise 3x3: "auto" (shifted multiply-adds on CPU, native grouped conv elsewhere),
+    # "shifted" or "native". XLA's CPU grouped convolution is ~10x slower than nine shifts.
+    m.depthwise_impl = "auto"
+    m.encoder = e = ConfigDict()
+    e.stem_features = (32, 64)  # conv1 (3x3/2, valid) and conv2 (3x3, valid).
+    e.entry_features = (128, 256, 728)  # Entry-flow blocks, each halves the resolution.
+    e.middle_blocks = 8  # Middle-flow residual blocks of 3 separable convs at 728 channels.
+    e.exit_features = (728, 1024)  # Exit block: separable convs 728 then 1024, stride 2.
+    e.head_features = (1536, 2048)  # Final separable convs; the latent has the last width.
+    m.decoder = d = ConfigDict()
+    # ConvTranspose(4x4, stride 2) + BatchNorm + ReLU stages from the latent (10 -> 320), then
+    # a 3x3 conv to RGB and a resize to the input size when the stages overshoot it.
+    d.features = (512, 256, 128, 64, 32)
+    d.kernel_size = 4
+    d.output_activation = "tanh"  # Matches the [-1, 1] input normalization of Xception.
+    m.classifier = k = ConfigDict()
+    k.hidden = (256,)  # Dense + ReLU + Dropout layers after global average pooling.
+    k.dropout = 0.5
+
+    c.loss = ConfigDict()
+    c.loss.recon_weight = 1.0  # lambda in L = BCE + lambda * recon.
+    c.loss.recon = "mse"  # "mse" or "l1".
+    c.loss.recon_real_only = False  # Reconstruct only real faces (fakes add BCE only).
+
+    c.optim = o = ConfigDict()
+    o.learning_rate = 2e-4  # Peak of the warmup + cosine schedule.
+    o.warmup_steps = 500
+    o.end_learning_rate_factor = 0.01  # Cosine decays to peak * factor at train.steps.
+    o.weight_decay = 1e-4  # AdamW decoupled weight decay (not applied to BN and biases).
+    o.b1 = 0.9
+    o.b2 = 0.999
+    o.clip_grad_norm = 1.0  # Global-norm clipping; 0 disables it.
+
+    c.mesh = ConfigDict()
+    c.mesh.data = -1  # Data-parallel axis size; -1 takes all devices left over by fsdp.
+    c.mesh.fsdp = 1  # Parameter-sharding axis size (the batch is split over it too).
+
+    c.train = t = ConfigDict()
+    t.steps = 20_000
+    t.batch_size = 32  # Global batch over all hosts and devices.
+    t.log_every = 50
+    t.eval_every = 1000
+    t.checkpoint_every = 1000
+    t.keep_checkpoints = 3  # The last K are kept, plus the best by validation AUC.
+    t.nan_policy = "stop"  # "stop" (keep last good checkpoint) or "skip" the bad step.
+    return c
+
+
+def get_config() -> ConfigDict:
+    """Lets `default_config` itself serve as a config file."""
+    return default_config()
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ConfigDict:
+    """Runs `get_config()` of a Python config file and applies `--config.a.b=v` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    spec = importlib.util.spec_from_file_location(f"cae_jax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    apply_overrides(config, overrides or [])
+    return config
+
+
+def apply_overrides(config: ConfigDict, overrides: list[str]) -> None:
+    """Applies absl-style `--config.a.b=value` (or `--config.a.b value`) items in place."""
+    items = list(overrides)
+    while items:
+        item = items.pop(0)
+        if not item.startswith("--config."):
+            raise ValueError(f"unrecognized argument {item!r}: overrides look like --config.a.b=v")
+        key, sep, value = item[len("--config.") :].partition("=")
+        if not sep:
+            if not items:
+                raise ValueError(f"override {item!r} has no value")
+            value = items.pop(0)
+        set_field(config, key, value)
+
+
+def set_field(config: ConfigDict, dotted_key: str, text: str) -> None:
+    """Sets a field from text, parsed to the type of the field it replaces."""
+    *parents, name = dotted_key.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    if name not in node:
+        raise KeyError(f"unknown config field {dotted_key!r}")
+    old = node[name]
+    node[name] = _parse_like(old, text, dotted_key)
+
+
+def _parse_like(old, text: str, key: str):
+    if isinstance(old, bool):
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"--config.{key} takes true/false, got {text!r}")
+    if isinstance(old, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError) as err:
+        raise ValueError(f"--config.{key}: cannot parse {text!r}") from err
+    if isinstance(old, float) and isinstance(value, int):
+        value = float(value)
+    if isinstance(old, tuple) and isinstance(value, list):
+        value = tuple(value)
+    if isinstance(old, tuple) and not isinstance(value, tuple):
+        value = (value,)
+    if old is not None and not isinstance(value, type(old)):
+        raise ValueError(f"--config.{key} is {type(old).__name__}, got {text!r}")
+    return value
+
+
+def to_json(config: ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> ConfigDict:
+    return ml_collections.ConfigDict(json.loads(text))

@@ -1,0 +1,50 @@
+"""The `cae-jax` command line: one entry point, one module per subcommand.
+
+Each subcommand module defines `add_arguments(parser)` and `run(args) -> int`. Only the
+module of the chosen subcommand is imported, so `cae-jax --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("data_prep.prepare", "raw videos/images -> face crops in sharded TFRecords"),
+    "train": ("cae_jax.train", "train a model from a config file"),
+    "evaluate": ("cae_jax.evaluate", "frame/video metrics of a checkpoint on prepared data"),
+    "export": ("cae_jax.export", "training checkpoint -> inference bundle"),
+    "predict": ("cae_jax.predict", "score images and videos with an exported model"),
+    "demo": ("cae_jax.demo", "end-to-end run on built-in data (CPU)"),
+    "bench": ("cae_jax.bench", "speed benchmarks against peers"),
+    "import-weights": ("cae_jax.weights", "ImageNet Xception weights (timm/keras) -> Orbax"),
+    "sweep": ("cae_jax.sweep", "expand a sweep file into runs and launch them"),
+    "sweep-report": ("cae_jax.sweep_report", "collect a sweep's results into one table"),
+}
+
+
+def build_parser(command: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cae-jax", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            importlib.import_module(module_name).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    parser = build_parser(command)
+    args, rest = parser.parse_known_args(argv)
+    module = importlib.import_module(COMMANDS[args.command][0])
+    if rest and not getattr(module, "ACCEPTS_CONFIG_OVERRIDES", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.overrides = rest
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""Tests see 8 virtual CPU devices, so sharding tests run on any machine."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+FFPP_MINI = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "ffpp_mini"
+
+
+@pytest.fixture
+def ffpp_mini() -> Path:
+    """The five real FF++ c23 clips beside the repository; skipped where absent."""
+    if not FFPP_MINI.is_dir():
+        pytest.skip(f"{FFPP_MINI} not present")
+    return FFPP_MINI

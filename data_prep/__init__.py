@@ -1,0 +1,1 @@
+"""Raw deepfake datasets (videos, images) -> face crops in sharded TFRecords: `cae-jax prepare`."""

@@ -10,11 +10,12 @@ from __future__ import annotations
 import collections
 import json
 import os
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from etils import epath
 
 from cae_jax import records
 
@@ -28,11 +29,12 @@ def shard_name(name: str, split: str, index: int, num_shards: int) -> str:
     return f"{name}-{split}.tfrecord-{index:05d}-of-{num_shards:05d}"
 
 
-def write_json_atomic(path: Path, obj) -> None:
+def write_json_atomic(path: epath.PathLike, obj) -> None:
     """Writes JSON through a temporary file, so readers see the old or the new file whole."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    path = epath.Path(path)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    tmp.replace(path)
 
 
 class SplitStats:
@@ -42,12 +44,11 @@ class SplitStats:
         self.frames = collections.Counter()
         self.videos: dict[str, set[str]] = collections.defaultdict(set)
 
-    def add(self, example: Mapping) -> None:
-        label = example["label"]
+    def add(self, video_id: str, label: int | str, method: str, frames: int = 1) -> None:
         label = records.LABEL_NAMES[label] if isinstance(label, int) else label
-        for key in ("all", f"label:{label}", f"method:{example['method']}"):
-            self.frames[key] += 1
-            self.videos[key].add(example["video_id"])
+        for key in ("all", f"label:{label}", f"method:{method}"):
+            self.frames[key] += frames
+            self.videos[key].add(video_id)
 
     def to_dict(self) -> dict:
         def count(key: str) -> dict:
@@ -62,39 +63,43 @@ class SplitStats:
         }
 
 
+def temporary_shard(out_dir: epath.PathLike, name: str, split: str, index: int) -> epath.Path:
+    """Where a shard is written before `commit` renames it; never matches a shard pattern."""
+    return epath.Path(out_dir) / f".{name}-{split}-{index:05d}.tmp-{uuid.uuid4().hex[:12]}"
+
+
+def write_shard(path: epath.PathLike, serialized: Iterable[bytes]) -> int:
+    """Writes serialized examples to one TFRecord file; returns how many."""
+    count = 0
+    with tf.io.TFRecordWriter(os.fspath(path)) as writer:
+        for record in serialized:
+            writer.write(record)
+            count += 1
+    return count
+
+
 def _write_split(
-    out_dir: Path, name: str, split: str, examples: Iterable[Mapping], num_shards: int
-) -> tuple[list[tuple[Path, Path]], list[int], int, SplitStats]:
-    """Writes examples round-robin into temporary shards; returns (tmp, final) path pairs."""
+    out_dir: epath.Path, name: str, split: str, examples: Iterable[Mapping], num_shards: int
+) -> tuple[list[tuple[epath.Path, int]], SplitStats]:
+    """Writes examples round-robin into temporary shards; returns [(path, count)] and stats."""
     features = records.features()
     stats = SplitStats()
-    tmp_paths = [out_dir / f".{name}-{split}-{i:05d}.tmp-{os.getpid()}" for i in range(num_shards)]
-    writers = [tf.io.TFRecordWriter(os.fspath(p)) for p in tmp_paths]
+    paths = [temporary_shard(out_dir, name, split, i) for i in range(num_shards)]
+    writers = [tf.io.TFRecordWriter(os.fspath(p)) for p in paths]
     lengths = [0] * num_shards
     try:
         for i, example in enumerate(examples):
             writers[i % num_shards].write(features.serialize_example(example))
             lengths[i % num_shards] += 1
-            stats.add(example)
-    except BaseException:
-        for w, p in zip(writers, tmp_paths, strict=True):
+            stats.add(example["video_id"], example["label"], example["method"])
+    finally:
+        for w in writers:
             w.close()
-            p.unlink(missing_ok=True)
-        raise
-    for w in writers:
-        w.close()
-    # Fewer examples than shards: drop the empty ones so no shard is empty.
-    kept = [(p, n) for p, n in zip(tmp_paths, lengths, strict=True) if n]
-    for p, n in zip(tmp_paths, lengths, strict=True):
-        if not n:
-            p.unlink()
-    pairs = [(p, out_dir / shard_name(name, split, i, len(kept))) for i, (p, _) in enumerate(kept)]
-    num_bytes = sum(p.stat().st_size for p, _ in kept)
-    return pairs, [n for _, n in kept], num_bytes, stats
+    return list(zip(paths, lengths, strict=True)), stats
 
 
 def write_dataset(
-    out_dir: str | os.PathLike,
+    out_dir: epath.PathLike,
     name: str,
     splits: Mapping[str, Iterable[Mapping]],
     num_shards: int | Mapping[str, int] = 1,
@@ -102,12 +107,12 @@ def write_dataset(
     skipped: Sequence[Mapping] = (),
     extra_manifest: Mapping | None = None,
     description: str = "",
-) -> Path:
+) -> epath.Path:
     """Writes a TFDS dataset directory loadable with `tfds.builder_from_directory(out_dir)`.
 
     Args:
-      out_dir: the directory (created if needed). Shards and metadata of an earlier dataset of
-        the same `name` in it are replaced; other files are left alone.
+      out_dir: the directory (created if needed; local or gs://). Shards and metadata of an
+        earlier dataset of the same `name` in it are replaced; other files are left alone.
       name: dataset name, the prefix of shard files `{name}-{split}.tfrecord-{i:05d}-of-{n:05d}`.
       splits: split name (one of train/validation/test) -> iterable of example dicts in the
         `cae_jax.records.features()` schema. `image` is a uint8 HxWx3 RGB array or PNG bytes,
@@ -120,47 +125,76 @@ def write_dataset(
       description: free text stored in dataset_info.json.
 
     Returns:
-      `out_dir` as a Path. It holds `manifest.json` with, per split, the counts of videos and
-      frames in total, for real, for fake and per method, and the `skipped` list.
+      `out_dir`. It holds `manifest.json` with, per split, the counts of videos and frames in
+      total, for real, for fake and per method, and the `skipped` list.
     """
-    out_dir = Path(out_dir)
+    out_dir = epath.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    unknown = set(splits) - set(SPLITS)
-    if unknown:
-        raise ValueError(f"unknown split(s) {sorted(unknown)}; splits are {SPLITS}")
-    pending: list[tuple[Path, Path]] = []
-    split_infos, manifest_splits = [], {}
+    _check_splits(splits)
+    shards, stats = {}, {}
     try:
         for split, examples in splits.items():
             n = num_shards if isinstance(num_shards, int) else num_shards[split]
             if n < 1:
                 raise ValueError(f"num_shards for split {split!r} must be >= 1, got {n}")
-            pairs, lengths, num_bytes, stats = _write_split(out_dir, name, split, examples, n)
-            pending += pairs
-            manifest_splits[split] = stats.to_dict()
-            if lengths:
-                split_infos.append(
-                    tfds.core.SplitInfo(name=split, shard_lengths=lengths, num_bytes=num_bytes)
-                )
+            shards[split], stats[split] = _write_split(out_dir, name, split, examples, n)
     except BaseException:
-        for tmp, _ in pending:
-            tmp.unlink(missing_ok=True)
+        _remove_temporary(shards)
         raise
-    if not split_infos:
-        for tmp, _ in pending:
-            tmp.unlink(missing_ok=True)
-        raise ValueError(f"no examples to write to {out_dir}: every split is empty")
+    manifest = {"splits": {s: st.to_dict() for s, st in stats.items()}, "skipped": list(skipped)}
+    return commit(out_dir, name, shards, {**manifest, **(extra_manifest or {})}, description)
 
+
+def _check_splits(splits: Iterable[str]) -> None:
+    unknown = set(splits) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"unknown split(s) {sorted(unknown)}; splits are {SPLITS}")
+
+
+def _remove_temporary(shards: Mapping[str, Sequence[tuple[epath.Path, int]]]) -> None:
+    for pairs in shards.values():
+        for path, _ in pairs:
+            if path.exists():
+                path.unlink()
+
+
+def commit(
+    out_dir: epath.PathLike,
+    name: str,
+    shards: Mapping[str, Sequence[tuple[epath.PathLike, int]]],
+    manifest: Mapping,
+    description: str = "",
+) -> epath.Path:
+    """Turns temporary shards into the dataset: renames them, then writes manifest + metadata.
+
+    `shards` maps split -> [(temporary shard path, example count)], in order. Empty shards are
+    deleted and the rest numbered densely. `manifest` needs "splits" (per split counts) and
+    "skipped"; "name" is added.
+    """
+    out_dir = epath.Path(out_dir)
+    _check_splits(shards)
+    shards = {s: [(epath.Path(p), n) for p, n in pairs] for s, pairs in shards.items()}
+    kept = {s: [(p, n) for p, n in pairs if n] for s, pairs in shards.items()}
+    for pairs in shards.values():
+        for path, n in pairs:
+            if not n:
+                path.unlink()
+    if not any(kept.values()):
+        _remove_temporary(kept)
+        raise ValueError(f"no examples to write to {out_dir}: every split is empty")
     _remove_dataset_files(out_dir, name)
-    for tmp, final in pending:
-        os.replace(tmp, final)
-    manifest = {
-        "name": name,
-        "splits": manifest_splits,
-        "skipped": list(skipped),
-        **(extra_manifest or {}),
-    }
-    write_json_atomic(out_dir / MANIFEST, manifest)
+    split_infos = []
+    for split, pairs in kept.items():
+        if not pairs:
+            continue
+        num_bytes = sum(p.stat().length for p, _ in pairs)
+        for i, (path, _) in enumerate(pairs):
+            path.rename(out_dir / shard_name(name, split, i, len(pairs)))
+        lengths = [n for _, n in pairs]
+        split_infos.append(
+            tfds.core.SplitInfo(name=split, shard_lengths=lengths, num_bytes=num_bytes)
+        )
+    write_json_atomic(out_dir / MANIFEST, {"name": name, **manifest})
     tfds.folder_dataset.write_metadata(
         data_dir=os.fspath(out_dir),
         features=records.features(),
@@ -171,10 +205,11 @@ def write_dataset(
     return out_dir
 
 
-def _remove_dataset_files(out_dir: Path, name: str) -> None:
+def _remove_dataset_files(out_dir: epath.Path, name: str) -> None:
     """Removes metadata first, then old shards: a crash in between leaves nothing loadable."""
     for meta in _METADATA_FILES:
-        (out_dir / meta).unlink(missing_ok=True)
+        if (out_dir / meta).exists():
+            (out_dir / meta).unlink()
     for split in SPLITS:
         for old in out_dir.glob(f"{name}-{split}.tfrecord-*-of-*"):
             old.unlink()

@@ -1,0 +1,206 @@
+"""`cae-jax prepare DATASET --root RAW --out OUT`: raw videos/images -> face-crop TFRecords.
+
+Videos are cropped in parallel (a local process pool, or an Apache Beam pipeline with
+`--runner beam`) into a per-video cache under OUT/.work, so a re-run only does what is not
+done yet; the cache is then written into the TFDS dataset directory OUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import json
+import math
+import multiprocessing
+import os
+import sys
+from collections.abc import Iterable, Sequence
+
+import tqdm
+from etils import epath
+
+from data_prep import datasets, faces, work, writer
+
+WORK_DIR = ".work"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dataset", choices=sorted(datasets.BUILDERS), help="raw dataset layout")
+    parser.add_argument("--root", required=True, help="raw dataset folder (folder: or a CSV)")
+    parser.add_argument("--out", required=True, help="output TFDS dataset directory")
+    parser.add_argument("--frames-per-video", type=int, default=32, help="sampled uniformly")
+    parser.add_argument("--image-size", type=int, default=299, help="side of the square crops")
+    parser.add_argument("--margin", type=float, default=1.3, help="crop side / face box side")
+    parser.add_argument("--detector", choices=sorted(faces.DETECTORS), default="haar")
+    parser.add_argument("--align", action="store_true", help="rotate crops so eyes are level")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="local processes")
+    parser.add_argument("--limit-videos", type=int, default=0, help="a seeded subset (0: all)")
+    parser.add_argument("--compression", choices=datasets.COMPRESSIONS, default="c23")
+    parser.add_argument(
+        "--methods",
+        default=",".join(datasets.FFPP_METHODS),
+        help="comma-separated FF++ manipulations",
+    )
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="see docs/prepare.md")
+    parser.add_argument("--test-fraction", type=float, default=0.1, help="see docs/prepare.md")
+    parser.add_argument("--seed", type=int, default=0, help="seed of carved splits and subsets")
+    parser.add_argument("--examples-per-shard", type=int, default=1024)
+    parser.add_argument("--runner", choices=("local", "beam"), default="local")
+    parser.add_argument(
+        "--beam-options",
+        default="--runner=DirectRunner",
+        help="Beam pipeline options, e.g. '--runner=DataflowRunner --project=P --region=R'",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = work.Settings(
+        frames_per_video=args.frames_per_video,
+        image_size=args.image_size,
+        margin=args.margin,
+        detector=args.detector,
+        align=args.align,
+    )
+    options = datasets.Options(
+        compression=args.compression,
+        methods=tuple(m for m in args.methods.split(",") if m),
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+    )
+    try:
+        entries = datasets.list_entries(args.dataset, epath.Path(args.root), options)
+    except datasets.DatasetLayoutError as err:
+        print(f"cae-jax prepare: {err}", file=sys.stderr)
+        return 2
+    entries = subset(entries, args.limit_videos, args.seed)
+    out = prepare(
+        entries,
+        args.dataset,
+        args.out,
+        settings,
+        workers=args.workers,
+        examples_per_shard=args.examples_per_shard,
+        runner=args.runner,
+        beam_options=args.beam_options.split(),
+    )
+    manifest = json.loads((epath.Path(out) / writer.MANIFEST).read_text())
+    for split, counts in manifest["splits"].items():
+        print(f"{split}: {counts['videos']} videos, {counts['frames']} frames")
+    print(f"skipped: {len(manifest['skipped'])} (reasons in {out}/{writer.MANIFEST})")
+    return 0
+
+
+def subset(entries: list[datasets.Entry], limit: int, seed: int) -> list[datasets.Entry]:
+    """A seeded sample of `limit` entries (all when 0), mixing splits, labels and methods."""
+    if not limit or limit >= len(entries):
+        return entries
+    ranked = sorted(entries, key=lambda e: datasets.unit_hash(seed, "subset", e.video_id))
+    return sorted(ranked[:limit], key=lambda e: e.video_id)
+
+
+def prepare(
+    entries: Sequence[datasets.Entry],
+    name: str,
+    out_dir: str | os.PathLike,
+    settings: work.Settings,
+    *,
+    workers: int = 1,
+    examples_per_shard: int = 1024,
+    runner: str = "local",
+    beam_options: Sequence[str] = (),
+) -> epath.Path:
+    """Crops every entry (resuming from OUT/.work) and writes the dataset; returns OUT."""
+    out_dir = epath.Path(out_dir)
+    work_dir = work.open_cache(out_dir / WORK_DIR, settings)
+    if runner == "beam":
+        from data_prep import beam_pipeline
+
+        return beam_pipeline.run(
+            entries, name, out_dir, work_dir, settings, examples_per_shard, beam_options
+        )
+    summaries = crop_all(entries, settings, work_dir, workers)
+    return write_from_cache(
+        entries, summaries, name, out_dir, work_dir, settings, examples_per_shard
+    )
+
+
+def crop_all(
+    entries: Sequence[datasets.Entry],
+    settings: work.Settings,
+    work_dir: epath.Path,
+    workers: int,
+) -> dict[str, dict]:
+    """Runs `work.process` over entries with a progress bar; returns video_id -> summary."""
+    bar = tqdm.tqdm(total=len(entries), unit="video", desc="faces", dynamic_ncols=True)
+    summaries = {}
+    with bar:
+        if workers <= 1:
+            for entry in entries:
+                summaries[entry.video_id] = work.process(entry, settings, work_dir)
+                bar.update()
+            return summaries
+        context = multiprocessing.get_context("spawn")  # Never fork a process holding TF.
+        with concurrent.futures.ProcessPoolExecutor(
+            workers, mp_context=context, initializer=_init_worker
+        ) as pool:
+            futures = {
+                pool.submit(work.process, entry, settings, os.fspath(work_dir)): entry
+                for entry in entries
+            }
+            for future in concurrent.futures.as_completed(futures):
+                entry = futures[future]
+                summaries[entry.video_id] = future.result()
+                bar.update()
+    return summaries
+
+
+def _init_worker() -> None:
+    """One thread per worker: the pool is the parallelism."""
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+def write_from_cache(
+    entries: Sequence[datasets.Entry],
+    summaries: dict[str, dict],
+    name: str,
+    out_dir: epath.Path,
+    work_dir: epath.Path,
+    settings: work.Settings,
+    examples_per_shard: int,
+) -> epath.Path:
+    """Writes the cached crops of finished entries, in video-id order, into the dataset."""
+    by_split: dict[str, list[datasets.Entry]] = {}
+    for entry in entries:
+        if summaries[entry.video_id]["status"] == "ok":
+            by_split.setdefault(entry.split, []).append(entry)
+    num_shards = {
+        split: max(1, math.ceil(frame_count(group, summaries) / examples_per_shard))
+        for split, group in by_split.items()
+    }
+    splits = {split: _examples(group, name, work_dir) for split, group in sorted(by_split.items())}
+    return writer.write_dataset(
+        out_dir,
+        name,
+        splits,
+        num_shards,
+        skipped=skipped_list(entries, summaries),
+        extra_manifest={"settings": dataclasses.asdict(settings)},
+    )
+
+
+def frame_count(entries: Iterable[datasets.Entry], summaries: dict[str, dict]) -> int:
+    return sum(summaries[e.video_id]["frames"] for e in entries)
+
+
+def skipped_list(entries: Sequence[datasets.Entry], summaries: dict[str, dict]) -> list[dict]:
+    return [summaries[e.video_id] for e in entries if summaries[e.video_id]["status"] == "skipped"]
+
+
+def _examples(group: Sequence[datasets.Entry], name: str, work_dir: epath.Path):
+    bar = tqdm.tqdm(group, unit="video", desc="write", leave=False, dynamic_ncols=True)
+    for entry in bar:
+        yield from work.cached_examples(entry, name, work_dir)

@@ -194,6 +194,8 @@ def commit(
         split_infos.append(
             tfds.core.SplitInfo(name=split, shard_lengths=lengths, num_bytes=num_bytes)
         )
+    for orphan in out_dir.glob(f".{name}-*.tmp-*"):  # Left by killed runs or retried workers.
+        orphan.unlink()
     write_json_atomic(out_dir / MANIFEST, {"name": name, **manifest})
     tfds.folder_dataset.write_metadata(
         data_dir=os.fspath(out_dir),

@@ -1,0 +1,522 @@
+"""Streams prepared TFRecord shards into the train and eval steps with grain.
+
+Training, per host: the host's shards of each dataset (shards dealt round-robin by process
+index) are indexed record by record (`cae_jax.tfrecord`), shuffled globally and freshly each
+epoch, parsed, decoded, resized, augmented (optionally turned into self-blended fakes), mixed
+across datasets by weight, batched to the per-host batch and assembled into global
+`jax.Array`s sharded over the mesh. Shuffling record indices (not a window of a stream)
+makes reads hop between files, and makes the iterator state a handful of counters: a resumed
+run produces exactly the batches an uninterrupted run would have.
+
+Evaluation reads every record of a split exactly once across hosts (each host a contiguous
+range of records), unaugmented, and pads the last batches with `mask=False` rows.
+
+Every random choice derives from `config.seed`, the dataset, the host and the record's
+position in the stream, so a run is reproducible for any number of grain workers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import cv2
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+from google.protobuf.message import DecodeError
+from jax.sharding import Mesh
+from ml_collections import ConfigDict
+from tensorflow.core.example import example_pb2
+
+from cae_jax import augment, sbi, sharding, tfrecord
+
+METADATA_FIELDS = ("video_id", "method", "dataset")  # Text features kept for video metrics.
+
+
+def split_files(data_dir: str | Path, split: str) -> list[str]:
+    """The shards `{name}-{split}.tfrecord-*-of-*` of one split of a prepared directory."""
+    files = sorted(str(p) for p in Path(data_dir).glob(f"*-{split}.tfrecord-*-of-*"))
+    if not files:
+        raise FileNotFoundError(
+            f"{data_dir}: no shards of split {split!r} (files *-{split}.tfrecord-*-of-*); "
+            "is it a directory written by `cae-jax prepare`?"
+        )
+    return files
+
+
+def per_host_batch(global_batch: int, process_count: int) -> int:
+    if global_batch % process_count:
+        raise ValueError(f"batch size {global_batch} is not divisible by {process_count} hosts")
+    return global_batch // process_count
+
+
+# ----------------------------------------------------------------------------- per record
+
+
+def _feature(features, name: str, kind: str, where: tuple[str, int]):
+    if name not in features:
+        raise tfrecord.CorruptRecordError(*where, f"record has no feature {name!r}")
+    values = getattr(features[name], kind).value
+    if not values:
+        raise tfrecord.CorruptRecordError(*where, f"feature {name!r} has no {kind} value")
+    return values[0]
+
+
+class ParseRecord(grain.transforms.Map):
+    """Raw record -> dict of the fields the pipeline uses (the image stays PNG bytes).
+
+    Reads the `tf.train.Example` with protobuf directly: the same wire format as
+    `records.features()`, without a TensorFlow op per record.
+    """
+
+    def __init__(self, skip_corrupt: bool):
+        self.skip_corrupt = skip_corrupt
+
+    def map(self, raw: tfrecord.RawRecord) -> dict | None:
+        where = (raw["path"], raw["offset"])
+        try:
+            try:
+                features = example_pb2.Example.FromString(raw["data"]).features.feature
+            except DecodeError as err:
+                raise tfrecord.CorruptRecordError(
+                    *where, f"not a tf.train.Example ({err})"
+                ) from err
+            parsed = {
+                "png": _feature(features, "image", "bytes_list", where),
+                "label": int(_feature(features, "label", "int64_list", where)),
+                "frame_index": int(_feature(features, "frame_index", "int64_list", where)),
+                "path": raw["path"],
+                "offset": raw["offset"],
+            }
+            for name in METADATA_FIELDS:
+                parsed[name] = _feature(features, name, "bytes_list", where).decode()
+            if parsed["label"] not in (0, 1):
+                raise tfrecord.CorruptRecordError(*where, f"label {parsed['label']} not 0 or 1")
+        except tfrecord.CorruptRecordError as err:
+            tfrecord.skip_or_raise(err, self.skip_corrupt)
+            return None
+        return parsed
+
+
+def decode_image(record: dict) -> np.ndarray:
+    """PNG bytes of a parsed record -> uint8 RGB; failure names the file and byte offset."""
+    image = cv2.imdecode(np.frombuffer(record["png"], np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise tfrecord.CorruptRecordError(
+            record["path"], record["offset"], "image bytes do not decode as PNG"
+        )
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+class LabelIs(grain.transforms.Filter):
+    def __init__(self, label: int):
+        self.label = label
+
+    def filter(self, record: dict) -> bool:
+        return record["label"] == self.label
+
+
+class TrainTransform(grain.transforms.RandomMap):
+    """Decode, resize, maybe self-blend a real face, augment: one training example."""
+
+    def __init__(self, config: ConfigDict, dataset_id: int):
+        self.image_size = config.model.image_size
+        self.input = config.input
+        self.dataset_id = dataset_id
+
+    def random_map(self, record: dict, rng: np.random.Generator) -> dict | None:
+        try:
+            image = decode_image(record)
+        except tfrecord.CorruptRecordError as err:
+            tfrecord.skip_or_raise(err, self.input.skip_corrupt)
+            return None
+        image = augment.random_resize(image, self.image_size, rng, self.input.augment.resize_prob)
+        label = record["label"]
+        if label == 0 and rng.random() < self.input.sbi.prob:
+            image, _ = sbi.self_blend(image, rng)
+            label = 1
+        image = augment.augment(image, rng, self.input.augment)
+        return {
+            "image": image,
+            "label": np.int32(label),
+            "dataset_id": np.int32(self.dataset_id),
+        }
+
+
+class EvalTransform(grain.transforms.Map):
+    """Decode and resize (area/cubic), nothing random: one evaluation example."""
+
+    def __init__(self, image_size: int, skip_corrupt: bool):
+        self.image_size = image_size
+        self.skip_corrupt = skip_corrupt
+
+    def map(self, record: dict) -> dict | None:
+        try:
+            image = decode_image(record)
+        except tfrecord.CorruptRecordError as err:
+            tfrecord.skip_or_raise(err, self.skip_corrupt)
+            return None
+        example = {k: record[k] for k in (*METADATA_FIELDS, "frame_index", "label")}
+        return {**example, "image": augment.isotropic_resize(image, self.image_size)}
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def _read_options(config: ConfigDict) -> grain.ReadOptions:
+    return grain.ReadOptions(
+        num_threads=config.input.threads, prefetch_buffer_size=config.input.buffer
+    )
+
+
+def _stream_seed(seed: int, dataset_id: int, process_index: int) -> int:
+    """A distinct 32-bit seed per (run seed, dataset, host)."""
+    return int(np.random.SeedSequence([seed, dataset_id, process_index]).generate_state(1)[0])
+
+
+def _class_counts(data_dir: str, split: str) -> tuple[int, int]:
+    """(real, fake) frames of a split from `manifest.json` (written by `cae-jax prepare`)."""
+    path = Path(data_dir) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: input.class_balance needs the manifest of `prepare`")
+    counts = json.loads(path.read_text())["splits"].get(split)
+    if counts is None:
+        raise ValueError(f"{path}: no split {split!r} in the manifest")
+    return counts["real"]["frames"], counts["fake"]["frames"]
+
+
+def _dataset_stream(
+    config: ConfigDict, data_dir: str, dataset_id: int, process_index: int, process_count: int
+) -> tuple[grain.IterDataset, int]:
+    """An endless stream of training examples of one dataset on one host, and its size."""
+    inp = config.input
+    files = split_files(data_dir, inp.train_split)
+    host_files = files[process_index::process_count]
+    if not host_files:
+        raise ValueError(
+            f"{data_dir}: {len(files)} shards of split {inp.train_split!r} cannot feed "
+            f"{process_count} hosts; prepare it with at least that many shards"
+        )
+    source = tfrecord.IndexedTFRecords(host_files, skip_corrupt=inp.skip_corrupt)
+    records = (
+        grain.MapDataset.source(source)
+        .seed(_stream_seed(config.seed, dataset_id, process_index))
+        .shuffle()
+        .repeat()
+        .map(ParseRecord(inp.skip_corrupt))
+    )
+    transform = TrainTransform(config, dataset_id)
+    if not inp.class_balance:
+        return records.random_map(transform).to_iter_dataset(_read_options(config)), len(source)
+    real, fake = _class_counts(data_dir, inp.train_split)
+    if not real or not fake:
+        raise ValueError(
+            f"{data_dir}: input.class_balance needs both classes in split {inp.train_split!r}, "
+            f"found {real} real and {fake} fake frames"
+        )
+    by_label = [
+        records.filter(LabelIs(label)).random_map(transform).to_iter_dataset(_read_options(config))
+        for label in (0, 1)
+    ]
+    return grain.IterDataset.mix(by_label, [1, 1]), len(source)
+
+
+def train_dataset(
+    config: ConfigDict,
+    data_dirs: Sequence[str] | None = None,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.IterDataset:
+    """This host's endless stream of training batches as numpy (the benchmarked pipeline).
+
+    Batches hold `image` uint8 [b, H, W, 3] (H = W = config.model.image_size), `label` int32
+    [b] (0 real, 1 fake) and `dataset_id` int32 [b] (index into `data_dirs`), with
+    b = config.train.batch_size / process_count. `data_dirs` defaults to
+    config.input.train_dirs; they are mixed by config.input.weights.
+    """
+    inp = config.input
+    data_dirs = list(data_dirs or inp.train_dirs)
+    if not data_dirs:
+        raise ValueError("no training data: pass data_dirs or set config.input.train_dirs")
+    local_batch = per_host_batch(config.train.batch_size, process_count)
+    streams, sizes = zip(
+        *(
+            _dataset_stream(config, d, k, process_index, process_count)
+            for k, d in enumerate(data_dirs)
+        ),
+        strict=True,
+    )
+    weights = list(inp.weights) or list(sizes)
+    if len(weights) != len(data_dirs) or min(weights) <= 0:
+        raise ValueError(
+            f"config.input.weights={tuple(inp.weights)} needs one positive weight per train "
+            f"dir ({len(data_dirs)})"
+        )
+    ds = streams[0] if len(streams) == 1 else grain.IterDataset.mix(list(streams), weights)
+    ds = ds.batch(local_batch, drop_remainder=True)
+    if inp.workers > 0:
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=inp.workers))
+    return ds
+
+
+@jax.jit
+def normalize(image: jax.Array) -> jax.Array:
+    """uint8 -> float32 in [-1, 1] (x / 127.5 - 1, Xception's convention), on device.
+
+    Images cross to the device as uint8, a quarter of the bytes of float32. Written as
+    (x - 127.5) / 127.5 so 0 and 255 land exactly on -1 and 1.
+    """
+    return (image.astype(jnp.float32) - 127.5) / 127.5
+
+
+def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Host-local numpy batch -> global arrays split over the mesh's batch axes."""
+    batch_sharding = sharding.batch_sharding(mesh)
+    out = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
+    out["image"] = normalize(out["image"])
+    return out
+
+
+class TrainIterator:
+    """Global training batches; `get_state()`/`set_state()` resume exactly.
+
+    Yields dicts of global `jax.Array`s: `image` float32 [B, H, W, 3] in [-1, 1], `label`
+    int32 [B], `dataset_id` int32 [B], B = config.train.batch_size. The state is a
+    JSON-serializable dict: store it with the checkpoint (e.g. `ocp.args.JsonSave`) and
+    pass it to `set_state` on a fresh iterator built with the same config and data.
+    """
+
+    def __init__(self, dataset: grain.IterDataset, mesh: Mesh):
+        self._iterator = iter(dataset)
+        self._mesh = mesh
+
+    def __iter__(self) -> TrainIterator:
+        return self
+
+    def __next__(self) -> dict[str, jax.Array]:
+        return to_global(next(self._iterator), self._mesh)
+
+    def get_state(self) -> dict:
+        return self._iterator.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self._iterator.set_state(state)
+
+    def close(self) -> None:
+        """Stops grain's worker processes (if any)."""
+        self._iterator.close()
+
+
+def make_train_iterator(
+    config: ConfigDict,
+    mesh: Mesh,
+    data_dirs: Sequence[str] | None = None,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> TrainIterator:
+    """The training input: `train_dataset` of this host, assembled into global arrays."""
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    dataset = train_dataset(
+        config, data_dirs, process_index=process_index, process_count=process_count
+    )
+    return TrainIterator(dataset, mesh)
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def host_range(num_records: int, process_index: int, process_count: int) -> tuple[int, int]:
+    """The contiguous [start, stop) records of one host; sizes differ by at most one."""
+    base, extra = divmod(num_records, process_count)
+    start = process_index * base + min(process_index, extra)
+    return start, start + base + (process_index < extra)
+
+
+def _pad_batch(examples: list[dict], size: int, image_size: int) -> dict[str, np.ndarray]:
+    """Stacks examples and pads to `size` rows with `mask=False` (zeros, empty strings)."""
+    pad = size - len(examples)
+    batch = {
+        "image": np.zeros((size, image_size, image_size, 3), np.uint8),
+        "label": np.zeros(size, np.int32),
+        "frame_index": np.full(size, -1, np.int64),
+        "mask": np.arange(size) < len(examples),
+    }
+    for i, example in enumerate(examples):
+        batch["image"][i] = example["image"]
+        batch["label"][i] = example["label"]
+        batch["frame_index"][i] = example["frame_index"]
+    for name in METADATA_FIELDS:
+        batch[name] = np.array([e[name] for e in examples] + [""] * pad, dtype=object)
+    return batch
+
+
+def eval_batches(
+    config: ConfigDict,
+    data_dir: str | None = None,
+    split: str | None = None,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
+    """This host's evaluation batches as numpy; across hosts, every record exactly once.
+
+    Every host yields the same number of batches (the collective eval step needs it), each
+    of b = eval batch / process_count rows: `image` uint8, `label` int32, `mask` bool
+    (False on padding), `frame_index` int64 and `video_id`, `method`, `dataset` (object
+    arrays of str). Defaults: config.input.eval_dir (else the first train dir) and
+    config.input.eval_split.
+    """
+    inp = config.input
+    data_dir = data_dir or inp.eval_dir or (inp.train_dirs[0] if inp.train_dirs else None)
+    if not data_dir:
+        raise ValueError("no evaluation data: pass data_dir or set config.input.eval_dir")
+    split = split or inp.eval_split
+    local_batch = per_host_batch(inp.eval_batch_size or config.train.batch_size, process_count)
+    source = tfrecord.IndexedTFRecords(split_files(data_dir, split), skip_corrupt=inp.skip_corrupt)
+    start, stop = host_range(len(source), process_index, process_count)
+    num_batches = math.ceil(math.ceil(len(source) / process_count) / local_batch)
+    examples = iter(
+        grain.MapDataset.source(source)[start:stop]
+        .map(ParseRecord(inp.skip_corrupt))
+        .map(EvalTransform(config.model.image_size, inp.skip_corrupt))
+        .to_iter_dataset(_read_options(config))
+    )
+    for _ in range(num_batches):
+        chunk = list(itertools.islice(examples, local_batch))
+        yield _pad_batch(chunk, local_batch, config.model.image_size)
+
+
+def make_eval_iterator(
+    config: ConfigDict,
+    mesh: Mesh,
+    data_dir: str | None = None,
+    split: str | None = None,
+) -> Iterator[dict]:
+    """Evaluation batches: global arrays for the eval step plus this host's metadata.
+
+    Yields {"image": float32 [B, H, W, 3] in [-1, 1], "label": int32 [B], "mask": bool [B]}
+    as global arrays and "meta": this host's rows as numpy (`label`, `mask`, `frame_index`,
+    `video_id`, `method`, `dataset`), in the order of the host's addressable part of the
+    batch, for frame- and video-level metrics.
+    """
+    batches = eval_batches(
+        config,
+        data_dir,
+        split,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    for batch in batches:
+        device = to_global({k: batch[k] for k in ("image", "label", "mask")}, mesh)
+        meta = {k: v for k, v in batch.items() if k != "image"}
+        yield {**device, "meta": meta}
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def tf_data_reference(
+    config: ConfigDict,
+    data_dirs: Sequence[str] | None = None,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+):
+    """The same training work as `train_dataset`, written as a tuned tf.data pipeline.
+
+    For the benchmark only: shards interleaved in parallel, a 1024-record shuffle buffer,
+    parse, PNG decode, resize, the same augmentations with the same probabilities in
+    TensorFlow ops, mixing by weight and class balance by `sample_from_datasets`, batches of
+    uint8 `image` and int32 `label`. Self-blending has no TensorFlow version: run both with
+    config.input.sbi.prob = 0.
+    """
+    import tensorflow as tf
+
+    inp, aug = config.input, config.input.augment
+    data_dirs = list(data_dirs or inp.train_dirs)
+    size = config.model.image_size
+    autotune = tf.data.AUTOTUNE
+    spec = {
+        "image": tf.io.FixedLenFeature([], tf.string),
+        "label": tf.io.FixedLenFeature([], tf.int64),
+    }
+
+    def records(files: list[str]) -> tf.data.Dataset:
+        return (
+            tf.data.Dataset.from_tensor_slices(files)
+            .shuffle(len(files), seed=config.seed)
+            .repeat()
+            .interleave(
+                tf.data.TFRecordDataset,
+                cycle_length=min(len(files), 8),
+                num_parallel_calls=autotune,
+                deterministic=False,
+            )
+            .shuffle(1024, seed=config.seed)
+            .map(lambda r: tf.io.parse_single_example(r, spec), num_parallel_calls=autotune)
+        )
+
+    def chance(prob: float) -> tf.Tensor:
+        return tf.random.uniform([]) < prob
+
+    def blur(image: tf.Tensor) -> tf.Tensor:
+        kernels = range(aug.blur_kernel[0] | 1, aug.blur_kernel[1] + 1, 2)
+
+        def blur_k(k: int):
+            sigma = 0.3 * ((k - 1) * 0.5 - 1) + 0.8  # OpenCV's sigma for a k x k kernel.
+            g = tf.exp(-0.5 * (tf.range(k, dtype=tf.float32) - (k - 1) / 2) ** 2 / sigma**2)
+            g = g / tf.reduce_sum(g)
+            kernel = tf.tile((g[:, None] * g[None, :])[:, :, None, None], [1, 1, 3, 1])
+            return lambda: tf.nn.depthwise_conv2d(image[None], kernel, [1] * 4, "SAME")[0]
+
+        branches = [blur_k(k) for k in kernels]
+        return tf.switch_case(tf.random.uniform([], 0, len(branches), tf.int32), branches)
+
+    def example(record: dict) -> dict:
+        image = tf.io.decode_png(record["image"], channels=3)
+        image = tf.image.resize(image, [size, size], method="area")
+        image = tf.cond(
+            chance(aug.flip_prob), lambda: tf.image.flip_left_right(image), lambda: image
+        )
+        image = tf.cond(chance(aug.blur_prob), lambda: blur(image), lambda: image)
+
+        def brightness_contrast():
+            c = tf.random.uniform([], -aug.contrast_limit, aug.contrast_limit)
+            b = tf.random.uniform([], -aug.brightness_limit, aug.brightness_limit)
+            return image * (1 + c) + 255 * b
+
+        image = tf.cond(chance(aug.brightness_contrast_prob), brightness_contrast, lambda: image)
+        image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+        quality = tf.random.uniform([], aug.jpeg_quality[0], aug.jpeg_quality[1] + 1, tf.int32)
+        image = tf.cond(
+            chance(aug.jpeg_prob),
+            lambda: tf.image.adjust_jpeg_quality(image, quality),
+            lambda: image,
+        )
+        image = tf.ensure_shape(image, [size, size, 3])
+        return {"image": image, "label": tf.cast(record["label"], tf.int32)}
+
+    streams, sizes = [], []
+    for data_dir in data_dirs:
+        files = split_files(data_dir, inp.train_split)[process_index::process_count]
+        ds = records(files)
+        if inp.class_balance:
+            by_label = [ds.filter(lambda r, c=c: r["label"] == c) for c in (0, 1)]
+            ds = tf.data.Dataset.sample_from_datasets(by_label, [0.5, 0.5], seed=config.seed)
+        streams.append(ds)
+        sizes.append(sum(len(tfrecord.index_file(f)) for f in files))
+    weights = np.asarray(list(inp.weights) or sizes, np.float64)
+    ds = tf.data.Dataset.sample_from_datasets(streams, list(weights / weights.sum()))
+    return (
+        ds.map(example, num_parallel_calls=autotune, deterministic=False)
+        .batch(per_host_batch(config.train.batch_size, process_count), drop_remainder=True)
+        .prefetch(autotune)
+    )

@@ -74,6 +74,34 @@ def default_config() -> ConfigDict:
     t.checkpoint_every = 1000
     t.keep_checkpoints = 3  # The last K are kept, plus the best by validation AUC.
     t.nan_policy = "stop"  # "stop" (keep last good checkpoint) or "skip" the bad step.
+
+    # Input pipeline (cae_jax/input_pipeline.py, docs/input_pipeline.md).
+    c.input = i = ConfigDict()
+    i.train_dirs = ()  # `cae-jax prepare` output dirs to train on, mixed by `weights`.
+    i.weights = ()  # One mixing weight per train dir; () = proportional to their sizes.
+    i.train_split = "train"
+    i.eval_dir = ""  # Prepared dir to evaluate on; "" = the first train dir.
+    i.eval_split = "validation"
+    i.eval_batch_size = 0  # Global evaluation batch; 0 = train.batch_size.
+    i.class_balance = False  # Draw real and fake 1:1 per dataset (FF++ is 1 real : 4 fake).
+    i.workers = 0  # grain worker processes per host; 0 = decode in the training process.
+    i.threads = 8  # Reader threads per process (OpenCV releases the GIL while decoding).
+    i.buffer = 64  # Records read ahead per process, across its threads.
+    i.skip_corrupt = False  # Skip (and log) corrupt records instead of stopping with an error.
+    # DeepfakeBench's Xception recipe; each step runs with its probability (0 disables it).
+    i.augment = a = ConfigDict()
+    a.resize_prob = 1.0  # Resize with a random one of 3 interpolation pairs, else area/cubic.
+    a.flip_prob = 0.5  # Horizontal flip.
+    a.blur_prob = 0.5  # Gaussian blur, odd kernel size drawn from blur_kernel.
+    a.blur_kernel = (3, 7)
+    a.brightness_contrast_prob = 0.5  # x * (1 + U(+-contrast)) + 255 * U(+-brightness).
+    a.brightness_limit = 0.1
+    a.contrast_limit = 0.1
+    a.jpeg_prob = 0.5  # JPEG re-compression at a quality drawn from jpeg_quality.
+    a.jpeg_quality = (40, 100)
+    # Self-blended images: real training faces turned into fakes on the fly (cae_jax/sbi.py).
+    i.sbi = s = ConfigDict()
+    s.prob = 0.0  # Chance a real training face becomes an SBI fake (label 1); 0 = off.
     return c
 
 

@@ -28,6 +28,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from google.protobuf.message import DecodeError
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
@@ -261,6 +262,9 @@ def train_dataset(
     ds = streams[0] if len(streams) == 1 else grain.IterDataset.mix(list(streams), weights)
     ds = ds.batch(local_batch, drop_remainder=True)
     if inp.workers > 0:
+        # grain's workers read absl flags; outside an absl app nothing else parses them.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=inp.workers))
     return ds
 

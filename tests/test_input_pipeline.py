@@ -1,0 +1,333 @@
+"""The grain input pipeline: order, resume, hosts, mixing, corruption, device arrays."""
+
+import collections
+import json
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from cae_jax import config as config_lib
+from cae_jax import input_pipeline, records, sharding, tfrecord
+from tests import datasets
+
+SIZE = 32  # Stored crops and model input: small enough for thousands of samples a second.
+
+
+def make_config(*dirs, batch=16, **input_fields):
+    c = config_lib.default_config()
+    c.model.image_size = SIZE
+    c.train.batch_size = batch
+    c.input.train_dirs = tuple(str(d) for d in dirs)
+    c.input.threads = 4
+    for key, value in input_fields.items():
+        node, *rest = key.split("__")
+        if rest:
+            c.input[node][rest[0]] = value
+        else:
+            c.input[node] = value
+    return c
+
+
+def no_augment(c):
+    for key in ("resize_prob", "flip_prob", "blur_prob", "brightness_contrast_prob", "jpeg_prob"):
+        c.input.augment[key] = 0.0
+    return c
+
+
+@pytest.fixture(scope="module")
+def ffpp_like(tmp_path_factory):
+    """1 real : 4 fake like FF++, three shards per split."""
+    out = tmp_path_factory.mktemp("ffpp_like")
+    return datasets.write(out, {"train": (40, 160), "validation": (9, 14)}, size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def other(tmp_path_factory):
+    out = tmp_path_factory.mktemp("other")
+    return datasets.write(out, {"train": (30, 30)}, name="other", size=SIZE)
+
+
+def take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+# ----------------------------------------------------------------------------- reader
+
+
+def test_index_and_crc_agree_with_tensorflow(ffpp_like):
+    files = input_pipeline.split_files(ffpp_like, "train")
+    source = tfrecord.IndexedTFRecords(files)
+    expected = [r.numpy() for f in files for r in tf.data.TFRecordDataset(f)]
+    assert len(source) == len(expected) == 200
+    assert [source[i]["data"] for i in range(len(source))] == expected
+
+
+def test_parse_matches_record_schema(ffpp_like):
+    source = tfrecord.IndexedTFRecords(input_pipeline.split_files(ffpp_like, "validation"))
+    raw = source[5]
+    parsed = input_pipeline.ParseRecord(skip_corrupt=False).map(raw)
+    reference = records.features().deserialize_example_np(raw["data"])
+    np.testing.assert_array_equal(input_pipeline.decode_image(parsed), reference["image"])
+    assert parsed["label"] == reference["label"]
+    assert parsed["frame_index"] == reference["frame_index"]
+    for name in input_pipeline.METADATA_FIELDS:
+        assert parsed[name] == reference[name].decode()
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def test_train_batches_are_deterministic_for_a_seed(ffpp_like):
+    c = make_config(ffpp_like)
+    first = take(iter(input_pipeline.train_dataset(c)), 3)
+    again = take(iter(input_pipeline.train_dataset(c)), 3)
+    assert_same_batches(first, again)
+    assert first[0]["image"].shape == (16, SIZE, SIZE, 3) and first[0]["image"].dtype == np.uint8
+    assert first[0]["label"].dtype == np.int32
+    c.seed = 1
+    other_seed = take(iter(input_pipeline.train_dataset(c)), 1)
+    assert not np.array_equal(first[0]["image"], other_seed[0]["image"])
+
+
+def test_resume_mid_epoch_gives_the_uninterrupted_batches(ffpp_like, other):
+    # Everything stateful at once: two datasets mixed, class balance, SBI, augmentation.
+    c = make_config(ffpp_like, other, weights=(2.0, 1.0), class_balance=True, sbi__prob=0.5)
+    uninterrupted = iter(input_pipeline.train_dataset(c))
+    take(uninterrupted, 5)
+    state = json.loads(json.dumps(uninterrupted.get_state()))  # As stored in a checkpoint.
+    expected = take(uninterrupted, 6)  # Crosses the 'other' dataset's epoch boundary.
+    resumed = iter(input_pipeline.train_dataset(c))
+    resumed.set_state(state)
+    assert_same_batches(take(resumed, 6), expected)
+
+
+def test_worker_processes_give_the_in_process_batches(ffpp_like):
+    c = make_config(ffpp_like, class_balance=True)
+    expected = take(iter(input_pipeline.train_dataset(c)), 3)
+    c.input.workers = 1
+    it = iter(input_pipeline.train_dataset(c))
+    try:
+        assert_same_batches(take(it, 3), expected)
+    finally:
+        it.close()
+
+
+def test_each_host_reads_its_own_shards_once_per_epoch(tmp_path):
+    d = datasets.write(tmp_path, {"train": (24, 24)}, num_shards=4, size=SIZE)
+    crops = {datasets.face_crop(i, SIZE).tobytes(): i for i in range(48)}
+    shard_records = [
+        {crops[input_pipeline.decode_image(r).tobytes()] for r in _parsed(f)}
+        for f in input_pipeline.split_files(d, "train")
+    ]
+    c = no_augment(make_config(d, batch=16))
+    seen = []
+    for host in range(2):
+        batches = take(
+            iter(input_pipeline.train_dataset(c, process_index=host, process_count=2)), 3
+        )
+        epoch = np.concatenate([b["image"] for b in batches])[:24]
+        indices = [crops[image.tobytes()] for image in epoch]
+        assert len(set(indices)) == 24  # A full epoch of the host's records, each once.
+        assert set(indices) == shard_records[host] | shard_records[host + 2]
+        seen += indices
+    assert sorted(seen) == list(range(48))
+
+
+def _parsed(path):
+    source = tfrecord.IndexedTFRecords([path])
+    parse = input_pipeline.ParseRecord(skip_corrupt=False)
+    return [parse.map(source[i]) for i in range(len(source))]
+
+
+def test_too_few_shards_for_the_hosts_is_an_error(ffpp_like):
+    with pytest.raises(ValueError, match="3 shards .* cannot feed 4 hosts"):
+        input_pipeline.train_dataset(make_config(ffpp_like), process_index=3, process_count=4)
+
+
+def test_mixing_weights_hold_over_thousands_of_samples(ffpp_like, other):
+    c = no_augment(make_config(ffpp_like, other, batch=64, weights=(3.0, 1.0)))
+    ids = np.concatenate([b["dataset_id"] for b in take(iter(input_pipeline.train_dataset(c)), 40)])
+    assert len(ids) == 2560
+    assert abs(np.mean(ids == 0) - 0.75) < 0.02
+
+
+def test_default_weights_follow_dataset_sizes(ffpp_like, other):
+    c = no_augment(make_config(ffpp_like, other, batch=64))
+    ids = np.concatenate([b["dataset_id"] for b in take(iter(input_pipeline.train_dataset(c)), 40)])
+    assert abs(np.mean(ids == 0) - 200 / 260) < 0.02
+
+
+def test_class_balance_draws_real_and_fake_one_to_one(ffpp_like):
+    c = no_augment(make_config(ffpp_like, batch=64))
+    labels = np.concatenate([b["label"] for b in take(iter(input_pipeline.train_dataset(c)), 32)])
+    assert abs(labels.mean() - 0.8) < 0.03  # FF++-like 1 real : 4 fake as stored.
+    c.input.class_balance = True
+    labels = np.concatenate([b["label"] for b in take(iter(input_pipeline.train_dataset(c)), 32)])
+    assert len(labels) == 2048 and abs(labels.mean() - 0.5) < 0.02
+
+
+def test_sbi_turns_the_configured_share_of_reals_into_fakes(tmp_path):
+    d = datasets.write(tmp_path, {"train": (50, 0)}, size=SIZE)
+    c = no_augment(make_config(d, batch=64, sbi__prob=0.3))
+    batches = take(iter(input_pipeline.train_dataset(c)), 16)
+    labels = np.concatenate([b["label"] for b in batches])
+    assert abs(labels.mean() - 0.3) < 0.04
+    crops = {datasets.face_crop(i, SIZE).tobytes() for i in range(50)}
+    images = np.concatenate([b["image"] for b in batches])
+    untouched = np.array([image.tobytes() in crops for image in images])
+    np.testing.assert_array_equal(untouched, labels == 0)  # Reals unchanged, SBI fakes not.
+
+
+def test_class_balance_needs_both_classes(tmp_path):
+    d = datasets.write(tmp_path, {"train": (10, 0)}, size=SIZE)
+    with pytest.raises(ValueError, match="both classes.*10 real and 0 fake"):
+        input_pipeline.train_dataset(make_config(d, class_balance=True))
+
+
+def test_weights_must_match_the_dirs(ffpp_like, other):
+    with pytest.raises(ValueError, match="one positive weight per train dir"):
+        input_pipeline.train_dataset(make_config(ffpp_like, other, weights=(1.0,)))
+
+
+def test_train_iterator_yields_sharded_normalized_global_arrays(ffpp_like):
+    c = make_config(ffpp_like)
+    host = take(iter(input_pipeline.train_dataset(c)), 2)
+    mesh = sharding.make_mesh(data=4, fsdp=2)
+    it = input_pipeline.make_train_iterator(c, mesh)
+    first = next(it)
+    state = it.get_state()
+    second = next(it)
+    assert first["image"].shape == (16, SIZE, SIZE, 3) and first["image"].dtype == np.float32
+    assert first["image"].sharding == sharding.batch_sharding(mesh)
+    assert len(first["image"].addressable_shards) == 8
+    for got, want in zip((first, second), host, strict=True):
+        np.testing.assert_allclose(np.asarray(got["image"]), want["image"] / 127.5 - 1, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(got["label"]), want["label"])
+    it.set_state(state)
+    np.testing.assert_array_equal(np.asarray(next(it)["image"]), np.asarray(second["image"]))
+
+
+def test_normalize_maps_the_uint8_range_onto_minus_one_one():
+    x = jax.numpy.asarray(np.array([0, 51, 255], np.uint8))
+    np.testing.assert_array_equal(
+        np.asarray(input_pipeline.normalize(x)), np.float32([-1.0, -0.6, 1.0])
+    )
+
+
+def test_tf_data_reference_does_the_same_work(ffpp_like):
+    c = make_config(ffpp_like, class_balance=True)
+    batch = next(iter(input_pipeline.tf_data_reference(c)))
+    assert batch["image"].shape == (16, SIZE, SIZE, 3) and batch["image"].dtype == tf.uint8
+    assert set(np.unique(batch["label"].numpy())) <= {0, 1}
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+@pytest.mark.parametrize("hosts", [1, 2, 3])
+def test_eval_reads_every_record_exactly_once_across_hosts(ffpp_like, hosts):
+    c = make_config(ffpp_like, batch=12, eval_batch_size=6 * hosts)
+    seen, counts = [], []
+    for host in range(hosts):
+        batches = list(input_pipeline.eval_batches(c, process_index=host, process_count=hosts))
+        counts.append(len(batches))
+        for b in batches:
+            assert b["image"].shape == (6, SIZE, SIZE, 3)
+            assert not b["image"][~b["mask"]].any() and set(b["video_id"][~b["mask"]]) <= {""}
+            for i in np.flatnonzero(b["mask"]):
+                np.testing.assert_array_equal(
+                    b["image"][i], datasets.face_crop(b["frame_index"][i], SIZE)
+                )
+                seen.append((b["video_id"][i], b["frame_index"][i], b["label"][i]))
+    assert len(set(counts)) == 1  # The same number of batches on every host.
+    frames = sorted(f for _, f, _ in seen)
+    assert frames == list(range(200, 223))  # The 23 validation records, each exactly once.
+    assert sum(label for _, _, label in seen) == 14
+
+
+def test_eval_resizes_to_the_model_input(ffpp_like):
+    c = make_config(ffpp_like, batch=8)
+    c.model.image_size = 20
+    batch = next(input_pipeline.eval_batches(c))
+    assert batch["image"].shape == (8, 20, 20, 3)
+
+
+def test_make_eval_iterator_pads_with_mask(ffpp_like):
+    c = make_config(ffpp_like, batch=16)
+    batches = list(input_pipeline.make_eval_iterator(c, sharding.make_mesh()))
+    assert len(batches) == 2
+    mask = np.concatenate([np.asarray(b["mask"]) for b in batches])
+    np.testing.assert_array_equal(mask, np.arange(32) < 23)
+    np.testing.assert_array_equal(batches[1]["meta"]["mask"], np.arange(16) < 7)
+    assert batches[0]["image"].dtype == np.float32
+
+
+# ----------------------------------------------------------------------------- bad data
+
+
+def _record_offsets(path):
+    return [int(o) for o in tfrecord.index_file(path)]
+
+
+def test_truncated_shard_names_file_and_offset(tmp_path):
+    d = datasets.write(tmp_path, {"train": (6, 6)}, size=SIZE)
+    shard = input_pipeline.split_files(d, "train")[1]
+    last = _record_offsets(shard)[-1]
+    with open(shard, "r+b") as f:
+        f.truncate(last + 20)
+    with pytest.raises(tfrecord.CorruptRecordError, match=f"{shard}.*byte offset {last}.*past"):
+        input_pipeline.train_dataset(make_config(d))
+    before = tfrecord.skipped_records()
+    c = make_config(d, batch=4, skip_corrupt=True)
+    frames = [f for b in input_pipeline.eval_batches(c, split="train") for f in b["frame_index"]]
+    assert len([f for f in frames if f >= 0]) == 11  # Everything but the cut record.
+    assert tfrecord.skipped_records() == before + 1
+
+
+def test_corrupt_record_bytes_name_file_and_offset(tmp_path):
+    d = datasets.write(tmp_path, {"train": (6, 6)}, size=SIZE)
+    shard = input_pipeline.split_files(d, "train")[2]
+    offset = _record_offsets(shard)[1]
+    with open(shard, "r+b") as f:
+        f.seek(offset + 100)
+        byte = f.read(1)
+        f.seek(offset + 100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    c = make_config(d, batch=12)
+    with pytest.raises(tfrecord.CorruptRecordError, match=f"{shard}.*byte offset {offset}.*data"):
+        next(iter(input_pipeline.train_dataset(c)))
+    c.input.skip_corrupt = True
+    before = tfrecord.skipped_records()
+    frames = [f for b in input_pipeline.eval_batches(c, split="train") for f in b["frame_index"]]
+    assert len([f for f in frames if f >= 0]) == 11
+    assert tfrecord.skipped_records() == before + 1
+
+
+def test_undecodable_image_is_an_error_never_zeros(tmp_path):
+    shard = tmp_path / "bad-train.tfrecord-00000-of-00001"
+    good = next(datasets.examples("bad", "train", 2, 0, SIZE))
+    bad = {**good, "image": np.zeros((SIZE, SIZE, 3), np.uint8)}
+    payload = records.features().serialize_example(bad)
+    png_start = payload.find(b"\x89PNG")
+    payload = payload[: png_start + 20] + b"\x00" * 30 + payload[png_start + 50 :]
+    with tf.io.TFRecordWriter(str(shard)) as w:
+        w.write(records.features().serialize_example(good))
+        w.write(payload)
+    offset = _record_offsets(str(shard))[1]
+    c = make_config(tmp_path, batch=2, eval_split="train")
+    with pytest.raises(tfrecord.CorruptRecordError, match=f"{shard}.*byte offset {offset}.*PNG"):
+        list(input_pipeline.eval_batches(c))
+    c.input.skip_corrupt = True
+    (batch,) = input_pipeline.eval_batches(c)
+    np.testing.assert_array_equal(batch["mask"], [True, False])
+    assert collections.Counter(batch["frame_index"].tolist()) == {0: 1, -1: 1}

@@ -106,12 +106,12 @@ class ParseRecord(grain.transforms.Map):
 
 def decode_image(record: dict) -> np.ndarray:
     """PNG bytes of a parsed record -> uint8 RGB; failure names the file and byte offset."""
-    image = cv2.imdecode(np.frombuffer(record["png"], np.uint8), cv2.IMREAD_COLOR)
+    image = cv2.imdecode(np.frombuffer(record["png"], np.uint8), cv2.IMREAD_COLOR_RGB)
     if image is None:
         raise tfrecord.CorruptRecordError(
             record["path"], record["offset"], "image bytes do not decode as PNG"
         )
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return image
 
 
 class LabelIs(grain.transforms.Filter):
@@ -291,9 +291,10 @@ class TrainIterator:
     """Global training batches; `get_state()`/`set_state()` resume exactly.
 
     Yields dicts of global `jax.Array`s: `image` float32 [B, H, W, 3] in [-1, 1], `label`
-    int32 [B], `dataset_id` int32 [B], B = config.train.batch_size. The state is a
-    JSON-serializable dict: store it with the checkpoint (e.g. `ocp.args.JsonSave`) and
-    pass it to `set_state` on a fresh iterator built with the same config and data.
+    int32 [B], `dataset_id` int32 [B], B = config.train.batch_size. Each host has its own
+    state; `grain.checkpoint.CheckpointSave(iterator)` / `CheckpointRestore(iterator)` store
+    it in an Orbax checkpoint (one JSON file per process). Restore into a fresh iterator
+    built with the same config and data: the next batch is the one the saved run was due.
     """
 
     def __init__(self, dataset: grain.IterDataset, mesh: Mesh):
@@ -306,11 +307,16 @@ class TrainIterator:
     def __next__(self) -> dict[str, jax.Array]:
         return to_global(next(self._iterator), self._mesh)
 
-    def get_state(self) -> dict:
-        return self._iterator.get_state()
+    def get_state(self) -> bytes:
+        """This host's position as JSON bytes (the `grain.DataLoaderIterator` convention)."""
+        return json.dumps(self._iterator.get_state()).encode()
 
-    def set_state(self, state: dict) -> None:
-        self._iterator.set_state(state)
+    def set_state(self, state: bytes) -> None:
+        self._iterator.set_state(json.loads(state))
+
+    def start_prefetch(self) -> None:
+        """Starts reading ahead before the first `next` (grain's checkpoint restore calls it)."""
+        self._iterator.start_prefetch()
 
     def close(self) -> None:
         """Stops grain's worker processes (if any)."""

@@ -3,8 +3,10 @@
 import collections
 import json
 
+import grain
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import tensorflow as tf
 
@@ -215,6 +217,23 @@ def test_train_iterator_yields_sharded_normalized_global_arrays(ffpp_like):
         np.testing.assert_array_equal(np.asarray(got["label"]), want["label"])
     it.set_state(state)
     np.testing.assert_array_equal(np.asarray(next(it)["image"]), np.asarray(second["image"]))
+
+
+def test_iterator_state_round_trips_through_an_orbax_checkpoint(ffpp_like, tmp_path):
+    c = make_config(ffpp_like, class_balance=True)
+    mesh = sharding.make_mesh()
+    it = input_pipeline.make_train_iterator(c, mesh)
+    take(it, 3)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+        manager.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+        manager.wait_until_finished()
+        expected = [np.asarray(b["image"]) for b in take(it, 2)]
+        resumed = input_pipeline.make_train_iterator(c, mesh)
+        manager.restore(
+            3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(resumed))
+        )
+    for want in expected:
+        np.testing.assert_array_equal(np.asarray(next(resumed)["image"]), want)
 
 
 def test_normalize_maps_the_uint8_range_onto_minus_one_one():

@@ -12,6 +12,7 @@ import csv
 import dataclasses
 import hashlib
 import json
+import os
 import pathlib
 from collections.abc import Callable, Iterator
 
@@ -255,17 +256,16 @@ def _group_by(pairs: list[tuple[Entry, str]]) -> Callable[[Entry], str]:
 
 
 def _dfdc_test(root: Path, labels: Path) -> Iterator[Entry]:
-    with labels.open(newline="") as f:
-        for number, row in enumerate(csv.DictReader(f), 2):
-            try:
-                filename, label = row["filename"], int(row["label"])
-            except (KeyError, TypeError, ValueError) as err:
-                raise DatasetLayoutError(
-                    f"{labels}:{number}: expected columns filename,label (0 real, 1 fake)"
-                ) from err
-            path = labels.parent / filename
-            label_name = "fake" if label else REAL
-            yield Entry(path, _relative(root, path), label_name, "DFDC" if label else REAL, "test")
+    for number, row in enumerate(csv.DictReader(labels.read_text().splitlines()), 2):
+        try:
+            filename, label = row["filename"], int(row["label"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise DatasetLayoutError(
+                f"{labels}:{number}: expected columns filename,label (0 real, 1 fake)"
+            ) from err
+        path = labels.parent / filename
+        label_name = "fake" if label else REAL
+        yield Entry(path, _relative(root, path), label_name, "DFDC" if label else REAL, "test")
 
 
 # --- Own folders -----------------------------------------------------------------------------
@@ -291,24 +291,23 @@ def folder(root: Path, opts: Options) -> list[Entry]:
 
 def _folder_csv(csv_path: Path, opts: Options) -> list[Entry]:
     entries, has_split = [], False
-    with csv_path.open(newline="") as f:
-        for number, row in enumerate(csv.reader(f), 1):
-            if not row or (number == 1 and row[0].strip().lower() == "path"):
-                continue  # Blank line or header.
-            if len(row) not in (2, 3):
-                raise DatasetLayoutError(f"{csv_path}:{number}: expected path,label[,split]")
-            label = _LABELS.get(row[1].strip().lower())
-            split = _SPLITS.get(row[2].strip().lower()) if len(row) == 3 else "train"
-            if label is None or split is None:
-                raise DatasetLayoutError(
-                    f"{csv_path}:{number}: label must be real/fake/0/1 and split "
-                    f"train/validation/test: {row}"
-                )
-            has_split |= len(row) == 3
-            path = (csv_path.parent / row[0].strip()).resolve()
-            video_id = Path(row[0].strip()).as_posix()
-            method = REAL if label == REAL else "fake"
-            entries.append(Entry(path, video_id, label, method, split))
+    for number, row in enumerate(csv.reader(csv_path.read_text().splitlines()), 1):
+        if not row or (number == 1 and row[0].strip().lower() == "path"):
+            continue  # Blank line or header.
+        if len(row) not in (2, 3):
+            raise DatasetLayoutError(f"{csv_path}:{number}: expected path,label[,split]")
+        label = _LABELS.get(row[1].strip().lower())
+        split = _SPLITS.get(row[2].strip().lower()) if len(row) == 3 else "train"
+        if label is None or split is None:
+            raise DatasetLayoutError(
+                f"{csv_path}:{number}: label must be real/fake/0/1 and split "
+                f"train/validation/test: {row}"
+            )
+        has_split |= len(row) == 3
+        path = (csv_path.parent / row[0].strip()).resolve()
+        video_id = Path(row[0].strip()).as_posix()
+        method = REAL if label == REAL else "fake"
+        entries.append(Entry(path, video_id, label, method, split))
     if not entries:
         raise DatasetLayoutError(f"{csv_path}: no rows")
     return entries if has_split else _carve_unsplit(entries, opts)
@@ -330,8 +329,9 @@ BUILDERS: dict[str, Callable[[Path, Options], list[Entry]]] = {
 }
 
 
-def list_entries(dataset: str, root: Path, opts: Options) -> list[Entry]:
+def list_entries(dataset: str, root: str | os.PathLike, opts: Options) -> list[Entry]:
     """All entries of a raw dataset, sorted by video id (ids must be unique)."""
+    root = Path(root)
     if dataset not in BUILDERS:
         raise ValueError(f"unknown dataset {dataset!r}; choose from {sorted(BUILDERS)}")
     if not root.exists():

@@ -45,27 +45,48 @@ def _downscale(rgb: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
 class HaarDetector:
     """OpenCV's Viola-Jones cascade: fast on CPU, frontal faces; eyes from the eye cascade."""
 
-    def __init__(self, max_side: int = 480, min_face_fraction: float = 0.08):
+    def __init__(
+        self,
+        find_eyes: bool = False,
+        max_sides: tuple[int, ...] = (320, 640),
+        min_face_fraction: float = 0.08,
+        scale_factor: float = 1.1,
+    ):
         root = cv2.data.haarcascades
-        face_model = os.path.join(root, "haarcascade_frontalface_default.xml")
-        self.faces = cv2.CascadeClassifier(face_model)
+        self.faces = cv2.CascadeClassifier(
+            os.path.join(root, "haarcascade_frontalface_default.xml")
+        )
         self.eyes = cv2.CascadeClassifier(os.path.join(root, "haarcascade_eye.xml"))
         if self.faces.empty() or self.eyes.empty():
             raise RuntimeError(f"OpenCV Haar cascades missing under {root}")
-        self.max_side = max_side
+        self.find_eyes = find_eyes
+        self.max_sides = max_sides
         self.min_face_fraction = min_face_fraction
+        self.scale_factor = scale_factor
 
     def detect(self, rgb: np.ndarray) -> list[Detection]:
-        small, scale = _downscale(rgb, self.max_side)
+        """Coarse to fine: a small copy finds large faces fast; a larger one the rest."""
+        for max_side in self.max_sides:
+            detections = self._detect(rgb, max_side)
+            if detections:
+                break
+        return detections
+
+    def _detect(self, rgb: np.ndarray, max_side: int) -> list[Detection]:
+        small, scale = _downscale(rgb, max_side)
         gray = cv2.equalizeHist(cv2.cvtColor(small, cv2.COLOR_RGB2GRAY))
         side = max(12, int(self.min_face_fraction * min(gray.shape)))
         found = self.faces.detectMultiScale3(
-            gray, scaleFactor=1.1, minNeighbors=5, minSize=(side, side), outputRejectLevels=True
+            gray,
+            scaleFactor=self.scale_factor,
+            minNeighbors=5,
+            minSize=(side, side),
+            outputRejectLevels=True,
         )
         boxes, _, weights = found
         detections = []
         for (x, y, w, h), weight in zip(boxes, np.ravel(weights), strict=True):
-            eyes = self._eyes(gray, x, y, w, h)
+            eyes = self._eyes(gray, x, y, w, h) if self.find_eyes else None
             detections.append(
                 Detection(
                     np.array([x, y, x + w, y + h], np.float32) / scale,
@@ -90,7 +111,8 @@ class HaarDetector:
 class MtcnnDetector:
     """MTCNN (Zhang et al. 2016) from the `mtcnn` package: boxes and five landmarks."""
 
-    def __init__(self, max_side: int = 640):
+    def __init__(self, find_eyes: bool = True, max_side: int = 640):
+        del find_eyes  # Landmarks come with every detection.
         from mtcnn import MTCNN
 
         self.model = MTCNN()
@@ -116,7 +138,8 @@ class MtcnnDetector:
 class DlibHogDetector:
     """dlib's HOG + linear SVM detector, per full frame with one upsampling (DeepfakeBench)."""
 
-    def __init__(self, upsample: int = 1):
+    def __init__(self, find_eyes: bool = False, upsample: int = 1):
+        del find_eyes  # Landmarks would need a shape-predictor file dlib does not ship.
         try:
             import dlib
         except ImportError as err:
@@ -138,11 +161,14 @@ DETECTORS = {"haar": HaarDetector, "mtcnn": MtcnnDetector, "dlib": DlibHogDetect
 
 
 @functools.cache
-def make_detector(name: str) -> FaceDetector:
-    """One detector per name and process (models load once; pool workers reuse them)."""
+def make_detector(name: str, find_eyes: bool = False) -> FaceDetector:
+    """One detector per name and process (models load once; pool workers reuse them).
+
+    `find_eyes` asks for eye positions (for alignment) where they cost extra (haar).
+    """
     if name not in DETECTORS:
         raise ValueError(f"unknown face detector {name!r}; choose from {sorted(DETECTORS)}")
-    return DETECTORS[name]()
+    return DETECTORS[name](find_eyes)
 
 
 def _area(box: np.ndarray) -> float:
@@ -229,7 +255,7 @@ def detect_and_crop(
     Use `track=False` for unrelated still images. `align=True` levels the eyes where the
     detector gives them (mtcnn; haar when its eye cascade finds both eyes).
     """
-    model = make_detector(detector) if isinstance(detector, str) else detector
+    model = make_detector(detector, align) if isinstance(detector, str) else detector
     chosen = pick_faces([model.detect(f) for f in frames], track)
     kept = [i for i, d in enumerate(chosen) if d is not None]
     crops = [

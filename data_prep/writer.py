@@ -140,6 +140,8 @@ def write_dataset(
             shards[split], stats[split] = _write_split(out_dir, name, split, examples, n)
     except BaseException:
         _remove_temporary(shards)
+        for orphan in out_dir.glob(f".{name}-*.tmp-*"):  # The failed split's own shards.
+            orphan.unlink()
         raise
     manifest = {"splits": {s: st.to_dict() for s, st in stats.items()}, "skipped": list(skipped)}
     return commit(out_dir, name, shards, {**manifest, **(extra_manifest or {})}, description)

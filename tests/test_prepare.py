@@ -1,0 +1,596 @@
+"""`cae-jax prepare`: layouts, sampling, detection + cropping, writer, resume, skips, FF++ clips."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from skimage import data as skdata
+
+from cae_jax import main as cli
+from data_prep import datasets, faces, prepare, video, work, writer
+
+CANVAS = (240, 180)  # Video frame width, height.
+FACE = 96  # Side of the pasted face in the synthetic clips.
+
+
+POSITIONS = [(50 + 4 * i, 40) for i in range(8)] + [(70, 40), (90, 50)]  # Where faces go.
+
+
+def _found_everywhere(face: np.ndarray) -> bool:
+    detector = faces.make_detector("haar")
+    return all(detector.detect(_frame(face, x, y)) for x, y in POSITIONS)
+
+
+@pytest.fixture(scope="module")
+def face_bank() -> list[np.ndarray]:
+    """Real faces shipped with scikit-image (the astronaut's, then LFW faces) that the Haar
+    detector finds at every position the synthetic clips put them, so counts are exact."""
+    astronaut = skdata.astronaut()[30:200, 140:310]  # Her face with some context.
+    candidates = [cv2.resize(astronaut, (FACE, FACE), interpolation=cv2.INTER_AREA)]
+    for grey in skdata.lfw_subset()[:100]:  # The first 100 are faces.
+        face = cv2.resize((grey * 255).astype(np.uint8), (FACE, FACE), cv2.INTER_CUBIC)
+        candidates.append(np.stack([face] * 3, -1))
+    bank = []
+    for face in candidates:
+        if len(bank) < 6 and _found_everywhere(face):
+            bank.append(face)
+    assert len(bank) == 6
+    return bank
+
+
+@pytest.fixture(scope="module")
+def fake_bank(face_bank) -> list[np.ndarray]:
+    """Face swaps between bank faces that still read as faces everywhere."""
+    swaps = [blend(t, s) for t in face_bank for s in face_bank if t is not s]
+    found = [f for f in swaps[:15] if _found_everywhere(f)]
+    assert len(found) >= 3
+    return found[:3]
+
+
+def _frame(face: np.ndarray, x: int, y: int) -> np.ndarray:
+    frame = np.full((CANVAS[1], CANVAS[0], 3), (70, 110, 90), np.uint8)
+    frame[y : y + FACE, x : x + FACE] = face
+    return frame
+
+
+def blend(target: np.ndarray, source: np.ndarray) -> np.ndarray:
+    """A crude face swap: the source's inner face feathered onto the target."""
+    mask = np.zeros(target.shape[:2], np.float32)
+    cv2.ellipse(mask, (FACE // 2, FACE // 2 + 6), (FACE // 3, FACE // 2 - 12), 0, 0, 360, 1, -1)
+    mask = cv2.GaussianBlur(mask, (15, 15), 5)[..., None]
+    return (mask * source + (1 - mask) * target).astype(np.uint8)
+
+
+def write_clip(path: Path, face: np.ndarray | None, frames: int = 8) -> list[tuple[float, float]]:
+    """An MJPG clip of a face drifting right; returns the face centre of each frame."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, CANVAS)
+    centres = []
+    for i in range(frames):
+        x, y = 50 + 4 * i, 40
+        if face is None:
+            frame = np.full((CANVAS[1], CANVAS[0], 3), 30 * i % 255, np.uint8)
+        else:
+            frame = _frame(face, x, y)
+        out.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+        centres.append((x + FACE / 2, y + FACE / 2))
+    out.release()
+    return centres
+
+
+def load_split(out: Path, split: str) -> list[dict]:
+    builder = tfds.builder_from_directory(str(out))
+    return list(tfds.as_numpy(builder.as_dataset(split=split)))
+
+
+# --- Sampling and decoding --------------------------------------------------------------------
+
+
+def test_sample_indices_spread_over_whole_video():
+    np.testing.assert_array_equal(video.sample_indices(10, 4), [1, 3, 6, 8])
+    np.testing.assert_array_equal(video.sample_indices(300, 3), [50, 150, 250])
+    np.testing.assert_array_equal(video.sample_indices(3, 32), [0, 1, 2])  # Short: all frames.
+
+
+def test_read_video_returns_the_sampled_frames(tmp_path):
+    path = tmp_path / "levels.avi"
+    out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (64, 48))
+    for i in range(10):
+        out.write(np.full((48, 64, 3), 20 * i + 10, np.uint8))
+    out.release()
+    frames, indices, fps = video.read_video(path, 4)
+    np.testing.assert_array_equal(indices, [1, 3, 6, 8])
+    np.testing.assert_allclose([f.mean() for f in frames], [30, 70, 130, 170], atol=2)
+    assert fps == 25
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"", "zero-length"), (b"\x00garbage" * 100, "cannot open")],
+)
+def test_read_video_names_file_and_problem(tmp_path, content, message):
+    path = tmp_path / "bad.mp4"
+    path.write_bytes(content)
+    with pytest.raises(video.UnreadableMediaError, match=f"bad.mp4.*{message}"):
+        video.read_video(path, 4)
+
+
+# --- Cropping, tracking, alignment ------------------------------------------------------------
+
+
+def test_crop_face_is_the_margin_square_around_the_box():
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 255, (200, 300, 3), dtype=np.uint8)
+    crop = faces.crop_face(frame, np.array([100, 50, 180, 130], np.float32), 100, 1.25)
+    np.testing.assert_array_equal(crop, frame[40:140, 90:190])  # Side 1.25 * 80 = 100.
+    edge = faces.crop_face(frame, np.array([0, 0, 40, 40], np.float32), 80, 2.0)
+    np.testing.assert_array_equal(edge[:20], 0)  # Beyond the frame: black.
+    np.testing.assert_array_equal(edge[20:, 20:], frame[:60, :60])
+
+
+def test_alignment_levels_the_eyes():
+    frame = np.zeros((200, 200, 3), np.uint8)
+    eyes = np.array([[80, 90], [120, 110]], np.float32)  # Tilted by atan(20/40).
+    for x, y in eyes.astype(int):
+        cv2.circle(frame, (int(x), int(y)), 3, (255, 255, 255), -1)
+    crop = faces.crop_face(frame, np.array([60, 60, 140, 140], np.float32), 160, 2.0, eyes)
+    ys, xs = np.nonzero(crop[..., 0] > 128)
+    left, right = xs < 80, xs >= 80
+    assert abs(ys[left].mean() - ys[right].mean()) < 1.0
+    # Rotation about the box centre keeps the eye distance: sqrt(40^2 + 20^2).
+    assert abs((xs[right].mean() - xs[left].mean()) - np.hypot(40, 20)) < 1.5
+
+
+def _det(x0, y0, side):
+    return faces.Detection(np.array([x0, y0, x0 + side, y0 + side], np.float32), 1.0, None)
+
+
+def test_tracking_follows_the_first_largest_face():
+    first = [_det(0, 0, 50), _det(200, 0, 30)]
+    later = [_det(5, 0, 40), _det(195, 0, 80)]  # The other person now looks bigger.
+    chosen = faces.pick_faces([first, [], later], track=True)
+    assert chosen[0].box[0] == 0 and chosen[1] is None and chosen[2].box[0] == 5
+    untracked = faces.pick_faces([first, [], later], track=False)
+    assert untracked[2].box[0] == 195
+
+
+def test_detect_and_crop_centres_the_face(face_bank):
+    for face in face_bank:
+        frame = _frame(face, 90, 50)
+        found = faces.detect_and_crop([frame], "haar", 64, 1.3, track=False)
+        assert len(found.kept) == 1
+        centre = (found.boxes[0, :2] + found.boxes[0, 2:]) / 2
+        np.testing.assert_allclose(centre, (90 + FACE / 2, 50 + FACE / 2), atol=0.15 * FACE)
+    empty = faces.detect_and_crop([np.zeros((120, 160, 3), np.uint8)], "haar", 64, 1.3)
+    assert empty.crops.shape == (0, 64, 64, 3) and len(empty.kept) == 0
+
+
+# --- Layouts ----------------------------------------------------------------------------------
+
+
+def _touch(root: Path, *names: str) -> None:
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x")
+
+
+def _official_pairs() -> dict[str, list[list[str]]]:
+    return {
+        s: json.loads((datasets.SPLITS_DIR / f"{s}.json").read_text())
+        for s in ("train", "val", "test")
+    }
+
+
+def test_ffpp_splits_labels_and_unique_ids(tmp_path):
+    pairs = _official_pairs()
+    (a, b), (c, d), (e, f) = pairs["train"][0], pairs["val"][0], pairs["test"][0]
+    real = "original_sequences/youtube/c23/videos"
+    _touch(tmp_path, *(f"{real}/{i}.mp4" for i in (a, b, c, e)))
+    for method in ("Deepfakes", "NeuralTextures", "FaceShifter"):
+        _touch(
+            tmp_path,
+            *(
+                f"manipulated_sequences/{method}/c23/videos/{x}.mp4"
+                for x in (f"{a}_{b}", f"{d}_{c}", f"{e}_{f}")
+            ),
+        )
+    _touch(
+        tmp_path, f"manipulated_sequences/Deepfakes/c40/videos/{a}_{b}.mp4"
+    )  # Other compression.
+    opts = datasets.Options(methods=("Deepfakes", "NeuralTextures", "FaceShifter", "FaceSwap"))
+    entries = datasets.list_entries("ffpp", tmp_path, opts)
+    by_id = {e.video_id: e for e in entries}
+    assert len(entries) == 4 + 9  # Same file names under three methods stay three videos.
+    assert (
+        by_id[f"{real}/{a}.mp4"].split == "train" and by_id[f"{real}/{c}.mp4"].split == "validation"
+    )
+    fake = by_id[f"manipulated_sequences/NeuralTextures/c23/videos/{d}_{c}.mp4"]
+    assert (fake.split, fake.label, fake.method, fake.compression) == (
+        "validation",
+        "fake",
+        "NeuralTextures",
+        "c23",
+    )
+    assert by_id[f"manipulated_sequences/FaceShifter/c23/videos/{e}_{f}.mp4"].split == "test"
+    assert all(
+        e.label == "real" and e.method == "real"
+        for e in entries
+        if e.video_id.startswith("original")
+    )
+    assert not any("c40" in e.video_id for e in entries)
+
+
+def test_ffpp_split_lists_are_official_sizes():
+    pairs = _official_pairs()
+    assert [len(pairs[s]) for s in ("train", "val", "test")] == [360, 70, 70]
+    assert len(datasets.ffpp_split_of_ids()) == 1000
+
+
+def test_celebdf_test_list_missing_files_and_identity_validation(tmp_path):
+    ids = [f"id{i}" for i in range(30)]
+    _touch(tmp_path, *(f"Celeb-real/{i}_0000.mp4" for i in ids))
+    _touch(tmp_path, *(f"Celeb-synthesis/{i}_id99_0000.mp4" for i in ids))
+    _touch(tmp_path, "YouTube-real/00000.mp4", "YouTube-real/00001.mp4")
+    (tmp_path / "List_of_testing_videos.txt").write_text(
+        "1 Celeb-real/id0_0000.mp4\n0 Celeb-synthesis/id0_id99_0000.mp4\n"
+        "1 YouTube-real/00001.mp4\n0 Celeb-synthesis/id7_id8_0009.mp4\n"
+    )
+    entries = datasets.list_entries("celebdf", tmp_path, datasets.Options(val_fraction=0.3))
+    by_id = {e.video_id: e for e in entries}
+    assert len(entries) == 62 + 1  # The listed but absent video is an entry (skipped later).
+    missing = by_id["Celeb-synthesis/id7_id8_0009.mp4"]
+    assert (missing.split, missing.label, missing.path.exists()) == ("test", "fake", False)
+    assert by_id["YouTube-real/00001.mp4"].split == "test"
+    assert by_id["Celeb-synthesis/id0_id99_0000.mp4"].label == "fake"
+    val = {i for i in ids[1:] if by_id[f"Celeb-real/{i}_0000.mp4"].split == "validation"}
+    assert 3 <= len(val) <= 15  # ~30% of 29 identities, seeded.
+    for i in ids[1:]:  # An identity's real and fake videos share a split.
+        assert (
+            by_id[f"Celeb-real/{i}_0000.mp4"].split
+            == by_id[f"Celeb-synthesis/{i}_id99_0000.mp4"].split
+        )
+    again = datasets.list_entries("celebdf", tmp_path, datasets.Options(val_fraction=0.3))
+    assert again == entries
+
+
+def test_dfdc_metadata_groups_fakes_with_originals(tmp_path):
+    for part in range(2):
+        folder = tmp_path / f"dfdc_train_part_{part}"
+        folder.mkdir()
+        meta = {}
+        for i in range(10):
+            meta[f"r{part}{i}.mp4"] = {"label": "REAL", "split": "train"}
+            meta[f"f{part}{i}.mp4"] = {
+                "label": "FAKE",
+                "split": "train",
+                "original": f"r{part}{i}.mp4",
+            }
+            _touch(folder, f"r{part}{i}.mp4", f"f{part}{i}.mp4")
+        (folder / "metadata.json").write_text(json.dumps(meta))
+    (tmp_path / "dfdc_train_part_1" / "f13.mp4").unlink()  # Listed, missing.
+    (tmp_path / "test").mkdir()
+    _touch(tmp_path / "test", "t0.mp4", "t1.mp4")
+    (tmp_path / "test" / "labels.csv").write_text("filename,label\nt0.mp4,0\nt1.mp4,1\n")
+    entries = datasets.list_entries("dfdc", tmp_path, datasets.Options(val_fraction=0.5))
+    by_id = {e.video_id: e for e in entries}
+    assert len(entries) == 42
+    assert not by_id["dfdc_train_part_1/f13.mp4"].path.exists()
+    assert (by_id["test/t1.mp4"].split, by_id["test/t1.mp4"].label) == ("test", "fake")
+    assert by_id["dfdc_train_part_0/f05.mp4"].method == "DFDC"
+    for part in range(2):
+        for i in range(10):
+            pair = (
+                by_id[f"dfdc_train_part_{part}/r{part}{i}.mp4"],
+                by_id[f"dfdc_train_part_{part}/f{part}{i}.mp4"],
+            )
+            assert pair[0].split == pair[1].split
+    assert {e.split for e in entries} == {"train", "validation", "test"}
+
+
+def test_dfd_splits_by_actor(tmp_path):
+    real = "original_sequences/actors/c23/videos"
+    fake = "manipulated_sequences/DeepFakeDetection/c23/videos"
+    for actor in range(1, 21):
+        _touch(
+            tmp_path, f"{real}/{actor:02d}__walking.mp4", f"{fake}/{actor:02d}_05__walking__ABC.mp4"
+        )
+    entries = datasets.list_entries(
+        "dfd", tmp_path, datasets.Options(val_fraction=0.2, test_fraction=0.2)
+    )
+    split_of_actor = {}
+    for e in entries:
+        assert split_of_actor.setdefault(e.path.name[:2], e.split) == e.split
+    assert set(split_of_actor.values()) == {"train", "validation", "test"}
+    assert sum(e.label == "fake" for e in entries) == 20
+
+
+def test_folder_layouts_and_csv_errors(tmp_path):
+    _touch(
+        tmp_path,
+        "real/a.mp4",
+        "real/sub/b.png",
+        "fake/Deepfakes/c.mp4",
+        "fake/d.jpg",
+        "fake/notes.txt",
+    )
+    entries = datasets.list_entries(
+        "folder", tmp_path, datasets.Options(val_fraction=0, test_fraction=0)
+    )
+    assert [(e.video_id, e.label, e.method) for e in entries] == [
+        ("fake/Deepfakes/c.mp4", "fake", "Deepfakes"),
+        ("fake/d.jpg", "fake", "fake"),
+        ("real/a.mp4", "real", "real"),
+        ("real/sub/b.png", "real", "real"),
+    ]
+    table = tmp_path / "list.csv"
+    table.write_text("path,label,split\nreal/a.mp4,real,val\nfake/d.jpg,1,test\ngone.mp4,0,train\n")
+    rows = datasets.list_entries("folder", table, datasets.Options())
+    assert [(e.video_id, e.label, e.split) for e in rows] == [
+        ("fake/d.jpg", "fake", "test"),
+        ("gone.mp4", "real", "train"),
+        ("real/a.mp4", "real", "validation"),
+    ]
+    table.write_text("real/a.mp4,maybe\n")
+    with pytest.raises(datasets.DatasetLayoutError, match=r"list.csv:1: label must be"):
+        datasets.list_entries("folder", table, datasets.Options())
+    with pytest.raises(datasets.DatasetLayoutError, match="expected a 'real' folder"):
+        datasets.list_entries("folder", tmp_path / "real", datasets.Options())
+
+
+# --- Writer -----------------------------------------------------------------------------------
+
+
+def _example(i: int, label: int = 0) -> dict:
+    return {
+        "image": np.full((8, 8, 3), i, np.uint8),
+        "label": label,
+        "dataset": "t",
+        "method": "real" if label == 0 else "X",
+        "compression": "",
+        "video_id": f"v{i // 2}",
+        "frame_index": i,
+        "face_box": np.array([0, 1, 2, 3], np.float32),
+        "fps": 25.0,
+    }
+
+
+def test_writer_shards_roundtrip_and_manifest(tmp_path):
+    out = writer.write_dataset(
+        tmp_path, "t", {"train": [_example(i, i % 2) for i in range(7)], "test": [_example(9)]}, 3
+    )
+    assert sorted(p.name for p in Path(out).glob("t-*")) == [
+        "t-test.tfrecord-00000-of-00001",
+        *(f"t-train.tfrecord-0000{i}-of-00003" for i in range(3)),
+    ]
+    train = load_split(tmp_path, "train")
+    assert sorted(int(x["frame_index"]) for x in train) == list(range(7))
+    row = next(x for x in train if x["frame_index"] == 3)
+    assert (row["label"], row["method"], row["video_id"], row["fps"]) == (1, b"X", b"v1", 25.0)
+    np.testing.assert_array_equal(row["image"], np.full((8, 8, 3), 3, np.uint8))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["frames"] == 7 and manifest["splits"]["train"]["videos"] == 4
+    assert manifest["splits"]["train"]["fake"] == {"videos": 3, "frames": 3}
+    assert manifest["splits"]["train"]["methods"]["real"] == {"videos": 4, "frames": 4}
+
+
+def test_writer_failure_leaves_previous_dataset_intact(tmp_path):
+    writer.write_dataset(tmp_path, "t", {"train": [_example(i) for i in range(4)]}, 2)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def broken():
+        yield _example(0)
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        writer.write_dataset(tmp_path, "t", {"train": broken()}, 2)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # No tmp files either.
+    assert len(load_split(tmp_path, "train")) == 4
+
+
+# --- End to end -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def raw_folder(tmp_path_factory, face_bank, fake_bank) -> tuple[Path, dict]:
+    """A `folder` dataset: real clips, blended fakes, a still image, and every kind of bad file."""
+    root = tmp_path_factory.mktemp("raw")
+    centres = {}
+    for i in range(3):
+        centres[f"real/r{i}.avi"] = write_clip(root / f"real/r{i}.avi", face_bank[i])
+        centres[f"fake/Blend/f{i}.avi"] = write_clip(root / f"fake/Blend/f{i}.avi", fake_bank[i])
+    cv2.imwrite(
+        str(root / "real/still.png"), cv2.cvtColor(_frame(face_bank[5], 70, 40), cv2.COLOR_RGB2BGR)
+    )
+    centres["real/still.png"] = [(70 + FACE / 2, 40 + FACE / 2)]
+    write_clip(root / "fake/noface.avi", None)
+    (root / "fake/empty.avi").write_bytes(b"")
+    (root / "fake/corrupt.mp4").write_bytes(b"\x00\x01garbage" * 500)
+    whole = (root / "real/r0.avi").read_bytes()
+    (root / "real/truncated.avi").write_bytes(whole[: len(whole) // 3])
+    rows = [
+        f"{p},{p.split('/')[0]},{'test' if p.endswith('1.avi') else 'train'}"
+        for p in sorted(centres)
+    ]
+    rows += [
+        "fake/noface.avi,fake,train",
+        "fake/empty.avi,fake,train",
+        "fake/corrupt.mp4,fake,train",
+    ]
+    rows += ["real/truncated.avi,real,train", "real/listed_missing.avi,real,test"]
+    (root / "list.csv").write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    return root, centres
+
+
+SETTINGS = work.Settings(frames_per_video=4, image_size=64, margin=1.3)
+
+
+def _prepare(root: Path, out: Path, **kwargs) -> Path:
+    entries = datasets.list_entries("folder", root / "list.csv", datasets.Options())
+    return Path(prepare.prepare(entries, "mine", out, SETTINGS, examples_per_shard=5, **kwargs))
+
+
+def test_prepare_folder_counts_labels_crops_and_skips(raw_folder, tmp_path):
+    root, centres = raw_folder
+    out = _prepare(root, tmp_path / "out")
+    manifest = json.loads((out / "manifest.json").read_text())
+    reasons = {s["video_id"]: s["reason"] for s in manifest["skipped"]}
+    assert set(reasons) == {
+        "fake/noface.avi",
+        "fake/empty.avi",
+        "fake/corrupt.mp4",
+        "real/listed_missing.avi",
+    }
+    assert reasons["fake/noface.avi"] == "no face found in 4 sampled frames"
+    assert (
+        "zero-length" in reasons["fake/empty.avi"] and "corrupt.mp4" in reasons["fake/corrupt.mp4"]
+    )
+    assert reasons["real/listed_missing.avi"].startswith("listed but missing on disk")
+    train = manifest["splits"]["train"]
+    assert (train["videos"], train["real"]["videos"], train["fake"]["videos"]) == (6, 4, 2)
+    # 4 clips x 4 frames, the still, and the one sampled frame left in the truncated clip.
+    assert train["frames"] == 4 * 4 + 1 + 1 and train["methods"]["fake"]["frames"] == 8
+    assert manifest["splits"]["test"] == {
+        "videos": 2,
+        "frames": 8,
+        "real": {"videos": 1, "frames": 4},
+        "fake": {"videos": 1, "frames": 4},
+        "methods": {"fake": {"videos": 1, "frames": 4}, "real": {"videos": 1, "frames": 4}},
+    }
+    rows = load_split(out, "train") + load_split(out, "test")
+    assert len(rows) == 26
+    truncated = [r["frame_index"] for r in rows if r["video_id"] == b"real/truncated.avi"]
+    assert truncated == [1]
+    for row in rows:
+        video_id = row["video_id"].decode()
+        assert row["label"] == (video_id.startswith("fake/"))
+        assert row["image"].shape == (64, 64, 3)
+        if video_id == "real/truncated.avi":
+            continue  # Its last decoded frame may be cut off mid-image.
+        cx, cy = centres[video_id][row["frame_index"]]
+        box = row["face_box"]  # LFW crops sit up to ~15% off their face's centre.
+        assert (
+            abs((box[0] + box[2]) / 2 - cx) < 0.2 * FACE
+            and abs((box[1] + box[3]) / 2 - cy) < 0.2 * FACE
+        )
+    assert {r["frame_index"] for r in rows if r["video_id"] == b"real/r0.avi"} == {1, 3, 5, 7}
+
+
+def test_prepare_resumes_and_matches_an_uninterrupted_run(raw_folder, tmp_path, monkeypatch):
+    root, _ = raw_folder
+    straight = _prepare(root, tmp_path / "straight")
+
+    calls = []
+    real_extract = faces.extract_faces
+
+    def interrupted(*args, **kwargs):
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # As if the run were killed here.
+        calls.append(args[0])
+        return real_extract(*args, **kwargs)
+
+    monkeypatch.setattr(faces, "extract_faces", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _prepare(root, tmp_path / "resumed")
+    assert not list((tmp_path / "resumed").glob("mine-*"))  # Nothing readable yet.
+    done_before = list(calls)
+    calls.clear()
+    monkeypatch.setattr(
+        faces, "extract_faces", lambda *a, **k: calls.append(a[0]) or real_extract(*a, **k)
+    )
+    resumed = _prepare(root, tmp_path / "resumed")
+    assert not set(map(str, calls)) & set(map(str, done_before))  # Finished videos not redone.
+    shards = sorted(p.name for p in straight.glob("mine-*"))
+    assert shards == sorted(p.name for p in resumed.glob("mine-*")) and len(shards) == 6
+    for name in shards:
+        assert (straight / name).read_bytes() == (resumed / name).read_bytes()
+    calls.clear()
+    _prepare(root, tmp_path / "resumed")  # A finished run re-run: only rewrites.
+    assert calls == []
+
+
+def test_prepare_process_pool_matches_inline(raw_folder, tmp_path):
+    root, _ = raw_folder
+    inline = _prepare(root, tmp_path / "inline")
+    pooled = _prepare(root, tmp_path / "pooled", workers=2)
+    for shard in inline.glob("mine-*"):
+        assert shard.read_bytes() == (pooled / shard.name).read_bytes()
+
+
+def test_cache_refuses_other_settings(raw_folder, tmp_path):
+    root, _ = raw_folder
+    _prepare(root, tmp_path / "o")
+    entries = datasets.list_entries("folder", root / "list.csv", datasets.Options())
+    with pytest.raises(ValueError, match="made with"):
+        prepare.prepare(entries, "mine", tmp_path / "o", work.Settings(frames_per_video=8))
+
+
+def test_beam_runner_writes_the_same_records(raw_folder, tmp_path):
+    pytest.importorskip("apache_beam")
+    root, _ = raw_folder
+    local = _prepare(root, tmp_path / "local")
+    beam = _prepare(root, tmp_path / "beam", runner="beam", beam_options=["--runner=DirectRunner"])
+
+    def records(out):
+        return sorted(
+            (r["video_id"], r["frame_index"], r["image"].tobytes(), r["label"])
+            for split in ("train", "test")
+            for r in load_split(out, split)
+        )
+
+    assert records(beam) == records(local)
+    manifests = [json.loads((o / "manifest.json").read_text()) for o in (local, beam)]
+    assert manifests[0]["splits"] == manifests[1]["splits"]
+    assert sorted(map(json.dumps, manifests[0]["skipped"])) == sorted(
+        map(json.dumps, manifests[1]["skipped"])
+    )
+
+
+def test_cli_prepare_and_layout_error(raw_folder, tmp_path, capsys):
+    root, _ = raw_folder
+    argv = ["prepare", "folder", "--root", str(root / "list.csv"), "--out", str(tmp_path / "cli")]
+    assert cli.main([*argv, "--frames-per-video", "2", "--image-size", "32", "--workers", "1"]) == 0
+    train = json.loads((tmp_path / "cli" / "manifest.json").read_text())["splits"]["train"]
+    assert train["frames"] >= 9  # 4 clips x 2 frames and the still (+ the truncated clip's).
+    assert f"train: {train['videos']} videos, {train['frames']} frames" in capsys.readouterr().out
+    assert cli.main(["prepare", "celebdf", "--root", str(root), "--out", str(tmp_path / "x")]) == 2
+    assert "List_of_testing_videos.txt" in capsys.readouterr().err
+
+
+# --- Real FaceForensics++ clips ---------------------------------------------------------------
+
+
+def test_ffpp_mini_lands_in_official_splits_with_faces(ffpp_mini, tmp_path):
+    split_of = {}
+    for file_stem, split in (("train", "train"), ("val", "validation"), ("test", "test")):
+        for pair in json.loads((ffpp_mini / "splits" / f"{file_stem}.json").read_text()):
+            split_of.update(dict.fromkeys(pair, split))
+    entries = datasets.list_entries("ffpp", ffpp_mini, datasets.Options())
+    out = Path(
+        prepare.prepare(entries, "ffpp", tmp_path, work.Settings(frames_per_video=2, image_size=96))
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["skipped"] == []
+    detector = faces.make_detector("haar")
+    seen = set()
+    for split in manifest["splits"]:
+        for row in load_split(out, split):
+            video_id = row["video_id"].decode()
+            seen.add(video_id)
+            stem = Path(video_id).stem
+            assert split == split_of[stem.split("_")[0]]
+            assert row["label"] == video_id.startswith("manipulated_sequences")
+            assert row["method"].decode() == (
+                "real" if row["label"] == 0 else video_id.split("/")[1]
+            )
+            # The crop shows a face filling most of it, centred.
+            found = detector.detect(cv2.resize(row["image"], (192, 192)))
+            assert found, f"no face in crop of {video_id} frame {row['frame_index']}"
+            box = max(found, key=lambda d: d.box[2] - d.box[0]).box
+            assert np.all(np.abs((box[:2] + box[2:]) / 2 - 96) < 30)
+    on_disk = {p.relative_to(ffpp_mini).as_posix() for p in ffpp_mini.rglob("*.mp4")}
+    assert seen == on_disk

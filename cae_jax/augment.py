@@ -78,7 +78,7 @@ def augment(image: np.ndarray, rng: np.random.Generator, cfg: ConfigDict) -> np.
     first so every later step costs the same per image).
     """
     if rng.random() < cfg.flip_prob:
-        image = np.ascontiguousarray(image[:, ::-1])
+        image = cv2.flip(image, 1)
     if rng.random() < cfg.blur_prob:
         image = gaussian_blur(image, rng, cfg.blur_kernel)
     if rng.random() < cfg.brightness_contrast_prob:

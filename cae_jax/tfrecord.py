@@ -21,6 +21,7 @@ from typing import TypedDict
 
 import google_crc32c
 import numpy as np
+import tqdm
 from etils import epath
 
 _HEADER = struct.Struct("<QI")
@@ -114,7 +115,8 @@ class IndexedTFRecords:
     def __init__(self, paths: Sequence[str], *, skip_corrupt: bool = False):
         self.paths = [os.fspath(p) for p in paths]
         self.skip_corrupt = skip_corrupt
-        self._offsets = [index_file(p, skip_corrupt=skip_corrupt) for p in self.paths]
+        files = tqdm.tqdm(self.paths, desc="indexing TFRecords", unit="file", disable=None)
+        self._offsets = [index_file(p, skip_corrupt=skip_corrupt) for p in files]
         self._starts = np.cumsum([0] + [len(o) for o in self._offsets]).tolist()
         self._local = threading.local()
 

@@ -56,6 +56,12 @@ def per_host_batch(global_batch: int, process_count: int) -> int:
     return global_batch // process_count
 
 
+def _check_divides(global_batch: int, mesh: Mesh) -> None:
+    """The batch is split over every device of the mesh, so their count must divide it."""
+    if global_batch % mesh.size:
+        raise ValueError(f"batch size {global_batch} is not divisible by the {mesh.size} devices")
+
+
 # ----------------------------------------------------------------------------- per record
 
 
@@ -334,6 +340,7 @@ def make_train_iterator(
     """The training input: `train_dataset` of this host, assembled into global arrays."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
+    _check_divides(config.train.batch_size, mesh)
     dataset = train_dataset(
         config, data_dirs, process_index=process_index, process_count=process_count
     )
@@ -417,6 +424,7 @@ def make_eval_iterator(
     `video_id`, `method`, `dataset`), in the order of the host's addressable part of the
     batch, for frame- and video-level metrics.
     """
+    _check_divides(config.input.eval_batch_size or config.train.batch_size, mesh)
     batches = eval_batches(
         config,
         data_dir,

@@ -236,6 +236,11 @@ def test_iterator_state_round_trips_through_an_orbax_checkpoint(ffpp_like, tmp_p
         np.testing.assert_array_equal(np.asarray(next(resumed)["image"]), want)
 
 
+def test_batch_not_divisible_by_the_devices_is_an_error(ffpp_like):
+    with pytest.raises(ValueError, match="batch size 12 is not divisible by the 8 devices"):
+        input_pipeline.make_train_iterator(make_config(ffpp_like, batch=12), sharding.make_mesh())
+
+
 def test_normalize_maps_the_uint8_range_onto_minus_one_one():
     x = jax.numpy.asarray(np.array([0, 51, 255], np.uint8))
     np.testing.assert_array_equal(

@@ -32,7 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames-per-video", type=int, default=32, help="sampled uniformly")
     parser.add_argument("--image-size", type=int, default=299, help="side of the square crops")
     parser.add_argument("--margin", type=float, default=1.3, help="crop side / face box side")
-    parser.add_argument("--detector", choices=sorted(faces.DETECTORS), default="haar")
+    parser.add_argument(
+        "--detector", choices=sorted(faces.DETECTORS), default=faces.DEFAULT_DETECTOR
+    )
     parser.add_argument("--align", action="store_true", help="rotate crops so eyes are level")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="local processes")
     parser.add_argument("--limit-videos", type=int, default=0, help="a seeded subset (0: all)")

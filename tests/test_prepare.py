@@ -170,6 +170,27 @@ def test_detect_and_crop_centres_the_face(face_bank):
     assert empty.crops.shape == (0, 64, 64, 3) and len(empty.kept) == 0
 
 
+def test_mtcnn_batches_like_single_frames_and_finds_eyes(face_bank):
+    detector = faces.make_detector("mtcnn")
+    frames = [_frame(face, x, y) for face in face_bank[:3] for x, y in POSITIONS[::4]]
+    batched = detector.detect_many(frames)
+    for frame, in_batch in zip(frames, batched, strict=True):
+        alone = detector.detect(frame)
+        assert len(alone) == len(in_batch) >= 1
+        np.testing.assert_allclose(alone[0].box, in_batch[0].box, atol=1.0)
+    found = faces.detect_and_crop(
+        [_frame(f, 90, 50) for f in face_bank], "mtcnn", 64, 1.3, track=False, align=True
+    )
+    assert len(found.kept) == len(face_bank)
+    centres = (found.boxes[:, :2] + found.boxes[:, 2:]) / 2
+    np.testing.assert_allclose(
+        centres, [(90 + FACE / 2, 50 + FACE / 2)] * len(face_bank), atol=0.2 * FACE
+    )
+    for face in (detector.detect(_frame(f, 90, 50))[0] for f in face_bank):
+        (lx, ly), (rx, ry) = face.eyes
+        assert face.box[0] < lx < rx < face.box[2] and max(ly, ry) < (face.box[1] + face.box[3]) / 2
+
+
 # --- Layouts ----------------------------------------------------------------------------------
 
 
@@ -426,7 +447,7 @@ def raw_folder(tmp_path_factory, face_bank, fake_bank) -> tuple[Path, dict]:
     return root, centres
 
 
-SETTINGS = work.Settings(frames_per_video=4, image_size=64, margin=1.3)
+SETTINGS = work.Settings(frames_per_video=4, image_size=64, margin=1.3, detector="haar")
 
 
 def _prepare(root: Path, out: Path, **kwargs) -> Path:
@@ -526,7 +547,9 @@ def test_cache_refuses_other_settings(raw_folder, tmp_path):
     _prepare(root, tmp_path / "o")
     entries = datasets.list_entries("folder", root / "list.csv", datasets.Options())
     with pytest.raises(ValueError, match="made with"):
-        prepare.prepare(entries, "mine", tmp_path / "o", work.Settings(frames_per_video=8))
+        prepare.prepare(
+            entries, "mine", tmp_path / "o", work.Settings(frames_per_video=8, detector="haar")
+        )
 
 
 def test_beam_runner_writes_the_same_records(raw_folder, tmp_path):
@@ -553,7 +576,17 @@ def test_beam_runner_writes_the_same_records(raw_folder, tmp_path):
 def test_cli_prepare_and_layout_error(raw_folder, tmp_path, capsys):
     root, _ = raw_folder
     argv = ["prepare", "folder", "--root", str(root / "list.csv"), "--out", str(tmp_path / "cli")]
-    assert cli.main([*argv, "--frames-per-video", "2", "--image-size", "32", "--workers", "1"]) == 0
+    options = [
+        "--frames-per-video",
+        "2",
+        "--image-size",
+        "32",
+        "--workers",
+        "1",
+        "--detector",
+        "haar",
+    ]
+    assert cli.main([*argv, *options]) == 0
     train = json.loads((tmp_path / "cli" / "manifest.json").read_text())["splits"]["train"]
     assert train["frames"] >= 9  # 4 clips x 2 frames and the still (+ the truncated clip's).
     assert f"train: {train['videos']} videos, {train['frames']} frames" in capsys.readouterr().out

@@ -87,6 +87,7 @@ def default_config() -> ConfigDict:
     i.workers = 0  # grain worker processes per host; 0 = decode in the training process.
     i.threads = 8  # Reader threads per process (OpenCV releases the GIL while decoding).
     i.buffer = 64  # Records read ahead per process, across its threads.
+    i.prefetch_batches = 2  # Batches assembled ahead in a background thread.
     i.skip_corrupt = False  # Skip (and log) corrupt records instead of stopping with an error.
     # DeepfakeBench's Xception recipe; each step runs with its probability (0 disables it).
     i.augment = a = ConfigDict()

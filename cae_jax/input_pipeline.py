@@ -39,15 +39,27 @@ from cae_jax import augment, sbi, sharding, tfrecord
 METADATA_FIELDS = ("video_id", "method", "dataset")  # Text features kept for video metrics.
 
 
-def split_files(data_dir: str | Path, split: str) -> list[str]:
-    """The shards `{name}-{split}.tfrecord-*-of-*` of one split of a prepared directory."""
-    files = sorted(str(p) for p in Path(data_dir).glob(f"*-{split}.tfrecord-*-of-*"))
-    if not files:
-        raise FileNotFoundError(
-            f"{data_dir}: no shards of split {split!r} (files *-{split}.tfrecord-*-of-*); "
-            "is it a directory written by `cae-jax prepare`?"
-        )
-    return files
+def split_shards(data_dir: str | Path, split: str) -> list[tuple[str, int]]:
+    """(path, record count) of each shard of a split, from the dir's `dataset_info.json`.
+
+    The counts let the reader notice a shard cut short exactly at a record boundary, which
+    no checksum can.
+    """
+    info_path = Path(data_dir) / "dataset_info.json"
+    if not info_path.is_file():
+        raise FileNotFoundError(f"{info_path} not found: is {data_dir} a `cae-jax prepare` output?")
+    info = json.loads(info_path.read_text())
+    splits = {s["name"]: s for s in info.get("splits", [])}
+    if split not in splits:
+        raise ValueError(f"{info_path}: no split {split!r}; it has {sorted(splits)}")
+    lengths = [int(n) for n in splits[split]["shardLengths"]]
+    shards = []
+    for i, length in enumerate(lengths):
+        path = Path(data_dir) / f"{info['name']}-{split}.tfrecord-{i:05d}-of-{len(lengths):05d}"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: shard listed in {info_path} is missing")
+        shards.append((str(path), length))
+    return shards
 
 
 def per_host_batch(global_batch: int, process_count: int) -> int:
@@ -181,6 +193,11 @@ def _read_options(config: ConfigDict) -> grain.ReadOptions:
     )
 
 
+def _source(shards: list[tuple[str, int]], skip_corrupt: bool) -> tfrecord.IndexedTFRecords:
+    paths, counts = zip(*shards, strict=True)
+    return tfrecord.IndexedTFRecords(paths, num_records=counts, skip_corrupt=skip_corrupt)
+
+
 def _stream_seed(seed: int, dataset_id: int, process_index: int) -> int:
     """A distinct 32-bit seed per (run seed, dataset, host)."""
     return int(np.random.SeedSequence([seed, dataset_id, process_index]).generate_state(1)[0])
@@ -202,14 +219,14 @@ def _dataset_stream(
 ) -> tuple[grain.IterDataset, int]:
     """An endless stream of training examples of one dataset on one host, and its size."""
     inp = config.input
-    files = split_files(data_dir, inp.train_split)
-    host_files = files[process_index::process_count]
-    if not host_files:
+    shards = split_shards(data_dir, inp.train_split)
+    host_shards = shards[process_index::process_count]
+    if not host_shards:
         raise ValueError(
-            f"{data_dir}: {len(files)} shards of split {inp.train_split!r} cannot feed "
+            f"{data_dir}: {len(shards)} shards of split {inp.train_split!r} cannot feed "
             f"{process_count} hosts; prepare it with at least that many shards"
         )
-    source = tfrecord.IndexedTFRecords(host_files, skip_corrupt=inp.skip_corrupt)
+    source = _source(host_shards, inp.skip_corrupt)
     records = (
         grain.MapDataset.source(source)
         .seed(_stream_seed(config.seed, dataset_id, process_index))
@@ -400,7 +417,7 @@ def eval_batches(
         raise ValueError("no evaluation data: pass data_dir or set config.input.eval_dir")
     split = split or inp.eval_split
     local_batch = per_host_batch(inp.eval_batch_size or config.train.batch_size, process_count)
-    source = tfrecord.IndexedTFRecords(split_files(data_dir, split), skip_corrupt=inp.skip_corrupt)
+    source = _source(split_shards(data_dir, split), inp.skip_corrupt)
     start, stop = host_range(len(source), process_index, process_count)
     num_batches = math.ceil(math.ceil(len(source) / process_count) / local_batch)
     examples = iter(
@@ -527,13 +544,13 @@ def tf_data_reference(
 
     streams, sizes = [], []
     for data_dir in data_dirs:
-        files = split_files(data_dir, inp.train_split)[process_index::process_count]
-        ds = records(files)
+        shards = split_shards(data_dir, inp.train_split)[process_index::process_count]
+        ds = records([path for path, _ in shards])
         if inp.class_balance:
             by_label = [ds.filter(lambda r, c=c: r["label"] == c) for c in (0, 1)]
             ds = tf.data.Dataset.sample_from_datasets(by_label, [0.5, 0.5], seed=config.seed)
         streams.append(ds)
-        sizes.append(sum(len(tfrecord.index_file(f)) for f in files))
+        sizes.append(sum(count for _, count in shards))
     weights = np.asarray(list(inp.weights) or sizes, np.float64)
     ds = tf.data.Dataset.sample_from_datasets(streams, list(weights / weights.sum()))
     return (

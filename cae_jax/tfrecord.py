@@ -112,13 +112,31 @@ class IndexedTFRecords:
     logged, counted (`skipped_records`) and read as None (grain drops Nones).
     """
 
-    def __init__(self, paths: Sequence[str], *, skip_corrupt: bool = False):
+    def __init__(
+        self,
+        paths: Sequence[str],
+        *,
+        num_records: Sequence[int] | None = None,
+        skip_corrupt: bool = False,
+    ):
+        """`num_records`, if given, is each file's expected record count (dataset metadata)."""
         self.paths = [os.fspath(p) for p in paths]
         self.skip_corrupt = skip_corrupt
         files = tqdm.tqdm(self.paths, desc="indexing TFRecords", unit="file", disable=None)
         self._offsets = [index_file(p, skip_corrupt=skip_corrupt) for p in files]
+        if num_records is not None:
+            for path, offsets, expected in zip(self.paths, self._offsets, num_records, strict=True):
+                if len(offsets) != expected:
+                    self._count_mismatch(path, len(offsets), expected)
         self._starts = np.cumsum([0] + [len(o) for o in self._offsets]).tolist()
         self._local = threading.local()
+
+    def _count_mismatch(self, path: str, found: int, expected: int) -> None:
+        size = epath.Path(path).stat().length
+        problem = f"the file holds {found} records, its dataset metadata lists {expected}"
+        if not self.skip_corrupt:
+            raise CorruptRecordError(path, size, problem)
+        logging.warning("%s: %s; reading the %d there are", path, problem, found)
 
     def __len__(self) -> int:
         return self._starts[-1]

@@ -1,8 +1,9 @@
 """The grain input pipeline: order, resume, hosts, mixing, corruption, device arrays."""
 
-import collections
 import json
+from pathlib import Path
 
+import cv2
 import grain
 import jax
 import numpy as np
@@ -12,6 +13,7 @@ import tensorflow as tf
 
 from cae_jax import config as config_lib
 from cae_jax import input_pipeline, records, sharding, tfrecord
+from data_prep import writer
 from tests import datasets
 
 SIZE = 32  # Stored crops and model input: small enough for thousands of samples a second.
@@ -67,7 +69,7 @@ def assert_same_batches(a, b):
 
 
 def test_index_and_crc_agree_with_tensorflow(ffpp_like):
-    files = input_pipeline.split_files(ffpp_like, "train")
+    files = [path for path, _ in input_pipeline.split_shards(ffpp_like, "train")]
     source = tfrecord.IndexedTFRecords(files)
     expected = [r.numpy() for f in files for r in tf.data.TFRecordDataset(f)]
     assert len(source) == len(expected) == 200
@@ -75,7 +77,8 @@ def test_index_and_crc_agree_with_tensorflow(ffpp_like):
 
 
 def test_parse_matches_record_schema(ffpp_like):
-    source = tfrecord.IndexedTFRecords(input_pipeline.split_files(ffpp_like, "validation"))
+    (path, count), *_ = input_pipeline.split_shards(ffpp_like, "validation")
+    source = tfrecord.IndexedTFRecords([path], num_records=[count])
     raw = source[5]
     parsed = input_pipeline.ParseRecord(skip_corrupt=False).map(raw)
     reference = records.features().deserialize_example_np(raw["data"])
@@ -129,7 +132,7 @@ def test_each_host_reads_its_own_shards_once_per_epoch(tmp_path):
     crops = {datasets.face_crop(i, SIZE).tobytes(): i for i in range(48)}
     shard_records = [
         {crops[input_pipeline.decode_image(r).tobytes()] for r in _parsed(f)}
-        for f in input_pipeline.split_files(d, "train")
+        for f, _ in input_pipeline.split_shards(d, "train")
     ]
     c = no_augment(make_config(d, batch=16))
     seen = []
@@ -305,7 +308,7 @@ def _record_offsets(path):
 
 def test_truncated_shard_names_file_and_offset(tmp_path):
     d = datasets.write(tmp_path, {"train": (6, 6)}, size=SIZE)
-    shard = input_pipeline.split_files(d, "train")[1]
+    shard, _ = input_pipeline.split_shards(d, "train")[1]
     last = _record_offsets(shard)[-1]
     with open(shard, "r+b") as f:
         f.truncate(last + 20)
@@ -320,7 +323,7 @@ def test_truncated_shard_names_file_and_offset(tmp_path):
 
 def test_corrupt_record_bytes_name_file_and_offset(tmp_path):
     d = datasets.write(tmp_path, {"train": (6, 6)}, size=SIZE)
-    shard = input_pipeline.split_files(d, "train")[2]
+    shard, _ = input_pipeline.split_shards(d, "train")[2]
     offset = _record_offsets(shard)[1]
     with open(shard, "r+b") as f:
         f.seek(offset + 100)
@@ -338,20 +341,38 @@ def test_corrupt_record_bytes_name_file_and_offset(tmp_path):
 
 
 def test_undecodable_image_is_an_error_never_zeros(tmp_path):
-    shard = tmp_path / "bad-train.tfrecord-00000-of-00001"
-    good = next(datasets.examples("bad", "train", 2, 0, SIZE))
-    bad = {**good, "image": np.zeros((SIZE, SIZE, 3), np.uint8)}
-    payload = records.features().serialize_example(bad)
-    png_start = payload.find(b"\x89PNG")
-    payload = payload[: png_start + 20] + b"\x00" * 30 + payload[png_start + 50 :]
-    with tf.io.TFRecordWriter(str(shard)) as w:
-        w.write(records.features().serialize_example(good))
-        w.write(payload)
-    offset = _record_offsets(str(shard))[1]
+    good, other = datasets.examples("bad", "train", 2, 0, SIZE)
+    png = cv2.imencode(".png", other["image"])[1].tobytes()
+    broken = {**other, "image": png[:20] + b"\x00" * 30 + png[50:]}  # Wrecked PNG header.
+    writer.write_dataset(tmp_path, "bad", {"train": [good, broken]})
+    shard, _ = input_pipeline.split_shards(tmp_path, "train")[0]
+    offset = _record_offsets(shard)[1]
     c = make_config(tmp_path, batch=2, eval_split="train")
     with pytest.raises(tfrecord.CorruptRecordError, match=f"{shard}.*byte offset {offset}.*PNG"):
         list(input_pipeline.eval_batches(c))
     c.input.skip_corrupt = True
     (batch,) = input_pipeline.eval_batches(c)
     np.testing.assert_array_equal(batch["mask"], [True, False])
-    assert collections.Counter(batch["frame_index"].tolist()) == {0: 1, -1: 1}
+    assert batch["frame_index"].tolist() == [0, -1]
+
+
+def test_shard_cut_at_a_record_boundary_is_caught_by_the_metadata(tmp_path):
+    d = datasets.write(tmp_path, {"train": (6, 6)}, size=SIZE)
+    shard, count = input_pipeline.split_shards(d, "train")[0]
+    last = _record_offsets(shard)[-1]
+    with open(shard, "r+b") as f:
+        f.truncate(last)  # Every remaining frame is whole: only the count can tell.
+    with pytest.raises(tfrecord.CorruptRecordError, match=f"{shard}.*{count - 1} records.*{count}"):
+        input_pipeline.train_dataset(make_config(d))
+
+
+def test_missing_shard_or_metadata_is_named(tmp_path):
+    d = datasets.write(tmp_path, {"train": (6, 6)}, size=SIZE)
+    shard, _ = input_pipeline.split_shards(d, "train")[2]
+    Path(shard).unlink()
+    with pytest.raises(FileNotFoundError, match=f"{shard}: shard listed in .* is missing"):
+        input_pipeline.train_dataset(make_config(d))
+    with pytest.raises(ValueError, match="no split 'test'"):
+        input_pipeline.split_shards(d, "test")
+    with pytest.raises(FileNotFoundError, match="dataset_info.json not found"):
+        input_pipeline.split_shards(tmp_path / "elsewhere", "train")

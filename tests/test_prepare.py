@@ -363,6 +363,20 @@ def test_folder_layouts_and_csv_errors(tmp_path):
         datasets.list_entries("folder", tmp_path / "real", datasets.Options())
 
 
+def test_limit_videos_takes_a_seeded_mixed_subset(tmp_path):
+    _touch(
+        tmp_path,
+        *(f"real/r{i:02d}.mp4" for i in range(20)),
+        *(f"fake/f{i:02d}.mp4" for i in range(20)),
+    )
+    entries = datasets.list_entries("folder", tmp_path, datasets.Options())
+    picked = prepare.subset(entries, 10, seed=0)
+    assert len(picked) == 10 and picked == sorted(picked, key=lambda e: e.video_id)
+    assert {e.label for e in picked} == {"real", "fake"}  # Not just the first ids.
+    assert picked == prepare.subset(entries, 10, seed=0) != prepare.subset(entries, 10, seed=1)
+    assert prepare.subset(entries, 0, seed=0) == entries
+
+
 # --- Writer -----------------------------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -313,6 +314,11 @@ def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     return out
 
 
+def _close_and_drop(holder: list) -> None:
+    if holder:
+        holder.pop().close()
+
+
 class TrainIterator:
     """Global training batches; `get_state()`/`set_state()` resume exactly.
 
@@ -324,8 +330,17 @@ class TrainIterator:
     """
 
     def __init__(self, dataset: grain.IterDataset, mesh: Mesh):
-        self._iterator = iter(dataset)
+        self._holder = [iter(dataset)]
         self._mesh = mesh
+        # Closes and drops the grain iterator at exit too, while the interpreter is whole
+        # (grain's own cleanup fails once modules are being torn down).
+        self._close = weakref.finalize(self, _close_and_drop, self._holder)
+
+    @property
+    def _iterator(self) -> grain.DatasetIterator:
+        if not self._holder:
+            raise RuntimeError("the iterator is closed")
+        return self._holder[0]
 
     def __iter__(self) -> TrainIterator:
         return self
@@ -345,8 +360,8 @@ class TrainIterator:
         self._iterator.start_prefetch()
 
     def close(self) -> None:
-        """Stops grain's worker processes (if any)."""
-        self._iterator.close()
+        """Stops grain's prefetch threads and worker processes."""
+        self._close()
 
 
 def make_train_iterator(

@@ -133,6 +133,14 @@ def decode_image(record: dict) -> np.ndarray:
     return image
 
 
+def _decode_or_skip(record: dict, skip_corrupt: bool) -> np.ndarray | None:
+    try:
+        return decode_image(record)
+    except tfrecord.CorruptRecordError as err:
+        tfrecord.skip_or_raise(err, skip_corrupt)
+        return None
+
+
 class LabelIs(grain.transforms.Filter):
     def __init__(self, label: int):
         self.label = label
@@ -150,10 +158,8 @@ class TrainTransform(grain.transforms.RandomMap):
         self.dataset_id = dataset_id
 
     def random_map(self, record: dict, rng: np.random.Generator) -> dict | None:
-        try:
-            image = decode_image(record)
-        except tfrecord.CorruptRecordError as err:
-            tfrecord.skip_or_raise(err, self.input.skip_corrupt)
+        image = _decode_or_skip(record, self.input.skip_corrupt)
+        if image is None:
             return None
         image = augment.random_resize(image, self.image_size, rng, self.input.augment.resize_prob)
         label = record["label"]
@@ -176,10 +182,8 @@ class EvalTransform(grain.transforms.Map):
         self.skip_corrupt = skip_corrupt
 
     def map(self, record: dict) -> dict | None:
-        try:
-            image = decode_image(record)
-        except tfrecord.CorruptRecordError as err:
-            tfrecord.skip_or_raise(err, self.skip_corrupt)
+        image = _decode_or_skip(record, self.skip_corrupt)
+        if image is None:
             return None
         example = {k: record[k] for k in (*METADATA_FIELDS, "frame_index", "label")}
         return {**example, "image": augment.isotropic_resize(image, self.image_size)}

@@ -273,6 +273,11 @@ def train_dataset(
     data_dirs = list(data_dirs or inp.train_dirs)
     if not data_dirs:
         raise ValueError("no training data: pass data_dirs or set config.input.train_dirs")
+    if inp.weights and (len(inp.weights) != len(data_dirs) or min(inp.weights) <= 0):
+        raise ValueError(
+            f"config.input.weights={tuple(inp.weights)} needs one positive weight per train "
+            f"dir ({len(data_dirs)})"
+        )
     local_batch = per_host_batch(config.train.batch_size, process_count)
     streams, sizes = zip(
         *(
@@ -282,11 +287,6 @@ def train_dataset(
         strict=True,
     )
     weights = list(inp.weights) or list(sizes)
-    if len(weights) != len(data_dirs) or min(weights) <= 0:
-        raise ValueError(
-            f"config.input.weights={tuple(inp.weights)} needs one positive weight per train "
-            f"dir ({len(data_dirs)})"
-        )
     ds = streams[0] if len(streams) == 1 else grain.IterDataset.mix(list(streams), weights)
     ds = ds.batch(local_batch, drop_remainder=True)
     if inp.workers > 0:

@@ -191,6 +191,18 @@ def test_mtcnn_batches_like_single_frames_and_finds_eyes(face_bank):
         assert face.box[0] < lx < rx < face.box[2] and max(ly, ry) < (face.box[1] + face.box[3]) / 2
 
 
+def test_dlib_baseline_finds_the_faces_when_installed(face_bank):
+    pytest.importorskip("dlib")
+    found = faces.detect_and_crop(
+        [_frame(f, 90, 50) for f in face_bank], "dlib", 64, 1.3, track=False
+    )
+    centres = (found.boxes[:, :2] + found.boxes[:, 2:]) / 2
+    assert len(found.kept) >= len(face_bank) - 1  # HOG misses the odd tightly cropped face.
+    np.testing.assert_allclose(
+        centres, [(90 + FACE / 2, 50 + FACE / 2)] * len(centres), atol=0.2 * FACE
+    )
+
+
 # --- Layouts ----------------------------------------------------------------------------------
 
 

@@ -159,7 +159,8 @@ def crop_all(
 
 
 def _init_worker() -> None:
-    """One thread per worker: the pool is the parallelism."""
+    """One thread per worker (OpenCV, and TensorFlow for mtcnn): the pool is the parallelism."""
+    os.environ.update(TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1", OMP_NUM_THREADS="1")
     import cv2
 
     cv2.setNumThreads(1)

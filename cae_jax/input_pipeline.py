@@ -12,7 +12,8 @@ Evaluation reads every record of a split exactly once across hosts (each host a 
 range of records), unaugmented, and pads the last batches with `mask=False` rows.
 
 Every random choice derives from `config.seed`, the dataset, the host and the record's
-position in the stream, so a run is reproducible for any number of grain workers.
+position in the stream, so a run is reproducible. grain workers each batch their own slice
+of the stream: a given worker count always gives the same batches (0 and 1 the same ones).
 """
 
 from __future__ import annotations

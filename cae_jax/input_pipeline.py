@@ -21,9 +21,9 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import weakref
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import cv2
 import grain
@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
+from etils import epath
 from google.protobuf.message import DecodeError
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
@@ -41,13 +42,13 @@ from cae_jax import augment, sbi, sharding, tfrecord
 METADATA_FIELDS = ("video_id", "method", "dataset")  # Text features kept for video metrics.
 
 
-def split_shards(data_dir: str | Path, split: str) -> list[tuple[str, int]]:
+def split_shards(data_dir: str | os.PathLike, split: str) -> list[tuple[str, int]]:
     """(path, record count) of each shard of a split, from the dir's `dataset_info.json`.
 
     The counts let the reader notice a shard cut short exactly at a record boundary, which
     no checksum can.
     """
-    info_path = Path(data_dir) / "dataset_info.json"
+    info_path = epath.Path(data_dir) / "dataset_info.json"
     if not info_path.is_file():
         raise FileNotFoundError(f"{info_path} not found: is {data_dir} a `cae-jax prepare` output?")
     info = json.loads(info_path.read_text())
@@ -57,7 +58,8 @@ def split_shards(data_dir: str | Path, split: str) -> list[tuple[str, int]]:
     lengths = [int(n) for n in splits[split]["shardLengths"]]
     shards = []
     for i, length in enumerate(lengths):
-        path = Path(data_dir) / f"{info['name']}-{split}.tfrecord-{i:05d}-of-{len(lengths):05d}"
+        name = f"{info['name']}-{split}.tfrecord-{i:05d}-of-{len(lengths):05d}"
+        path = epath.Path(data_dir) / name
         if not path.is_file():
             raise FileNotFoundError(f"{path}: shard listed in {info_path} is missing")
         shards.append((str(path), length))
@@ -211,7 +213,7 @@ def _stream_seed(seed: int, dataset_id: int, process_index: int) -> int:
 
 def _class_counts(data_dir: str, split: str) -> tuple[int, int]:
     """(real, fake) frames of a split from `manifest.json` (written by `cae-jax prepare`)."""
-    path = Path(data_dir) / "manifest.json"
+    path = epath.Path(data_dir) / "manifest.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: input.class_balance needs the manifest of `prepare`")
     counts = json.loads(path.read_text())["splits"].get(split)

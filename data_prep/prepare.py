@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import sys
 from collections.abc import Iterable, Sequence
+from concurrent.futures.process import BrokenProcessPool
 
 import tqdm
 from etils import epath
@@ -143,19 +144,40 @@ def crop_all(
                 summaries[entry.video_id] = work.process(entry, settings, work_dir)
                 bar.update()
             return summaries
-        context = multiprocessing.get_context("spawn")  # Never fork a process holding TF.
-        with concurrent.futures.ProcessPoolExecutor(
-            workers, mp_context=context, initializer=_init_worker
-        ) as pool:
-            futures = {
-                pool.submit(work.process, entry, settings, os.fspath(work_dir)): entry
-                for entry in entries
-            }
-            for future in concurrent.futures.as_completed(futures):
-                entry = futures[future]
-                summaries[entry.video_id] = future.result()
-                bar.update()
+        stalled_rounds = 0
+        while len(summaries) < len(entries):
+            pending = [e for e in entries if e.video_id not in summaries]
+            before = len(summaries)
+            try:
+                _crop_in_pool(pending, settings, work_dir, workers, summaries, bar)
+            except BrokenProcessPool:
+                # A file crashed its worker (work.process skips it after repeated deaths).
+                stalled_rounds = 0 if len(summaries) > before else stalled_rounds + 1
+                if stalled_rounds > work.MAX_ATTEMPTS:
+                    raise
+                bar.write("a worker process died; restarting the pool")
     return summaries
+
+
+def _crop_in_pool(
+    entries: Sequence[datasets.Entry],
+    settings: work.Settings,
+    work_dir: epath.Path,
+    workers: int,
+    summaries: dict[str, dict],
+    bar: tqdm.tqdm,
+) -> None:
+    context = multiprocessing.get_context("spawn")  # Never fork a process holding TF.
+    with concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_init_worker
+    ) as pool:
+        futures = {
+            pool.submit(work.process, entry, settings, os.fspath(work_dir)): entry
+            for entry in entries
+        }
+        for future in concurrent.futures.as_completed(futures):
+            summaries[futures[future].video_id] = future.result()
+            bar.update()
 
 
 def _init_worker() -> None:

@@ -25,6 +25,7 @@ from data_prep import faces, video
 from data_prep.datasets import Entry
 
 SETTINGS_FILE = "settings.json"
+MAX_ATTEMPTS = 2  # Worker deaths while processing one file before it is skipped.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +82,9 @@ def process(entry: Entry, settings: Settings, work_dir: str | os.PathLike) -> di
     """Crops one entry into the cache unless already there; returns its summary.
 
     The summary has status "ok" (with `frames`, crops kept, and `sampled`, frames decoded) or
-    "skipped" (with `reason`). Every failure becomes a skip: nothing here raises.
+    "skipped" (with `reason`). Every failure becomes a skip: nothing here raises. A file that
+    kills its worker process (a decoder crash) leaves its attempt marker behind; after
+    `MAX_ATTEMPTS` such deaths it is skipped instead of being tried again.
     """
     work_dir = epath.Path(work_dir)
     key = cache_key(entry.video_id)
@@ -91,24 +94,40 @@ def process(entry: Entry, settings: Settings, work_dir: str | os.PathLike) -> di
     if not entry.path.exists():
         # Not cached: the file may be restored before the next run.
         return _summary(entry, "skipped", reason=f"listed but missing on disk: {entry.path}")
+    attempts = work_dir / f"{key}.attempts"
+    started = int(attempts.read_text()) if attempts.exists() else 0
+    if started >= MAX_ATTEMPTS:
+        summary = _summary(
+            entry, "skipped", reason=f"crashed its worker process {started} times: {entry.path}"
+        )
+    else:
+        _write_atomic(attempts, str(started + 1).encode())
+        try:
+            summary = _crop_and_cache(entry, settings, work_dir / f"{key}.npz")
+        except BaseException:  # Interrupted (Ctrl-C): not the file's fault.
+            attempts.unlink()
+            raise
+    _write_atomic(done, json.dumps(summary).encode())
+    if attempts.exists():
+        attempts.unlink()
+    return summary
+
+
+def _crop_and_cache(entry: Entry, settings: Settings, crops_path: epath.Path) -> dict:
     try:
         result = _crop(entry, settings)
     except video.UnreadableMediaError as err:
-        summary = _summary(entry, "skipped", reason=f"unreadable: {err}")
+        return _summary(entry, "skipped", reason=f"unreadable: {err}")
     except Exception as err:  # noqa: BLE001 - any failure of one file is recorded, not fatal.
-        summary = _summary(
+        return _summary(
             entry, "skipped", reason=f"failed: {entry.path}: {type(err).__name__}: {err}"
         )
-    else:
-        if len(result.crops):
-            _write_atomic(work_dir / f"{key}.npz", _encode(result))
-            summary = _summary(entry, "ok", frames=len(result.crops), sampled=result.num_sampled)
-        else:
-            summary = _summary(
-                entry, "skipped", reason=f"no face found in {result.num_sampled} sampled frames"
-            )
-    _write_atomic(done, json.dumps(summary).encode())
-    return summary
+    if not len(result.crops):
+        return _summary(
+            entry, "skipped", reason=f"no face found in {result.num_sampled} sampled frames"
+        )
+    _write_atomic(crops_path, _encode(result))
+    return _summary(entry, "ok", frames=len(result.crops), sampled=result.num_sampled)
 
 
 def _crop(entry: Entry, settings: Settings) -> faces.VideoFaces:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 from pathlib import Path
 
 import cv2
@@ -566,6 +568,29 @@ def test_prepare_process_pool_matches_inline(raw_folder, tmp_path):
     pooled = _prepare(root, tmp_path / "pooled", workers=2)
     for shard in inline.glob("mine-*"):
         assert shard.read_bytes() == (pooled / shard.name).read_bytes()
+
+
+@dataclasses.dataclass(frozen=True)
+class CrashingEntry(datasets.Entry):
+    """An entry whose processing kills its worker process, as a decoder crash would."""
+
+    @property
+    def is_image(self) -> bool:
+        os._exit(3)
+
+
+def test_pool_survives_a_file_that_kills_its_worker(raw_folder, tmp_path):
+    root, _ = raw_folder
+    good = [e for e in datasets.list_entries("folder", root / "list.csv", datasets.Options())]
+    good = [e for e in good if e.video_id in ("real/r0.avi", "fake/Blend/f0.avi")]
+    crash = CrashingEntry(root / "real/r2.avi", "real/crash.avi", "real", "real", "train")
+    out = Path(prepare.prepare([*good, crash], "mine", tmp_path, SETTINGS, workers=2))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["videos"] == 2
+    assert manifest["splits"]["train"]["frames"] == 8
+    (skipped,) = manifest["skipped"]
+    assert skipped["video_id"] == "real/crash.avi"
+    assert skipped["reason"].startswith(f"crashed its worker process {work.MAX_ATTEMPTS} times")
 
 
 def test_cache_refuses_other_settings(raw_folder, tmp_path):

@@ -246,6 +246,17 @@ def test_batch_not_divisible_by_the_devices_is_an_error(ffpp_like):
         input_pipeline.make_train_iterator(make_config(ffpp_like, batch=12), sharding.make_mesh())
 
 
+def test_sample_grid_frames_each_image_by_its_label():
+    images = np.stack([np.full((32, 32, 3), v, np.uint8) for v in (10, 20, 30)])
+    grid = input_pipeline.sample_grid(images, np.array([0, 1, 1]), columns=2)
+    assert grid.shape == (2 * 34, 2 * 34, 3) and grid.dtype == np.uint8
+    np.testing.assert_array_equal(grid[1:33, 1:33], images[0])
+    np.testing.assert_array_equal(grid[35:67, 1:33], images[2])
+    np.testing.assert_array_equal(grid[0, 0], input_pipeline.FRAME_COLOURS[0])
+    np.testing.assert_array_equal(grid[0, 34], input_pipeline.FRAME_COLOURS[1])
+    np.testing.assert_array_equal(grid[40, 40], [255, 255, 255])  # Empty cell.
+
+
 def test_normalize_maps_the_uint8_range_onto_minus_one_one():
     x = jax.numpy.asarray(np.array([0, 51, 255], np.uint8))
     np.testing.assert_array_equal(

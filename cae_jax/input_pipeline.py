@@ -40,11 +40,14 @@ from tensorflow.core.example import example_pb2
 from cae_jax import augment, sbi, sharding, tfrecord
 
 METADATA_FIELDS = ("video_id", "method", "dataset")  # Text features kept for video metrics.
+TFDS_SHARD_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"  # TFDS's default.
 FRAME_COLOURS = ((0, 170, 0), (220, 0, 0))  # sample_grid frames: label 0 real, 1 fake.
 
 
 def split_shards(data_dir: str | os.PathLike, split: str) -> list[tuple[str, int]]:
     """(path, record count) of each shard of a split, from the dir's `dataset_info.json`.
+
+    File names follow the split's `filepathTemplate` (TFDS's default when absent).
 
     The counts let the reader notice a shard cut short exactly at a record boundary, which
     no checksum can.
@@ -57,9 +60,15 @@ def split_shards(data_dir: str | os.PathLike, split: str) -> list[tuple[str, int
     if split not in splits:
         raise ValueError(f"{info_path}: no split {split!r}; it has {sorted(splits)}")
     lengths = [int(n) for n in splits[split]["shardLengths"]]
+    template = splits[split].get("filepathTemplate", TFDS_SHARD_TEMPLATE)
     shards = []
     for i, length in enumerate(lengths):
-        name = f"{info['name']}-{split}.tfrecord-{i:05d}-of-{len(lengths):05d}"
+        name = (
+            template.replace("{DATASET}", info["name"])
+            .replace("{SPLIT}", split)
+            .replace("{FILEFORMAT}", info.get("fileFormat", "tfrecord"))
+            .replace("{SHARD_X_OF_Y}", f"{i:05d}-of-{len(lengths):05d}")
+        )
         path = epath.Path(data_dir) / name
         if not path.is_file():
             raise FileNotFoundError(f"{path}: shard listed in {info_path} is missing")

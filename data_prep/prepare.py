@@ -74,20 +74,23 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         entries = datasets.list_entries(args.dataset, epath.Path(args.root), options)
-    except datasets.DatasetLayoutError as err:
+        out = prepare(
+            subset(entries, args.limit_videos, args.seed),
+            args.dataset,
+            args.out,
+            settings,
+            workers=args.workers,
+            examples_per_shard=args.examples_per_shard,
+            runner=args.runner,
+            beam_options=args.beam_options.split(),
+        )
+    except (
+        datasets.DatasetLayoutError,
+        work.CacheSettingsError,
+        writer.NothingToWriteError,
+    ) as err:
         print(f"cae-jax prepare: {err}", file=sys.stderr)
         return 2
-    entries = subset(entries, args.limit_videos, args.seed)
-    out = prepare(
-        entries,
-        args.dataset,
-        args.out,
-        settings,
-        workers=args.workers,
-        examples_per_shard=args.examples_per_shard,
-        runner=args.runner,
-        beam_options=args.beam_options.split(),
-    )
     manifest = json.loads((epath.Path(out) / writer.MANIFEST).read_text())
     for split, counts in manifest["splits"].items():
         print(f"{split}: {counts['videos']} videos, {counts['frames']} frames")
@@ -115,6 +118,8 @@ def prepare(
     beam_options: Sequence[str] = (),
 ) -> epath.Path:
     """Crops every entry (resuming from OUT/.work) and writes the dataset; returns OUT."""
+    if not entries:
+        raise writer.NothingToWriteError("no videos or images found in the dataset root")
     out_dir = epath.Path(out_dir)
     work_dir = work.open_cache(out_dir / WORK_DIR, settings)
     if runner == "beam":

@@ -28,6 +28,10 @@ SETTINGS_FILE = "settings.json"
 MAX_ATTEMPTS = 2  # Worker deaths while processing one file before it is skipped.
 
 
+class CacheSettingsError(ValueError):
+    """The cache folder was made with other crop settings."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """Everything that changes the crops: a cache made with other settings is not reused."""
@@ -54,7 +58,7 @@ def open_cache(work_dir: str | os.PathLike, settings: Settings) -> epath.Path:
     if marker.exists():
         found = json.loads(marker.read_text())
         if found != wanted:
-            raise ValueError(
+            raise CacheSettingsError(
                 f"{work_dir} holds crops made with {found}, not {wanted}: use the same "
                 "settings to resume, or another --out (or delete that folder) to start over"
             )

@@ -24,6 +24,10 @@ MANIFEST = "manifest.json"
 _METADATA_FILES = ("dataset_info.json", "features.json", "label.labels.txt")
 
 
+class NothingToWriteError(ValueError):
+    """Every split is empty; the manifest written alongside lists what was skipped and why."""
+
+
 def shard_name(name: str, split: str, index: int, num_shards: int) -> str:
     """The TFDS default file name of one shard."""
     return f"{name}-{split}.tfrecord-{index:05d}-of-{num_shards:05d}"
@@ -170,7 +174,8 @@ def commit(
     """Turns temporary shards into the dataset: renames them, then writes manifest + metadata.
 
     `shards` maps split -> [(temporary shard path, example count)], in order. Empty shards are
-    deleted and the rest numbered densely. `manifest` needs "splits" (per split counts) and
+    deleted and the rest numbered densely. With no example at all, only the manifest is
+    written and `NothingToWriteError` raised. `manifest` needs "splits" (per split counts) and
     "skipped"; "name" is added.
     """
     out_dir = epath.Path(out_dir)
@@ -181,10 +186,12 @@ def commit(
         for path, n in pairs:
             if not n:
                 path.unlink()
-    if not any(kept.values()):
-        _remove_temporary(kept)
-        raise ValueError(f"no examples to write to {out_dir}: every split is empty")
     _remove_dataset_files(out_dir, name)
+    if not any(kept.values()):
+        write_json_atomic(out_dir / MANIFEST, {"name": name, **manifest})
+        raise NothingToWriteError(
+            f"no examples to write to {out_dir}: every split is empty (see {MANIFEST})"
+        )
     split_infos = []
     for split, pairs in kept.items():
         if not pairs:

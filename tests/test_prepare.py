@@ -643,6 +643,18 @@ def test_cli_prepare_and_layout_error(raw_folder, tmp_path, capsys):
     assert f"train: {train['videos']} videos, {train['frames']} frames" in capsys.readouterr().out
     assert cli.main(["prepare", "celebdf", "--root", str(root), "--out", str(tmp_path / "x")]) == 2
     assert "List_of_testing_videos.txt" in capsys.readouterr().err
+    (root / "bad.csv").write_text("fake/noface.avi,fake\nfake/empty.avi,fake\n")
+    argv = ["prepare", "folder", "--root", str(root / "bad.csv"), "--out", str(tmp_path / "bad")]
+    assert cli.main([*argv, "--workers", "1", "--detector", "haar"]) == 2
+    assert "every split is empty" in capsys.readouterr().err
+    manifest = json.loads((tmp_path / "bad" / "manifest.json").read_text())
+    assert sorted(s["video_id"] for s in manifest["skipped"]) == [
+        "fake/empty.avi",
+        "fake/noface.avi",
+    ]
+    assert not list((tmp_path / "bad").glob("folder-*")) and manifest["splits"] == {}
+    assert cli.main([*argv, "--workers", "1", "--frames-per-video", "3"]) == 2
+    assert "holds crops made with" in capsys.readouterr().err
 
 
 # --- Real FaceForensics++ clips ---------------------------------------------------------------

@@ -18,12 +18,17 @@ import sys
 from collections.abc import Iterable, Sequence
 from concurrent.futures.process import BrokenProcessPool
 
+import cv2
+import numpy as np
 import tqdm
 from etils import epath
 
 from data_prep import datasets, faces, work, writer
 
 WORK_DIR = ".work"
+PREVIEW = "preview.png"
+PREVIEW_PER_SPLIT = 8  # Videos shown per split (half real, half fake where there are both).
+PREVIEW_SIZE = 128  # Side of each crop in the preview.
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -125,13 +130,16 @@ def prepare(
     if runner == "beam":
         from data_prep import beam_pipeline
 
-        return beam_pipeline.run(
+        out = beam_pipeline.run(
             entries, name, out_dir, work_dir, settings, examples_per_shard, beam_options
         )
-    summaries = crop_all(entries, settings, work_dir, workers)
-    return write_from_cache(
-        entries, summaries, name, out_dir, work_dir, settings, examples_per_shard
-    )
+    else:
+        summaries = crop_all(entries, settings, work_dir, workers)
+        out = write_from_cache(
+            entries, summaries, name, out_dir, work_dir, settings, examples_per_shard
+        )
+    write_preview(out / PREVIEW, entries, name, work_dir)
+    return out
 
 
 def crop_all(
@@ -234,3 +242,37 @@ def _examples(group: Sequence[datasets.Entry], name: str, work_dir: epath.Path):
     bar = tqdm.tqdm(group, unit="video", desc="write", leave=False, dynamic_ncols=True)
     for entry in bar:
         yield from work.cached_examples(entry, name, work_dir)
+
+
+def write_preview(
+    path: epath.Path, entries: Sequence[datasets.Entry], name: str, work_dir: epath.Path
+) -> None:
+    """A PNG with one row per split of crops from a few real and fake videos, framed green
+    (real) or red (fake): the first thing to look at to see that crops show faces."""
+    from cae_jax.input_pipeline import sample_grid  # Pulls in JAX: only once all is written.
+
+    rows = []
+    for split in writer.SPLITS:
+        done = [e for e in entries if e.split == split and work.is_cropped(e, work_dir)]
+        if not done:
+            continue
+        ranked = sorted(done, key=lambda e: datasets.unit_hash("preview", e.video_id))
+        real = [e for e in ranked if e.label == datasets.REAL]
+        fake = [e for e in ranked if e.label != datasets.REAL]
+        half = PREVIEW_PER_SPLIT // 2
+        shown = real[: max(half, PREVIEW_PER_SPLIT - len(fake))]
+        shown += fake[: PREVIEW_PER_SPLIT - len(shown)]
+        crops = [_preview_crop(e, name, work_dir) for e in shown]
+        labels = [int(e.label != datasets.REAL) for e in shown]
+        rows.append(sample_grid(np.stack(crops), np.array(labels), columns=PREVIEW_PER_SPLIT))
+    if rows:
+        grid = cv2.cvtColor(np.concatenate(rows), cv2.COLOR_RGB2BGR)
+        path.write_bytes(cv2.imencode(".png", grid)[1].tobytes())
+
+
+def _preview_crop(entry: datasets.Entry, name: str, work_dir: epath.Path) -> np.ndarray:
+    """The entry's first crop, RGB, at the preview size."""
+    png = next(work.cached_examples(entry, name, work_dir))["image"]
+    bgr = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+    small = cv2.resize(bgr, (PREVIEW_SIZE, PREVIEW_SIZE), interpolation=cv2.INTER_AREA)
+    return cv2.cvtColor(small, cv2.COLOR_BGR2RGB)

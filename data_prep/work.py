@@ -174,6 +174,11 @@ def _encode(result: faces.VideoFaces) -> bytes:
     return buffer.getvalue()
 
 
+def is_cropped(entry: Entry, work_dir: str | os.PathLike) -> bool:
+    """Whether the cache holds crops of this entry."""
+    return (epath.Path(work_dir) / f"{cache_key(entry.video_id)}.npz").exists()
+
+
 def cached_examples(entry: Entry, dataset: str, work_dir: str | os.PathLike) -> Iterator[dict]:
     """The cached crops of one finished entry as examples in the `records.features()` schema."""
     path = epath.Path(work_dir) / f"{cache_key(entry.video_id)}.npz"

@@ -527,6 +527,13 @@ def test_prepare_folder_counts_labels_crops_and_skips(raw_folder, tmp_path):
             and abs((box[1] + box[3]) / 2 - cy) < 0.2 * FACE
         )
     assert {r["frame_index"] for r in rows if r["video_id"] == b"real/r0.avi"} == {1, 3, 5, 7}
+    # preview.png: a row per split (train, test) of 8 cells of 128 px + 4 px frames; train
+    # shows its 4 real videos (green), then its 2 fakes (red), then blanks.
+    preview = cv2.cvtColor(cv2.imread(str(out / "preview.png")), cv2.COLOR_BGR2RGB)
+    assert preview.shape == (2 * 136, 8 * 136, 3)
+    assert [tuple(preview[1, 136 * i + 1]) for i in range(7)] == [(0, 170, 0)] * 4 + [
+        (220, 0, 0)
+    ] * 2 + [(255, 255, 255)]
 
 
 def test_prepare_resumes_and_matches_an_uninterrupted_run(raw_folder, tmp_path, monkeypatch):

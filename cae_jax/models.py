@@ -1,0 +1,255 @@
+"""The two-branch convolutional autoencoder: Xception encoder, decoder, classifier (Flax NNX).
+
+Layer names follow timm's `legacy_xception` (conv1, bn1, block1..block12, conv3, bn4, ...) so
+imported ImageNet weights map one-to-one; see `weights.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from ml_collections import ConfigDict
+
+CONV_INIT = nnx.initializers.he_normal()
+
+
+def normalize(images: jax.Array) -> jax.Array:
+    """uint8 [0, 255] -> float32 [-1, 1], Xception's input convention."""
+    return (images.astype(jnp.float32) - 127.5) / 127.5
+
+
+def resolve_depthwise_impl(impl: str) -> str:
+    """"auto" picks nine shifted multiply-adds on CPU, where XLA's grouped conv is slow."""
+    if impl == "auto":
+        return "shifted" if jax.default_backend() == "cpu" else "native"
+    if impl not in ("shifted", "native"):
+        raise ValueError(f"depthwise_impl must be auto, shifted or native, got {impl!r}")
+    return impl
+
+
+def depthwise_conv3x3(x: jax.Array, kernel: jax.Array, impl: str) -> jax.Array:
+    """3x3 depthwise convolution, stride 1, 'SAME' padding; kernel [3, 3, 1, C]."""
+    if resolve_depthwise_impl(impl) == "native":
+        return jax.lax.conv_general_dilated(
+            x,
+            kernel,
+            window_strides=(1, 1),
+            padding=((1, 1), (1, 1)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=x.shape[-1],
+        )
+    height, width = x.shape[1], x.shape[2]
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = None
+    for i in range(3):
+        for j in range(3):
+            term = padded[:, i : i + height, j : j + width, :] * kernel[i, j, 0]
+            out = term if out is None else out + term
+    return out
+
+
+class SeparableConv(nnx.Module):
+    """Depthwise 3x3 then pointwise 1x1, both without bias (Xception's SeparableConv2d)."""
+
+    def __init__(self, in_features: int, out_features: int, *, impl: str, dtype, rngs: nnx.Rngs):
+        self.impl = impl
+        self.dtype = dtype
+        self.depthwise = nnx.Param(CONV_INIT(rngs.params(), (3, 3, 1, in_features)))
+        self.pointwise = nnx.Conv(
+            in_features, out_features, (1, 1), use_bias=False, dtype=dtype,
+            kernel_init=CONV_INIT, rngs=rngs,
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.depthwise[...].astype(self.dtype)
+        return self.pointwise(depthwise_conv3x3(x.astype(self.dtype), kernel, self.impl))
+
+
+class Block(nnx.Module):
+    """Xception residual block: [ReLU, SeparableConv, BN] x len(widths), max-pool if strided.
+
+    A 1x1 strided conv + BN forms the skip path when the width or resolution changes.
+    """
+
+    def __init__(
+        self, in_features: int, widths: Sequence[int], *, stride: int, start_with_relu: bool,
+        model_config: ConfigDict, rngs: nnx.Rngs,
+    ):
+        mc = model_config
+        self.stride = stride
+        self.start_with_relu = start_with_relu
+        self.pool_padding = mc.pool_padding
+        dtype = jnp.dtype(mc.dtype)
+        if widths[-1] != in_features or stride != 1:
+            self.skip = nnx.Conv(
+                in_features, widths[-1], (1, 1), strides=stride, use_bias=False, padding="VALID",
+                dtype=dtype, kernel_init=CONV_INIT, rngs=rngs,
+            )
+            self.skipbn = batch_norm(widths[-1], mc, rngs)
+        else:
+            self.skip = None
+            self.skipbn = None
+        ins = [in_features, *widths[:-1]]
+        self.seps = nnx.List(
+            [SeparableConv(i, o, impl=mc.depthwise_impl, dtype=dtype, rngs=rngs)
+             for i, o in zip(ins, widths, strict=True)]
+        )
+        self.bns = nnx.List([batch_norm(o, mc, rngs) for o in widths])
+
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        if self.skip is not None:
+            residual = self.skipbn(self.skip(x), use_running_average=not train)
+        else:
+            residual = x
+        for k, (sep, bn) in enumerate(zip(self.seps, self.bns, strict=True)):
+            if k > 0 or self.start_with_relu:
+                x = nnx.relu(x)
+            x = bn(sep(x), use_running_average=not train)
+        if self.stride != 1:
+            x = max_pool3x3(x, self.stride, self.pool_padding)
+        return x + residual
+
+
+def max_pool3x3(x: jax.Array, stride: int, padding: str) -> jax.Array:
+    """3x3 max-pool; "torch" pads 1 on every side, "same" pads as TF (extra pad at the end)."""
+    if padding == "torch":
+        pads = ((1, 1), (1, 1))
+    elif padding == "same":
+        pads = "SAME"
+    else:
+        raise ValueError(f"pool_padding must be torch or same, got {padding!r}")
+    return nnx.max_pool(x, (3, 3), strides=(stride, stride), padding=pads)
+
+
+def batch_norm(features: int, mc: ConfigDict, rngs: nnx.Rngs) -> nnx.BatchNorm:
+    return nnx.BatchNorm(
+        features, momentum=mc.bn_momentum, epsilon=mc.bn_epsilon, dtype=jnp.dtype(mc.dtype),
+        rngs=rngs,
+    )
+
+
+class Xception(nnx.Module):
+    """Chollet's Xception without its classifier: 299x299x3 -> 10x10x2048 at full size."""
+
+    def __init__(self, mc: ConfigDict, rngs: nnx.Rngs):
+        ec = mc.encoder
+        dtype = jnp.dtype(mc.dtype)
+        stem1, stem2 = ec.stem_features
+        self.conv1 = nnx.Conv(3, stem1, (3, 3), strides=2, padding="VALID", use_bias=False,
+                              dtype=dtype, kernel_init=CONV_INIT, rngs=rngs)
+        self.bn1 = batch_norm(stem1, mc, rngs)
+        self.conv2 = nnx.Conv(stem1, stem2, (3, 3), padding="VALID", use_bias=False,
+                              dtype=dtype, kernel_init=CONV_INIT, rngs=rngs)
+        self.bn2 = batch_norm(stem2, mc, rngs)
+        blocks = []
+        width = stem2
+        for k, out in enumerate(ec.entry_features):
+            blocks.append(Block(width, (out, out), stride=2, start_with_relu=k > 0,
+                                model_config=mc, rngs=rngs))
+            width = out
+        for _ in range(ec.middle_blocks):
+            blocks.append(Block(width, (width,) * 3, stride=1, start_with_relu=True,
+                                model_config=mc, rngs=rngs))
+        blocks.append(Block(width, tuple(ec.exit_features), stride=2, start_with_relu=True,
+                            model_config=mc, rngs=rngs))
+        self.blocks = nnx.List(blocks)
+        head1, head2 = ec.head_features
+        self.conv3 = SeparableConv(ec.exit_features[-1], head1, impl=mc.depthwise_impl,
+                                   dtype=dtype, rngs=rngs)
+        self.bn3 = batch_norm(head1, mc, rngs)
+        self.conv4 = SeparableConv(head1, head2, impl=mc.depthwise_impl, dtype=dtype, rngs=rngs)
+        self.bn4 = batch_norm(head2, mc, rngs)
+        self.features = head2
+
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        ura = not train
+        x = nnx.relu(self.bn1(self.conv1(x), use_running_average=ura))
+        x = nnx.relu(self.bn2(self.conv2(x), use_running_average=ura))
+        for block in self.blocks:
+            x = block(x, train=train)
+        x = nnx.relu(self.bn3(self.conv3(x), use_running_average=ura))
+        return nnx.relu(self.bn4(self.conv4(x), use_running_average=ura))
+
+
+class Decoder(nnx.Module):
+    """Latent -> image: ConvTranspose(stride 2) + BN + ReLU stages, a 3x3 conv to RGB."""
+
+    def __init__(self, in_features: int, mc: ConfigDict, rngs: nnx.Rngs):
+        dc = mc.decoder
+        dtype = jnp.dtype(mc.dtype)
+        k = dc.kernel_size
+        ins = [in_features, *dc.features[:-1]]
+        self.ups = nnx.List([
+            nnx.ConvTranspose(i, o, (k, k), strides=(2, 2), padding="SAME", use_bias=False,
+                              dtype=dtype, kernel_init=CONV_INIT, rngs=rngs)
+            for i, o in zip(ins, dc.features, strict=True)
+        ])
+        self.bns = nnx.List([batch_norm(o, mc, rngs) for o in dc.features])
+        self.to_rgb = nnx.Conv(dc.features[-1], 3, (3, 3), padding="SAME", dtype=dtype, rngs=rngs)
+        self.output_activation = dc.output_activation
+        self.image_size = mc.image_size
+
+    def __call__(self, z: jax.Array, *, train: bool) -> jax.Array:
+        x = z
+        for up, bn in zip(self.ups, self.bns, strict=True):
+            x = nnx.relu(bn(up(x), use_running_average=not train))
+        x = self.to_rgb(x).astype(jnp.float32)
+        if x.shape[1:3] != (self.image_size, self.image_size):
+            x = jax.image.resize(x, (x.shape[0], self.image_size, self.image_size, 3), "bilinear")
+        if self.output_activation == "tanh":
+            return jnp.tanh(x)
+        if self.output_activation == "sigmoid":
+            return jax.nn.sigmoid(x)
+        raise ValueError(f"decoder.output_activation must be tanh or sigmoid, "
+                         f"got {self.output_activation!r}")
+
+
+class Classifier(nnx.Module):
+    """Global average pooling, Dense + ReLU + Dropout layers, one logit."""
+
+    def __init__(self, in_features: int, mc: ConfigDict, rngs: nnx.Rngs):
+        kc = mc.classifier
+        dtype = jnp.dtype(mc.dtype)
+        ins = [in_features, *kc.hidden]
+        self.hidden = nnx.List([nnx.Linear(i, o, dtype=dtype, rngs=rngs)
+                                for i, o in zip(ins, kc.hidden, strict=False)])
+        self.dropout = nnx.Dropout(kc.dropout)
+        self.out = nnx.Linear(ins[-1], 1, dtype=dtype, rngs=rngs)
+
+    def __call__(self, z: jax.Array, *, train: bool, dropout_key: jax.Array | None) -> jax.Array:
+        x = jnp.mean(z, axis=(1, 2))
+        for layer in self.hidden:
+            x = self.dropout(nnx.relu(layer(x)), deterministic=not train, rngs=dropout_key)
+        return self.out(x)[:, 0].astype(jnp.float32)
+
+
+class CAE(nnx.Module):
+    """Shared Xception encoder feeding a reconstruction decoder and a real/fake classifier."""
+
+    def __init__(self, mc: ConfigDict, rngs: nnx.Rngs):
+        self.encoder = Xception(mc, rngs)
+        self.decoder = Decoder(self.encoder.features, mc, rngs)
+        self.classifier = Classifier(self.encoder.features, mc, rngs)
+
+    def __call__(
+        self, x: jax.Array, *, train: bool, dropout_key: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """x: float [N, H, W, 3] in [-1, 1] -> (logit [N], reconstruction [N, H, W, 3])."""
+        z = self.encoder(x, train=train)
+        logit = self.classifier(z, train=train, dropout_key=dropout_key)
+        return logit, self.decoder(z, train=train)
+
+
+def build_model(model_config: ConfigDict, seed: int = 0) -> CAE:
+    return CAE(model_config, nnx.Rngs(params=seed))
+
+
+def latent_size(image_size: int, entry_blocks: int = 3) -> int:
+    """Spatial side of the latent: two valid 3x3 convs, then one halving per strided block."""
+    side = (image_size - 3) // 2 + 1 - 2
+    for _ in range(entry_blocks + 1):
+        side = (side - 1) // 2 + 1
+    return side

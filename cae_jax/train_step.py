@@ -1,0 +1,173 @@
+"""Train state, optimizer, and the jitted train/eval steps with explicit shardings.
+
+The model's graph (NNX GraphDef) is static; its arrays live in `TrainState` as pytrees, so one
+`jax.jit` with NamedShardings over the (data, fsdp) mesh runs the whole step. BatchNorm batch
+statistics are means over the sharded global batch, so they are global-batch statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+from ml_collections import ConfigDict
+
+from cae_jax import losses, models, sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: nnx.State
+    batch_stats: nnx.State
+    opt_state: Any
+
+
+def learning_rate_schedule(config: ConfigDict) -> optax.Schedule:
+    o = config.optim
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=o.learning_rate,
+        warmup_steps=o.warmup_steps,
+        decay_steps=max(config.train.steps, o.warmup_steps + 1),
+        end_value=o.learning_rate * o.end_learning_rate_factor,
+    )
+
+
+def make_optimizer(config: ConfigDict) -> optax.GradientTransformation:
+    """AdamW on a warmup + cosine schedule, after global-norm clipping; no decay on 1-D arrays."""
+    o = config.optim
+    adamw = optax.adamw(
+        learning_rate_schedule(config), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
+        mask=lambda params: jax.tree.map(lambda p: p.ndim > 1, params),
+    )
+    if o.clip_grad_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(o.clip_grad_norm), adamw)
+    return adamw
+
+
+def split_model(model: models.CAE) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    return graphdef, params, batch_stats
+
+
+def abstract_model(config: ConfigDict) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """GraphDef and shape-only states: no memory, no compute."""
+    return split_model(nnx.eval_shape(lambda: models.build_model(config.model, config.seed)))
+
+
+def state_shardings(config: ConfigDict, mesh: Mesh) -> TrainState:
+    """NamedShardings of every TrainState leaf, by the one rule in `sharding.py`."""
+    return sharding.tree_shardings(mesh, jax.eval_shape(lambda: init_state(config)))
+
+
+def init_state(config: ConfigDict) -> TrainState:
+    _, params, batch_stats = split_model(models.build_model(config.model, config.seed))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=make_optimizer(config).init(params),
+    )
+
+
+def create_train_state(config: ConfigDict, mesh: Mesh) -> TrainState:
+    """Initializes the state directly in its sharded layout (no full copy on one device)."""
+    state = jax.jit(lambda: init_state(config), out_shardings=state_shardings(config, mesh))()
+    if config.init_from:
+        from cae_jax import weights  # Only needed when starting from imported weights.
+
+        state = weights.load_encoder(state, config, mesh)
+    return state
+
+
+def forward(graphdef: nnx.GraphDef, params, batch_stats, images, *, train, dropout_key=None):
+    """Runs the model from its arrays; returns (logits, recon, updated batch_stats)."""
+    model = nnx.merge(graphdef, params, batch_stats, copy=True)
+    logits, recon = model(images, train=train, dropout_key=dropout_key)
+    return logits, recon, nnx.state(model, nnx.BatchStat)
+
+
+def make_train_step(config: ConfigDict, mesh: Mesh) -> Callable:
+    """`train_step(state, batch) -> (state, metrics)`, jitted with donated state.
+
+    `batch` holds "image" (float [B, H, W, 3] in [-1, 1]) and "label" (int [B]). A step whose
+    loss or gradient norm is not finite leaves parameters, statistics and optimizer untouched
+    (`metrics["finite"]` is 0): the trainer then stops or goes on, per `train.nan_policy`.
+    """
+    graphdef, _, _ = abstract_model(config)
+    tx = make_optimizer(config)
+    schedule = learning_rate_schedule(config)
+    base_key = jax.random.key(config.seed)
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+        dropout_key = jax.random.fold_in(base_key, state.step)
+
+        def loss_fn(params, batch_stats):
+            logits, recon, new_stats = forward(
+                graphdef, params, batch_stats, batch["image"], train=True,
+                dropout_key=dropout_key,
+            )
+            loss, terms = losses.joint_loss(
+                logits, recon, batch["image"], batch["label"], config.loss
+            )
+            return loss, (terms, new_stats)
+
+        (loss, (terms, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, state.batch_stats
+        )
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        new_state = TrainState(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            batch_stats=keep(new_stats, state.batch_stats),
+            opt_state=keep(opt_state, state.opt_state),
+        )
+        metrics = {
+            **terms,
+            "grad_norm": grad_norm,
+            "learning_rate": schedule(state.step),
+            "finite": finite.astype(jnp.float32),
+        }
+        return new_state, metrics
+
+    shardings = state_shardings(config, mesh)
+    batch_sharding = sharding.batch_sharding(mesh)
+    return jax.jit(
+        train_step,
+        in_shardings=(shardings, batch_sharding),
+        out_shardings=(shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
+def make_eval_step(config: ConfigDict, mesh: Mesh) -> Callable:
+    """`eval_step(state, batch) -> {"logit", "prob", "recon_error"}`, each [B], batch-sharded."""
+    graphdef, _, _ = abstract_model(config)
+
+    def eval_step(state: TrainState, batch: dict[str, jax.Array]):
+        logits, recon, _ = forward(
+            graphdef, state.params, state.batch_stats, batch["image"], train=False
+        )
+        return {
+            "logit": logits,
+            "prob": jax.nn.sigmoid(logits),
+            "recon_error": losses.reconstruction_error(recon, batch["image"], config.loss.recon),
+        }
+
+    batch_sharding = sharding.batch_sharding(mesh)
+    return jax.jit(
+        eval_step,
+        in_shardings=(state_shardings(config, mesh), batch_sharding),
+        out_shardings=batch_sharding,
+    )

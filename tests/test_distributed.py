@@ -93,3 +93,208 @@ def test_single_process_initialize_leaves_jax_alone():
 
     assert not jax.distributed.is_initialized()
     assert jax.process_count() == 1
+
+
+# ---- 2 processes vs 1 ---------------------------------------------------------------------
+# One process with 2 CPU devices and 2 processes with 1 device each (joined through the
+# CAE_JAX_* variables, gloo collectives) train the same tiny model on the same global batches in
+# a (data=1, fsdp=2) mesh, so the batch and the larger kernels are split across the processes.
+# Every reduction has two operands either way, so the results must agree to float rounding.
+# Each run then restores the other's checkpoint onto its own mesh. The processes execute this
+# file as a script (`worker` below).
+
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+STEPS = 3
+GLOBAL_BATCH = 4
+TIMEOUT = 420  # Seconds for the whole exchange; a hung collective fails instead of hanging.
+
+
+def tiny_config():
+    from cae_jax import config as config_lib
+
+    config = config_lib.default_config()
+    m = config.model
+    m.image_size = 32
+    m.depthwise_impl = "native"
+    m.encoder.stem_features = (8, 16)
+    m.encoder.entry_features = (16,)
+    m.encoder.middle_blocks = 0
+    m.encoder.exit_features = (32, 64)
+    m.encoder.head_features = (128, 256)  # Big enough that some kernels are FSDP-sharded.
+    m.decoder.features = (32, 16)
+    m.classifier.hidden = (16,)
+    config.mesh.data, config.mesh.fsdp = 1, 2
+    config.train.batch_size = GLOBAL_BATCH
+    config.train.steps = STEPS
+    config.optim.learning_rate = 1e-3
+    config.optim.warmup_steps = 1
+    return config
+
+
+def global_batch(step: int) -> dict[str, np.ndarray]:
+    """The same global batch in every process, a different one at each step."""
+    rng = np.random.default_rng(step)
+    images = rng.uniform(-1, 1, (GLOBAL_BATCH, 32, 32, 3)).astype(np.float32)
+    return {"image": images, "label": np.arange(GLOBAL_BATCH, dtype=np.int32) % 2}
+
+
+def process_rows(batch_sharding, global_shape) -> slice:
+    """The rows of the global batch held by this process's devices (one contiguous block)."""
+    indices = batch_sharding.addressable_devices_indices_map(global_shape).values()
+    rows = [index[0] for index in indices]
+    start, stop = min(r.start for r in rows), max(r.stop for r in rows)
+    assert sum(r.stop - r.start for r in rows) == stop - start
+    return slice(start, stop)
+
+
+def save_npz(tree, path: Path, mesh) -> None:
+    """Every array of `tree`, gathered from all processes in one program; process 0 writes."""
+    import jax
+
+    from cae_jax import sharding
+
+    gathered = jax.jit(lambda t: t, out_shardings=sharding.replicated(mesh))(tree)
+    if jax.process_index() == 0:
+        flat = jax.tree_util.tree_flatten_with_path(gathered)[0]
+        arrays = {jax.tree_util.keystr(k): np.asarray(v.addressable_data(0)) for k, v in flat}
+        np.savez(path, **arrays)
+
+
+def save_checkpoint(path: Path, state) -> None:
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(path.absolute(), state)
+
+
+def restore_checkpoint(path: Path, like):
+    """The checkpoint at `path`, laid out as `like` is on this run's mesh."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like
+    )
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(path.absolute(), target)
+
+
+def wait_for(path: Path) -> None:
+    deadline = time.time() + TIMEOUT
+    while not path.exists():
+        if time.time() > deadline:
+            raise TimeoutError(f"{path} did not appear")
+        time.sleep(0.5)
+
+
+def worker(out_dir: Path, peer_dir: Path) -> None:
+    """One process of a run: train, checkpoint, then restore the peer run's checkpoint."""
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    from jax.experimental import multihost_utils
+
+    from cae_jax import distributed, sharding
+    from cae_jax import train_step as train_lib
+
+    started = time.time()
+    log = lambda event: print(f"{time.time() - started:6.1f}s {event}", flush=True)  # noqa: E731
+    distributed.initialize_from_env()
+    log(f"process {jax.process_index()} of {jax.process_count()}")
+    config = tiny_config()
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    state = train_lib.create_train_state(config, mesh)
+    train_step = train_lib.make_train_step(config, mesh)
+    save_npz(state, out_dir / "initial.npz", mesh)
+    log("initialized")
+    batch_sharding = sharding.batch_sharding(mesh)
+    for step in range(STEPS):
+        host_batch = global_batch(step)
+        rows = process_rows(batch_sharding, host_batch["image"].shape)
+        batch = {
+            key: jax.make_array_from_process_local_data(batch_sharding, value[rows], value.shape)
+            for key, value in host_batch.items()
+        }
+        state, _ = train_step(state, batch)
+        log(f"step {step}")
+    save_npz(state, out_dir / "trained.npz", mesh)
+    save_checkpoint(out_dir / "checkpoint", state)
+    multihost_utils.sync_global_devices("saved")
+    if jax.process_index() == 0:
+        info = {"processes": jax.process_count(), "local_devices": jax.local_device_count()}
+        (out_dir / "saved.json").write_text(json.dumps(info))
+    log("saved")
+    wait_for(peer_dir / "saved.json")
+    restored = restore_checkpoint(peer_dir / "checkpoint", state)
+    save_npz(restored, out_dir / "restored.npz", mesh)
+    log("restored")
+
+
+def spawn(out_dir: Path, peer_dir: Path, devices: int, launch: dict[str, str]):
+    out_dir.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "CAE_JAX"))}
+    env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), **launch)
+    log = open(out_dir / f"log{launch.get('CAE_JAX_PROCESS_ID', '')}.txt", "w")
+    command = [sys.executable, __file__, str(out_dir), str(peer_dir)]
+    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), log
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one_and_share_checkpoints(tmp_path):
+    one, two = tmp_path / "one_process", tmp_path / "two_processes"
+    coordinator = f"127.0.0.1:{free_port()}"
+    runs = [spawn(one, two, devices=2, launch={})]
+    for i in range(2):
+        launch = {
+            "CAE_JAX_COORDINATOR": coordinator,
+            "CAE_JAX_NUM_PROCESSES": "2",
+            "CAE_JAX_PROCESS_ID": str(i),
+        }
+        runs.append(spawn(two, one, devices=1, launch=launch))
+    deadline = time.time() + TIMEOUT
+    try:
+        for process, log in runs:
+            process.wait(timeout=max(1.0, deadline - time.time()))
+            log.close()
+    finally:
+        for process, _ in runs:
+            process.kill()
+    for process, log in runs:
+        assert process.returncode == 0, Path(log.name).read_text()[-3000:]
+
+    assert json.loads((two / "saved.json").read_text()) == {"processes": 2, "local_devices": 1}
+    assert json.loads((one / "saved.json").read_text()) == {"processes": 1, "local_devices": 2}
+    initial, single, multi = (
+        np.load(p) for p in [one / "initial.npz", one / "trained.npz", two / "trained.npz"]
+    )
+    assert sorted(single.files) == sorted(multi.files)
+    # Training moved the parameters far more than the tolerance the runs must agree to.
+    assert max(np.abs(single[k] - initial[k]).max() for k in single.files) > 1e-3
+    for key in single.files:
+        np.testing.assert_allclose(multi[key], single[key], rtol=0, atol=1e-5, err_msg=key)
+    # Checkpoints move across process counts unchanged.
+    for restored, saved in [
+        (np.load(one / "restored.npz"), multi),
+        (np.load(two / "restored.npz"), single),
+    ]:
+        for key in saved.files:
+            np.testing.assert_array_equal(restored[key], saved[key], err_msg=key)
+
+
+if __name__ == "__main__":
+    worker(Path(sys.argv[1]), Path(sys.argv[2]))

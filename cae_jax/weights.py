@@ -1,0 +1,256 @@
+"""ImageNet Xception weights from local files -> an Orbax checkpoint the encoder starts from.
+
+Two sources, nothing downloaded:
+- `timm`: a timm/Cadene `legacy_xception` state dict saved as safetensors (PyTorch layout).
+- `keras`: Keras's `xception_weights_tf_dim_ordering_tf_kernels_notop.h5` (legacy HDF5 layout).
+
+One walk over the encoder (`encoder_layout`) names every layer in our tree, in timm and in Keras;
+both importers follow it, so the mapping is written once. The checkpoint stores flat
+`{"params": {path: array}, "batch_stats": {path: array}}` plus `import.json`, which records the
+conventions the weights need (`pool_padding`, `bn_epsilon`) so training refuses a mismatch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from ml_collections import ConfigDict
+
+from cae_jax import config as config_lib
+
+IMPORT_META = "import.json"
+# The conventions each source was trained with.
+CONVENTIONS = {
+    "timm": {"pool_padding": "torch", "bn_epsilon": 1e-5},
+    "keras": {"pool_padding": "same", "bn_epsilon": 1e-3},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    path: str  # Our path below the encoder, "." separated.
+    kind: str  # "conv", "sep" or "bn".
+    timm: str  # Prefix in the timm state dict.
+    keras: str  # Keras layer name; "" for the unnamed residual layers (matched by order).
+
+
+def encoder_layout(mc: ConfigDict) -> Iterator[Layer]:
+    """Every weighted layer of the encoder, in forward order."""
+    yield Layer("conv1", "conv", "conv1", "block1_conv1")
+    yield Layer("bn1", "bn", "bn1", "block1_conv1_bn")
+    yield Layer("conv2", "conv", "conv2", "block1_conv2")
+    yield Layer("bn2", "bn", "bn2", "block1_conv2_bn")
+    ec = mc.encoder
+    widths = [(o, o) for o in ec.entry_features]
+    widths += [(ec.entry_features[-1],) * 3] * ec.middle_blocks
+    widths += [tuple(ec.exit_features)]
+    in_width = ec.stem_features[-1]
+    for b, block_widths in enumerate(widths):
+        ours, timm, keras = f"blocks.{b}", f"block{b + 1}", f"block{b + 2}"
+        strided = b < len(ec.entry_features) or b == len(widths) - 1
+        if block_widths[-1] != in_width or strided:  # As in models.Block.
+            yield Layer(f"{ours}.skip", "conv", f"{timm}.skip", "")
+            yield Layer(f"{ours}.skipbn", "bn", f"{timm}.skipbn", "")
+        first = 0 if b == 0 else 1  # timm's first block has no leading ReLU in `rep`.
+        for j in range(len(block_widths)):
+            yield Layer(f"{ours}.seps.{j}", "sep", f"{timm}.rep.{first + 3 * j}",
+                        f"{keras}_sepconv{j + 1}")
+            yield Layer(f"{ours}.bns.{j}", "bn", f"{timm}.rep.{first + 3 * j + 1}",
+                        f"{keras}_sepconv{j + 1}_bn")
+        in_width = block_widths[-1]
+    head = f"block{len(widths) + 2}"
+    yield Layer("conv3", "sep", "conv3", f"{head}_sepconv1")
+    yield Layer("bn3", "bn", "bn3", f"{head}_sepconv1_bn")
+    yield Layer("conv4", "sep", "conv4", f"{head}_sepconv2")
+    yield Layer("bn4", "bn", "bn4", f"{head}_sepconv2_bn")
+
+
+Flat = dict[str, np.ndarray]
+
+
+def _put(params: Flat, stats: Flat, layer: Layer, arrays: dict[str, np.ndarray]) -> None:
+    """Stores one layer's arrays (already in our layout) under our flat paths."""
+    p = layer.path
+    if layer.kind == "conv":
+        params[f"{p}.kernel"] = arrays["kernel"]
+    elif layer.kind == "sep":
+        params[f"{p}.depthwise"] = arrays["depthwise"]
+        params[f"{p}.pointwise.kernel"] = arrays["pointwise"]
+    else:
+        params[f"{p}.scale"], params[f"{p}.bias"] = arrays["scale"], arrays["bias"]
+        stats[f"{p}.mean"], stats[f"{p}.var"] = arrays["mean"], arrays["var"]
+
+
+def from_timm(state_dict: dict[str, np.ndarray], mc: ConfigDict) -> tuple[Flat, Flat]:
+    """timm `legacy_xception` tensors (OIHW convs) -> our flat params and batch stats."""
+    params: Flat = {}
+    stats: Flat = {}
+    used = set()
+
+    def take(key: str) -> np.ndarray:
+        if key not in state_dict:
+            raise KeyError(f"timm state dict has no {key!r}: not a legacy_xception of this size")
+        used.add(key)
+        return np.asarray(state_dict[key], np.float32)
+
+    for layer in encoder_layout(mc):
+        t = layer.timm
+        if layer.kind == "conv":
+            arrays = {"kernel": take(f"{t}.weight").transpose(2, 3, 1, 0)}
+        elif layer.kind == "sep":
+            arrays = {"depthwise": take(f"{t}.conv1.weight").transpose(2, 3, 1, 0),
+                      "pointwise": take(f"{t}.pointwise.weight").transpose(2, 3, 1, 0)}
+        else:
+            arrays = {"scale": take(f"{t}.weight"), "bias": take(f"{t}.bias"),
+                      "mean": take(f"{t}.running_mean"), "var": take(f"{t}.running_var")}
+        _put(params, stats, layer, arrays)
+    unused = {k for k in state_dict if k not in used and not k.endswith("num_batches_tracked")}
+    unused -= {k for k in unused if k.startswith(("fc.", "head.", "classifier."))}
+    if unused:
+        raise ValueError(f"timm tensors no encoder layer takes: {sorted(unused)[:5]}")
+    return params, stats
+
+
+def _read_legacy_h5(path: Path) -> list[tuple[str, dict[str, np.ndarray]]]:
+    """(layer name, {weight name: array}) in model order, from a legacy Keras HDF5 file."""
+    import h5py
+
+    layers = []
+    with h5py.File(path, "r") as f:
+        group = f["model_weights"] if "model_weights" in f else f
+        if "layer_names" not in group.attrs:
+            raise ValueError(f"{path}: not a Keras legacy HDF5 weights file (no layer_names)")
+        for raw_name in group.attrs["layer_names"]:
+            name = raw_name.decode() if isinstance(raw_name, bytes) else str(raw_name)
+            g = group[name]
+            weights = {}
+            for raw_w in g.attrs["weight_names"]:
+                w = raw_w.decode() if isinstance(raw_w, bytes) else str(raw_w)
+                weights[w.split("/")[-1].split(":")[0]] = np.asarray(g[w], np.float32)
+            if weights:
+                layers.append((name, weights))
+    return layers
+
+
+def from_keras(path: str | Path, mc: ConfigDict) -> tuple[Flat, Flat]:
+    """Keras Xception (HWIO convs, (3,3,C,1) depthwise) -> our flat params and batch stats."""
+    path = Path(path)
+    layers = _read_legacy_h5(path)
+    named = dict(layers)
+    residual_convs = [w for n, w in layers if not n.startswith("block") and len(w) == 1]
+    residual_bns = [w for n, w in layers if not n.startswith("block") and "gamma" in w]
+    params: Flat = {}
+    stats: Flat = {}
+    for layer in encoder_layout(mc):
+        if layer.keras:
+            if layer.keras not in named:
+                raise KeyError(f"{path}: no layer {layer.keras!r}: not an Xception of this size")
+            w = named[layer.keras]
+        else:
+            pool = residual_convs if layer.kind == "conv" else residual_bns
+            if not pool:
+                raise KeyError(f"{path}: fewer residual layers than the encoder has")
+            w = pool.pop(0)
+        if layer.kind == "conv":
+            arrays = {"kernel": w["kernel"]}
+        elif layer.kind == "sep":
+            arrays = {"depthwise": w["depthwise_kernel"].transpose(0, 1, 3, 2),
+                      "pointwise": w["pointwise_kernel"]}
+        else:
+            arrays = {"scale": w["gamma"], "bias": w["beta"], "mean": w["moving_mean"],
+                      "var": w["moving_variance"]}
+        _put(params, stats, layer, arrays)
+    if residual_convs or residual_bns:
+        raise ValueError(f"{path}: more residual layers than the encoder has")
+    return params, stats
+
+
+def flat_encoder_state(state: nnx.State) -> dict[str, jax.Array]:
+    """`encoder` subtree of a model state as {"a.b.c": leaf}."""
+    return {".".join(map(str, path)): leaf for path, leaf in nnx.to_flat_state(state["encoder"])}
+
+
+def save(out_dir: str | Path, params: Flat, stats: Flat, source_format: str, source: str) -> None:
+    import orbax.checkpoint as ocp
+
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} exists; choose a new --output directory")
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(out_dir / "weights", {"params": params, "batch_stats": stats})
+    meta = {"format": source_format, "source": str(source), **CONVENTIONS[source_format]}
+    (out_dir / IMPORT_META).write_text(json.dumps(meta, indent=2))
+
+
+def load_encoder(state, config: ConfigDict, mesh: Mesh):
+    """Replaces the encoder of a TrainState by imported weights, checking conventions."""
+    import orbax.checkpoint as ocp
+
+    src = Path(config.init_from).absolute()
+    meta_path = src / IMPORT_META
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path}: not written by `cae-jax import-weights`")
+    meta = json.loads(meta_path.read_text())
+    for key in ("pool_padding", "bn_epsilon"):
+        if config.model[key] != meta[key]:
+            raise ValueError(
+                f"{src} holds {meta['format']} weights, which need model.{key}={meta[key]!r}; "
+                f"the config has {config.model[key]!r} (override --config.model.{key}={meta[key]})"
+            )
+    params_flat = flat_encoder_state(state.params)
+    stats_flat = flat_encoder_state(state.batch_stats)
+    target = {
+        "params": {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
+                   for k, v in params_flat.items()},
+        "batch_stats": {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
+                        for k, v in stats_flat.items()},
+    }
+    with ocp.StandardCheckpointer() as ckptr:
+        loaded = ckptr.restore(src / "weights", target)
+
+    def replace(tree: nnx.State, flat: dict[str, jax.Array]) -> nnx.State:
+        tree = jax.tree.map(lambda x: x, tree)  # A copy: the input state stays as it was.
+        for path, leaf in nnx.to_flat_state(tree["encoder"]):
+            leaf[...] = flat[".".join(map(str, path))]
+        return tree
+
+    return state.replace(
+        params=replace(state.params, loaded["params"]),
+        batch_stats=replace(state.batch_stats, loaded["batch_stats"]),
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", required=True, choices=sorted(CONVENTIONS),
+                        help="timm: legacy_xception state dict (.safetensors); keras: notop .h5")
+    parser.add_argument("--input", required=True, type=Path, help="the weights file")
+    parser.add_argument("--output", required=True, type=Path, help="new Orbax checkpoint dir")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="config file whose model.encoder widths to check (default: full size)")
+
+
+def run(args: argparse.Namespace) -> int:
+    mc = (config_lib.load_config(args.config) if args.config else config_lib.default_config()).model
+    if not args.input.is_file():
+        raise SystemExit(f"error: {args.input}: no such file")
+    if args.format == "timm":
+        from safetensors.numpy import load_file
+
+        params, stats = from_timm(load_file(str(args.input)), mc)
+    else:
+        params, stats = from_keras(args.input, mc)
+    save(args.output, params, stats, args.format, args.input)
+    conv = CONVENTIONS[args.format]
+    print(f"wrote {args.output} ({len(params)} parameter arrays, "
+          f"{sum(v.size for v in params.values()):,} values); train with "
+          f"--config.init_from={args.output} --config.model.pool_padding={conv['pool_padding']} "
+          f"--config.model.bn_epsilon={conv['bn_epsilon']}")
+    return 0

@@ -225,12 +225,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sweep_file", nargs="?", help="Python file defining get_sweep()")
     parser.add_argument("--config", help="base config file every run starts from")
     parser.add_argument("--workdir", required=True, help="sweep directory (local, shared or gs://)")
-    parser.add_argument("--backend", choices=BACKENDS, default="local")
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="local",
+        help="local: one run after another here; slurm: one job array; tpu: one run after "
+        "another on every worker of a TPU pod",
+    )
     parser.add_argument(
         "--launcher-args",
         default="",
-        help="options for launch/slurm.sh or launch/tpu_pod.sh run, one string, "
-        "e.g. '--nodes 2 --partition gpu' or '--name my-pod --zone us-central2-b'",
+        help="options for launch/slurm.sh or launch/tpu_pod.sh run, as one string: "
+        "--launcher-args='--nodes 2 --partition gpu' or --launcher-args='--name pod --zone z'",
     )
     parser.add_argument("--only", help="comma list of run indices to launch (default: all)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")

@@ -1,0 +1,279 @@
+"""Training checkpoint -> inference bundle: parameters, TF SavedModel, `jax.export` artifacts.
+
+A bundle directory holds everything serving needs and nothing training does (no optimizer or
+iterator state, no training config):
+
+  model.json         model config, export dtype, step, image size, signature description
+  params/            Orbax checkpoint of {"params", "batch_stats"} as flat {"a.b.c": array}
+  saved_model/       TF SavedModel: "serving_default" (uint8 faces -> probability) and
+                     "reconstruct" (-> probability, reconstruction, error map)
+  classify.jax       `jax.export` artifact, weights inside: uint8 faces -> probability
+  reconstruct.jax    `jax.export` artifact: uint8 faces -> (probability, reconstruction, error map)
+
+`load_bundle(dir)` gives a `Predictor` for Python callers (`predict`, `evaluate`, the demo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from ml_collections import ConfigDict
+
+from cae_jax import models, train_step
+
+MODEL_JSON = "model.json"
+PARAMS_DIR = "params"
+SAVED_MODEL_DIR = "saved_model"
+JAX_EXPORTS = {"classify": "classify.jax", "reconstruct": "reconstruct.jax"}
+DTYPES = ("float32", "bfloat16")
+BUNDLE_VERSION = 1
+
+Weights = tuple[nnx.State, nnx.State]  # (params, batch_stats)
+
+
+def serving_fns(graphdef: nnx.GraphDef) -> dict[str, Callable]:
+    """The two serving functions, `(weights, uint8 [N, H, W, 3]) -> outputs`.
+
+    "classify" returns only the probability, so XLA drops the decoder; "reconstruct" also
+    returns the reconstruction (float [-1, 1]) and the per-pixel error map |recon - input|
+    averaged over channels (float [N, H, W], in [-1, 1] units: 0..2).
+    """
+
+    def run(weights: Weights, images: jax.Array):
+        params, batch_stats = weights
+        x = models.normalize(images)
+        logits, recon, _ = train_step.forward(graphdef, params, batch_stats, x, train=False)
+        return jax.nn.sigmoid(logits.astype(jnp.float32)), recon.astype(jnp.float32), x
+
+    def classify(weights: Weights, images: jax.Array) -> dict[str, jax.Array]:
+        return {"probability": run(weights, images)[0]}
+
+    def reconstruct(weights: Weights, images: jax.Array) -> dict[str, jax.Array]:
+        prob, recon, x = run(weights, images)
+        error = jnp.mean(jnp.abs(recon - x), axis=-1)
+        return {"probability": prob, "reconstruction": recon, "error_map": error}
+
+    return {"classify": classify, "reconstruct": reconstruct}
+
+
+def cast_for_export(model_config: ConfigDict, params: nnx.State, dtype: str):
+    """bf16 export stores parameters in bfloat16 and computes in it; fp32 is unchanged."""
+    if dtype not in DTYPES:
+        raise ValueError(f"export dtype must be one of {DTYPES}, got {dtype!r}")
+    mc = ConfigDict(model_config.to_dict())
+    mc.dtype = dtype
+    if dtype == "bfloat16":
+        params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+    return mc, params
+
+
+def flat(state: nnx.State) -> dict[str, jax.Array]:
+    return {".".join(map(str, path)): leaf.get_value() for path, leaf in state.flat_state()}
+
+
+def unflat(abstract: nnx.State, arrays: dict[str, jax.Array]) -> nnx.State:
+    """Fills a (shape-only) state with arrays saved by `flat`, naming any that are missing."""
+    state = jax.tree.map(lambda x: x, abstract)
+    for path, leaf in state.flat_state():
+        key = ".".join(map(str, path))
+        if key not in arrays:
+            raise ValueError(f"bundle parameters lack {key!r}: not written for this model.json")
+        leaf.set_value(arrays[key])
+    return state
+
+
+def _abstract_weights(model_config: ConfigDict) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    return train_step.split_model(nnx.eval_shape(lambda: models.build_model(model_config)))
+
+
+def _write_saved_model(fns: dict[str, Callable], weights: Weights, size: int, out: Path) -> None:
+    """jax2tf (native serialization) with the weights as tf.Variables and a polymorphic batch."""
+    import tensorflow as tf
+    from jax.experimental import jax2tf
+
+    leaves, treedef = jax.tree.flatten(weights)
+    module = tf.Module()
+    module.weights = [tf.Variable(np.asarray(leaf), trainable=False) for leaf in leaves]
+    spec = tf.TensorSpec([None, size, size, 3], tf.uint8, name="images")
+
+    def signature(fn: Callable) -> Callable:
+        converted = jax2tf.convert(
+            lambda leaves, images: fn(jax.tree.unflatten(treedef, leaves), images),
+            polymorphic_shapes=[None, f"(b, {size}, {size}, 3)"],
+            with_gradient=False,
+        )
+        return tf.function(lambda images: converted(module.weights, images),
+                           input_signature=[spec], autograph=False)
+
+    module.classify = signature(fns["classify"])
+    module.reconstruct = signature(fns["reconstruct"])
+    tf.saved_model.save(
+        module, os.fspath(out),
+        signatures={"serving_default": module.classify, "reconstruct": module.reconstruct},
+    )
+
+
+def _write_jax_exports(fns: dict[str, Callable], weights: Weights, size: int, out: Path) -> None:
+    """Self-contained artifacts: the weights are constants, the batch dimension symbolic."""
+    (batch,) = jax.export.symbolic_shape("b")
+    spec = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8)
+    for name, file_name in JAX_EXPORTS.items():
+        fn = fns[name]
+        exported = jax.export.export(jax.jit(lambda images, fn=fn: fn(weights, images)))(spec)
+        (out / file_name).write_bytes(exported.serialize())
+
+
+def export_bundle(
+    config: ConfigDict,
+    params: nnx.State,
+    batch_stats: nnx.State,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    step: int | None = None,
+    source: str = "",
+) -> Path:
+    """Writes the inference bundle of a trained model's arrays into a new directory.
+
+    Written into `OUT_DIR.tmp` and renamed at the end, so a failed export leaves no bundle
+    that looks complete.
+    """
+    import orbax.checkpoint as ocp
+
+    out = Path(out_dir).absolute()
+    if out.exists():
+        raise FileExistsError(f"{out} exists; choose a new --out directory")
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        raise FileExistsError(f"{tmp} exists (an interrupted export?); remove it first")
+    mc, params = cast_for_export(config.model, params, dtype)
+    params, batch_stats = jax.device_get((params, batch_stats))
+    graphdef, _, _ = _abstract_weights(mc)
+    tmp.mkdir(parents=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp / PARAMS_DIR, {"params": flat(params), "batch_stats": flat(batch_stats)})
+    fns = serving_fns(graphdef)
+    size = mc.image_size
+    _write_saved_model(fns, (params, batch_stats), size, tmp / SAVED_MODEL_DIR)
+    _write_jax_exports(fns, (params, batch_stats), size, tmp)
+    meta = {
+        "bundle_version": BUNDLE_VERSION,
+        "model": mc.to_dict(),
+        "dtype": dtype,
+        "image_size": size,
+        "step": step,
+        "source": source,
+        "input": f"uint8 [N, {size}, {size}, 3] RGB face crops",
+        "outputs": {
+            "probability": "float32 [N], probability the face is fake",
+            "reconstruction": f"float32 [N, {size}, {size}, 3] in [-1, 1]",
+            "error_map": f"float32 [N, {size}, {size}], mean |reconstruction - input| over RGB",
+        },
+    }
+    (tmp / MODEL_JSON).write_text(json.dumps(meta, indent=2, default=list))
+    tmp.rename(out)
+    return out
+
+
+def check_images(images, image_size: int) -> np.ndarray:
+    """Raises a ValueError naming expected and given dtype/shape unless uint8 [N, S, S, 3]."""
+    images = np.asarray(images)
+    expected = f"uint8 [N, {image_size}, {image_size}, 3]"
+    if images.dtype != np.uint8:
+        raise ValueError(f"expected {expected} face crops, got dtype {images.dtype}")
+    if images.ndim != 4 or images.shape[1:] != (image_size, image_size, 3):
+        raise ValueError(f"expected {expected} face crops, got shape {list(images.shape)}")
+    return images
+
+
+class Predictor:
+    """Scores uint8 face crops with a bundle's model, in fixed-size padded batches (one compile)."""
+
+    def __init__(self, meta: dict, params: nnx.State, batch_stats: nnx.State, batch_size: int = 32):
+        self.meta = meta
+        self.image_size = int(meta["image_size"])
+        self.batch_size = batch_size
+        graphdef, _, _ = _abstract_weights(ConfigDict(meta["model"]))
+        self._weights = (params, batch_stats)
+        self._fns = {name: jax.jit(fn) for name, fn in serving_fns(graphdef).items()}
+
+    def _run(self, name: str, images) -> dict[str, np.ndarray]:
+        images = check_images(images, self.image_size)
+        outputs = []
+        for start in range(0, max(len(images), 1), self.batch_size):  # One pass when empty.
+            chunk = images[start : start + self.batch_size]
+            padded = np.zeros((self.batch_size, *images.shape[1:]), np.uint8)
+            padded[: len(chunk)] = chunk
+            result = self._fns[name](self._weights, padded)
+            outputs.append({k: np.asarray(v)[: len(chunk)] for k, v in result.items()})
+        return {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
+
+    def predict_proba(self, images) -> np.ndarray:
+        """uint8 [N, S, S, 3] -> float32 [N], probability of fake."""
+        return self._run("classify", images)["probability"]
+
+    def reconstruct(self, images) -> dict[str, np.ndarray]:
+        """uint8 [N, S, S, 3] -> {"probability", "reconstruction", "error_map"}."""
+        return self._run("reconstruct", images)
+
+
+def load_bundle(export_dir: str | os.PathLike, batch_size: int = 32) -> Predictor:
+    """Reads a bundle's model.json and parameters; clear errors for a wrong directory."""
+    import orbax.checkpoint as ocp
+
+    root = Path(export_dir).absolute()
+    meta_path = root / MODEL_JSON
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path}: not found; is {root} a `cae-jax export` bundle?")
+    meta = json.loads(meta_path.read_text())
+    _, abstract_params, abstract_stats = _abstract_weights(ConfigDict(meta["model"]))
+    target = {
+        "params": {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+                   for k, v in flat(abstract_params).items()},
+        "batch_stats": {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+                        for k, v in flat(abstract_stats).items()},
+    }
+    if meta["dtype"] == "bfloat16":
+        target["params"] = {k: jax.ShapeDtypeStruct(v.shape, jnp.bfloat16)
+                            for k, v in target["params"].items()}
+    with ocp.StandardCheckpointer() as ckptr:
+        loaded = ckptr.restore(root / PARAMS_DIR, target)
+    params = unflat(abstract_params, loaded["params"])
+    batch_stats = unflat(abstract_stats, loaded["batch_stats"])
+    return Predictor(meta, params, batch_stats, batch_size)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a checkpoint step directory of a training run")
+    source.add_argument("--workdir", help="a training workdir: its best checkpoint by "
+                        "validation AUC, else its latest")
+    parser.add_argument("--out", required=True, help="new bundle directory")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+                        help="parameter and compute dtype of the bundle")
+
+
+def run(args: argparse.Namespace) -> int:
+    from cae_jax import checkpoints
+
+    path = args.checkpoint or args.workdir
+    try:
+        config, params, batch_stats, step = checkpoints.restore_inference(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from err
+    try:
+        out = export_bundle(config, params, batch_stats, args.out, dtype=args.dtype,
+                            step=int(step), source=os.fspath(path))
+    except FileExistsError as err:
+        raise SystemExit(f"error: {err}") from err
+    print(f"wrote {out} (step {int(step)}, {args.dtype}): {MODEL_JSON}, {PARAMS_DIR}/, "
+          f"{SAVED_MODEL_DIR}/, {', '.join(JAX_EXPORTS.values())}")
+    return 0

@@ -76,13 +76,13 @@ def cast_for_export(model_config: ConfigDict, params: nnx.State, dtype: str):
 
 
 def flat(state: nnx.State) -> dict[str, jax.Array]:
-    return {".".join(map(str, path)): leaf.get_value() for path, leaf in state.flat_state()}
+    return {".".join(map(str, path)): leaf.get_value() for path, leaf in nnx.to_flat_state(state)}
 
 
 def unflat(abstract: nnx.State, arrays: dict[str, jax.Array]) -> nnx.State:
     """Fills a (shape-only) state with arrays saved by `flat`, naming any that are missing."""
     state = jax.tree.map(lambda x: x, abstract)
-    for path, leaf in state.flat_state():
+    for path, leaf in nnx.to_flat_state(state):
         key = ".".join(map(str, path))
         if key not in arrays:
             raise ValueError(f"bundle parameters lack {key!r}: not written for this model.json")

@@ -1,0 +1,170 @@
+"""Export bundle: the TF SavedModel and jax.export artifacts compute what the JAX model does."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cae_jax import config as config_lib
+from cae_jax import export, models, sharding, train_step
+
+SIZE = 64
+
+
+def tiny_config():
+    return config_lib.load_config("configs/tiny.py")
+
+
+def calibrated_model(config):
+    """A sharded tiny train state whose logits spread over (-2, 2), so sigmoid is not flat.
+
+    Random init gives logits in the hundreds (probability exactly 0 or 1), which would hide
+    any mismatch; the output layer is rescaled instead.
+    """
+    mesh = sharding.make_mesh(4, 2, jax.devices())
+    state = train_step.create_train_state(config, mesh)
+    graphdef, _, _ = train_step.abstract_model(config)
+    images = models.normalize(jnp.asarray(face_batch(8, seed=1)))
+    logits, _, _ = train_step.forward(graphdef, state.params, state.batch_stats, images,
+                                      train=False)
+    params = jax.device_get(state.params)
+    out = params["classifier"]["out"]
+    scale = 1.0 / float(jnp.std(logits))
+    out["kernel"].set_value(out["kernel"].get_value() * scale)
+    out["bias"].set_value(out["bias"].get_value() * scale - float(jnp.mean(logits)) * scale)
+    return graphdef, params, jax.device_get(state.batch_stats)
+
+
+def face_batch(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
+
+
+def reference(graphdef, params, batch_stats, images: np.ndarray) -> dict[str, np.ndarray]:
+    """The JAX model itself: uint8 -> normalize -> CAE(train=False) -> sigmoid."""
+    x = models.normalize(jnp.asarray(images))
+    logits, recon, _ = train_step.forward(graphdef, params, batch_stats, x, train=False)
+    return {
+        "probability": np.asarray(jax.nn.sigmoid(logits)),
+        "reconstruction": np.asarray(recon),
+        "error_map": np.asarray(jnp.mean(jnp.abs(recon - x), axis=-1)),
+    }
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    config = tiny_config()
+    graphdef, params, batch_stats = calibrated_model(config)
+    out = export.export_bundle(config, params, batch_stats,
+                               tmp_path_factory.mktemp("export") / "bundle", step=7)
+    return config, graphdef, params, batch_stats, out
+
+
+@pytest.fixture(scope="module")
+def images_and_reference(trained):
+    _, graphdef, params, batch_stats, _ = trained
+    images = face_batch(5, seed=0)
+    ref = reference(graphdef, params, batch_stats, images)
+    spread = ref["probability"]
+    assert spread.min() > 0.01 and spread.max() < 0.99 and spread.std() > 0.05, spread
+    return images, ref
+
+
+def assert_outputs_close(got: dict, ref: dict, keys) -> None:
+    for key in keys:
+        np.testing.assert_allclose(np.asarray(got[key]), ref[key], atol=1e-4, rtol=0,
+                                   err_msg=key)
+
+
+def test_saved_model_matches_jax(trained, images_and_reference):
+    import tensorflow as tf
+
+    images, ref = images_and_reference
+    loaded = tf.saved_model.load(str(trained[-1] / export.SAVED_MODEL_DIR))
+    classify = loaded.signatures["serving_default"]
+    assert set(classify.structured_outputs) == {"probability"}
+    assert_outputs_close(classify(images=tf.constant(images)), ref, ["probability"])
+    one = classify(images=tf.constant(images[2:3]))["probability"].numpy()  # Another batch size.
+    np.testing.assert_allclose(one, ref["probability"][2:3], atol=1e-4, rtol=0)
+    full = loaded.signatures["reconstruct"](images=tf.constant(images))
+    assert_outputs_close(full, ref, ["probability", "reconstruction", "error_map"])
+
+
+def test_jax_export_matches_jax(trained, images_and_reference):
+    images, ref = images_and_reference
+    bundle = trained[-1]
+    classify = jax.export.deserialize((bundle / "classify.jax").read_bytes())
+    assert_outputs_close(classify.call(images), ref, ["probability"])
+    two = classify.call(images[:2])["probability"]
+    np.testing.assert_allclose(np.asarray(two), ref["probability"][:2], atol=1e-4, rtol=0)
+    full = jax.export.deserialize((bundle / "reconstruct.jax").read_bytes()).call(images)
+    assert_outputs_close(full, ref, ["probability", "reconstruction", "error_map"])
+
+
+def test_load_bundle_predictor_matches_jax(trained, images_and_reference):
+    images, ref = images_and_reference
+    predictor = export.load_bundle(trained[-1], batch_size=2)  # 5 images: 3 padded batches.
+    np.testing.assert_allclose(predictor.predict_proba(images), ref["probability"],
+                               atol=1e-5, rtol=0)
+    assert_outputs_close(predictor.reconstruct(images), ref,
+                         ["probability", "reconstruction", "error_map"])
+    assert predictor.predict_proba(np.zeros((0, SIZE, SIZE, 3), np.uint8)).shape == (0,)
+
+
+def test_model_json_describes_model_without_training_state(trained):
+    config, _, params, batch_stats, bundle = trained
+    meta = json.loads((bundle / export.MODEL_JSON).read_text())
+    assert meta["model"] == json.loads(json.dumps(config.model.to_dict()))
+    assert (meta["dtype"], meta["image_size"], meta["step"]) == ("float32", SIZE, 7)
+    predictor = export.load_bundle(bundle)
+    loaded_params, loaded_stats = predictor._weights
+    assert export.flat(loaded_params).keys() == export.flat(params).keys()
+    for key, value in export.flat(loaded_params).items():
+        np.testing.assert_array_equal(value, export.flat(params)[key], err_msg=key)
+    assert export.flat(loaded_stats).keys() == export.flat(batch_stats).keys()
+
+
+def test_wrong_dtype_or_shape_is_rejected(trained):
+    import tensorflow as tf
+
+    bundle = trained[-1]
+    predictor = export.load_bundle(bundle)
+    with pytest.raises(ValueError, match=r"expected uint8 \[N, 64, 64, 3\].*got dtype float32"):
+        predictor.predict_proba(np.zeros((2, SIZE, SIZE, 3), np.float32))
+    with pytest.raises(ValueError, match=r"got shape \[2, 32, 32, 3\]"):
+        predictor.predict_proba(np.zeros((2, 32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"got shape \[64, 64, 3\]"):
+        predictor.reconstruct(np.zeros((SIZE, SIZE, 3), np.uint8))
+    signature = tf.saved_model.load(str(bundle / export.SAVED_MODEL_DIR)).signatures[
+        "serving_default"]
+    with pytest.raises((TypeError, ValueError, tf.errors.InvalidArgumentError)):
+        signature(images=tf.zeros((1, SIZE, SIZE, 3), tf.float32))
+    with pytest.raises((TypeError, ValueError, tf.errors.InvalidArgumentError)):
+        signature(images=tf.zeros((1, 32, 32, 3), tf.uint8))
+
+
+def test_export_refuses_to_overwrite_and_load_names_missing_bundle(trained, tmp_path):
+    config, _, params, batch_stats, bundle = trained
+    with pytest.raises(FileExistsError, match="exists"):
+        export.export_bundle(config, params, batch_stats, bundle)
+    with pytest.raises(FileNotFoundError, match="model.json"):
+        export.load_bundle(tmp_path)
+
+
+def test_bfloat16_bundle_stores_bf16_and_stays_close(trained, images_and_reference, tmp_path):
+    config, _, params, batch_stats, _ = trained
+    images, ref = images_and_reference
+    mc, bf16_params = export.cast_for_export(config.model, params, "bfloat16")
+    assert mc.dtype == "bfloat16" and config.model.dtype == "float32"
+    assert {v.dtype for v in export.flat(bf16_params).values()} == {jnp.dtype(jnp.bfloat16)}
+    with pytest.raises(ValueError, match="float16"):
+        export.cast_for_export(config.model, params, "float16")
+    # The Predictor path only (the converters are format-independent and covered above).
+    predictor = export.Predictor({"model": mc.to_dict(), "image_size": SIZE}, bf16_params,
+                                 batch_stats)
+    prob = predictor.predict_proba(images)
+    assert not np.allclose(prob, ref["probability"], atol=1e-6, rtol=0)  # bf16 really ran.
+    np.testing.assert_allclose(prob, ref["probability"], atol=0.05, rtol=0)

@@ -1,0 +1,180 @@
+"""Workdir layout and Orbax checkpoints: resumable training state and inference restores.
+
+A training workdir holds:
+  WORKDIR/config.json          the run's full config (`config.to_json`), written once
+  WORKDIR/checkpoints/<step>/  one Orbax Composite per saved step:
+      state/                   the `TrainState` pytree (step, params, batch_stats, opt_state)
+      data/                    the grain iterator position of each host (JSON per process)
+    plus Orbax metadata with the step's metrics, {"val_auc": ...} when validation ran there.
+
+Orbax writes a step into a temporary directory and renames it when complete, so a run killed
+mid-save leaves no step a later run would pick up. Kept: the last `train.keep_checkpoints`
+steps and the best one by validation AUC (model selection never looks at the test split).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from ml_collections import ConfigDict
+
+from cae_jax import config as config_lib
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+STATE_ITEM = "state"
+DATA_ITEM = "data"
+BEST_METRIC = "val_auc"  # Validation frame-level AUC; higher is better.
+
+
+def write_config(workdir: str | os.PathLike, config: ConfigDict) -> None:
+    """Writes WORKDIR/config.json (process 0 only), atomically."""
+    if jax.process_index() != 0:
+        return
+    path = Path(workdir) / CONFIG_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(config_lib.to_json(config))
+    tmp.replace(path)
+
+
+def read_config(workdir: str | os.PathLike) -> ConfigDict:
+    path = Path(workdir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no config.json; is {workdir} a training workdir?")
+    return config_lib.from_json(path.read_text())
+
+
+def make_manager(workdir: str | os.PathLike, config: ConfigDict) -> ocp.CheckpointManager:
+    """Asynchronous manager keeping the last K steps plus the best by validation AUC."""
+    policy = ocp.checkpoint_managers
+    validation_auc = lambda metrics: metrics[BEST_METRIC]  # noqa: E731
+    preservation = policy.AnyPreservationPolicy([
+        policy.LatestN(n=config.train.keep_checkpoints),
+        policy.BestN(get_metric_fn=validation_auc, n=1, keep_checkpoints_without_metrics=False),
+    ])
+    options = ocp.CheckpointManagerOptions(
+        best_fn=validation_auc,  # Orbax stores a step's metrics only when it tracks a best.
+        best_mode="max",
+        preservation_policy=preservation,
+        enable_async_checkpointing=True,
+        cleanup_tmp_directories=True,
+    )
+    return ocp.CheckpointManager(
+        Path(workdir).absolute() / CHECKPOINT_DIR,
+        item_names=(STATE_ITEM, DATA_ITEM),
+        options=options,
+    )
+
+
+def save(
+    manager: ocp.CheckpointManager,
+    step: int,
+    state: Any,
+    data_iterator: Any,
+    metrics: dict[str, float] | None = None,
+) -> bool:
+    """Starts an asynchronous save of the train state and data position at `step`."""
+    import grain
+
+    return manager.save(
+        step,
+        args=ocp.args.Composite(**{
+            STATE_ITEM: ocp.args.StandardSave(state),
+            DATA_ITEM: grain.checkpoint.CheckpointSave(data_iterator),
+        }),
+        metrics=metrics,
+        force=True,
+    )
+
+
+def restore_train(
+    manager: ocp.CheckpointManager, step: int, abstract_state: Any, data_iterator: Any
+) -> Any:
+    """The train state at `step` laid out as `abstract_state`; moves `data_iterator` there."""
+    import grain
+
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(**{
+            STATE_ITEM: ocp.args.StandardRestore(abstract_state),
+            DATA_ITEM: grain.checkpoint.CheckpointRestore(data_iterator),
+        }),
+    )
+    return restored[STATE_ITEM]
+
+
+def validation_scores(manager: ocp.CheckpointManager) -> dict[int, float]:
+    """{step: validation AUC} of the kept steps that were validated."""
+    scores = {}
+    for step in manager.all_steps():
+        metrics = manager.metrics(step)
+        if metrics and BEST_METRIC in metrics:
+            scores[step] = float(metrics[BEST_METRIC])
+    return scores
+
+
+def best_step(manager: ocp.CheckpointManager) -> int | None:
+    """The kept step with the highest validation AUC (earliest on ties), else the latest."""
+    scores = validation_scores(manager)
+    if scores:
+        return max(sorted(scores), key=lambda step: scores[step])
+    return manager.latest_step()
+
+
+def _resolve(path: Path) -> tuple[Path, Path]:
+    """(workdir, step directory) for a workdir or one step directory in it."""
+    if (path / CHECKPOINT_DIR).is_dir():
+        with ocp.CheckpointManager(
+            (path / CHECKPOINT_DIR).absolute(),
+            item_names=(STATE_ITEM, DATA_ITEM),
+            options=ocp.CheckpointManagerOptions(read_only=True),
+        ) as manager:
+            step = best_step(manager)
+        if step is None:
+            raise FileNotFoundError(f"{path / CHECKPOINT_DIR}: no complete checkpoint")
+        return path, path / CHECKPOINT_DIR / str(step)
+    if (path / STATE_ITEM).is_dir() and path.parent.name == CHECKPOINT_DIR:
+        return path.parent.parent, path
+    raise FileNotFoundError(
+        f"{path}: neither a training workdir (with {CHECKPOINT_DIR}/) nor a complete "
+        f"checkpoint step directory (with {STATE_ITEM}/)"
+    )
+
+
+def restore_inference(path: str | os.PathLike) -> tuple[ConfigDict, Any, Any, int]:
+    """Model arrays for inference: `(config, params, batch_stats, step)`.
+
+    `path` is a training workdir, whose kept step with the best validation AUC is used (the
+    latest when none was validated), or one step directory `WORKDIR/checkpoints/<step>`.
+    Only params and batch_stats are read (no optimizer state), onto this process's first
+    local device, as `nnx.State` pytrees shaped like `train_step.abstract_model(config)`.
+    Raises FileNotFoundError for a path without a complete checkpoint or config.json.
+    """
+    from cae_jax import train_step
+
+    workdir, step_dir = _resolve(Path(path))
+    config = read_config(workdir)
+    _, params, batch_stats = train_step.abstract_model(config)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+        {"params": params, "batch_stats": batch_stats},
+    )
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        restored = checkpointer.restore(
+            (step_dir / STATE_ITEM).absolute(),
+            args=ocp.args.PyTreeRestore(
+                item=target,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True,
+            ),
+        )
+    if not step_dir.name.isdigit():
+        raise ValueError(f"{step_dir}: a step directory is named by its step number")
+    step = int(step_dir.name)
+    return config, restored["params"], restored["batch_stats"], step

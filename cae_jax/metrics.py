@@ -1,0 +1,127 @@
+"""Detection metrics in numpy: frame-level AUC, ACC, EER, AP, ROC, and video-level aggregation.
+
+Labels are 1 = fake, scores are fake probabilities. Ties are handled as scikit-learn does
+(tied scores form one ROC point; AUC counts a tie as half a correct ordering).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def _check(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.asarray(labels).astype(np.int64).ravel()
+    scores = np.asarray(scores, np.float64).ravel()
+    if labels.shape != scores.shape:
+        raise ValueError(f"{labels.size} labels but {scores.size} scores")
+    return labels, scores
+
+
+def _both_classes(labels: np.ndarray) -> bool:
+    return 0 < labels.sum() < labels.size
+
+
+def roc_curve(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate, thresholds), from (0, 0) upwards."""
+    labels, scores = _check(labels, scores)
+    order = np.argsort(-scores, kind="mergesort")
+    scores, labels = scores[order], labels[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(scores)), labels.size - 1]
+    tps = np.cumsum(labels)[last_of_tie]
+    fps = last_of_tie + 1 - tps
+    tpr = np.r_[0.0, tps / max(tps[-1], 1)]
+    fpr = np.r_[0.0, fps / max(fps[-1], 1)]
+    return fpr, tpr, np.r_[np.inf, scores[last_of_tie]]
+
+
+def auc(labels, scores) -> float:
+    """Area under the ROC curve; NaN unless both classes are present."""
+    labels, scores = _check(labels, scores)
+    if not _both_classes(labels):
+        return float("nan")
+    fpr, tpr, _ = roc_curve(labels, scores)
+    return float(np.trapezoid(tpr, fpr))
+
+
+def average_precision(labels, scores) -> float:
+    """Sum over thresholds of precision * recall increase (scikit-learn's definition)."""
+    labels, scores = _check(labels, scores)
+    if not _both_classes(labels):
+        return float("nan")
+    order = np.argsort(-scores, kind="mergesort")
+    scores, labels = scores[order], labels[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(scores)), labels.size - 1]
+    tps = np.cumsum(labels)[last_of_tie]
+    precision = tps / (last_of_tie + 1)
+    recall = tps / tps[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def eer(labels, scores) -> float:
+    """Equal error rate: where the false positive and false negative rates cross."""
+    labels, scores = _check(labels, scores)
+    if not _both_classes(labels):
+        return float("nan")
+    fpr, tpr, _ = roc_curve(labels, scores)
+    fnr = 1.0 - tpr
+    i = int(np.flatnonzero(fnr <= fpr)[0])  # fnr falls and fpr rises along the curve.
+    if i == 0:
+        return float(fpr[0])
+    # Linear interpolation between the last point with fnr > fpr and the first with fnr <= fpr.
+    d0, d1 = fnr[i - 1] - fpr[i - 1], fnr[i] - fpr[i]
+    t = d0 / (d0 - d1) if d0 != d1 else 0.0
+    return float(fpr[i - 1] + t * (fpr[i] - fpr[i - 1]))
+
+
+def accuracy(labels, scores, threshold: float = 0.5) -> float:
+    labels, scores = _check(labels, scores)
+    if not labels.size:
+        return float("nan")
+    return float(np.mean((scores >= threshold) == labels.astype(bool)))
+
+
+def frame_metrics(labels, scores) -> dict[str, float]:
+    """Frame-level AUC, ACC at 0.5, EER and AP, and the frame count."""
+    labels, scores = _check(labels, scores)
+    return {
+        "auc": auc(labels, scores),
+        "acc": accuracy(labels, scores),
+        "eer": eer(labels, scores),
+        "ap": average_precision(labels, scores),
+        "frames": int(labels.size),
+    }
+
+
+def video_scores(
+    video_keys: Sequence[str], labels, scores
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Mean frame probability per video: (keys, labels, scores), sorted by key.
+
+    Keys must name a video uniquely across datasets and methods (e.g. "dataset/method/id"):
+    the same file name under two methods is two videos. A video whose frames disagree on
+    the label is an error, since it means two videos share a key.
+    """
+    labels, scores = _check(labels, scores)
+    keys = np.asarray(video_keys, dtype=object)
+    if keys.size != labels.size:
+        raise ValueError(f"{keys.size} video keys but {labels.size} scores")
+    unique, inverse = np.unique(keys.astype(str), return_inverse=True)
+    counts = np.bincount(inverse, minlength=unique.size)
+    mean = np.bincount(inverse, weights=scores, minlength=unique.size) / counts
+    fake_frames = np.bincount(inverse, weights=labels, minlength=unique.size)
+    mixed = (fake_frames != 0) & (fake_frames != counts)
+    if mixed.any():
+        raise ValueError(f"video {unique[mixed][0]!r} has both real and fake frames")
+    return list(unique), (fake_frames > 0).astype(np.int64), mean
+
+
+def video_metrics(video_keys: Sequence[str], labels, scores) -> dict[str, float]:
+    """Video-level AUC and ACC at 0.5 of mean frame probabilities, and the video count."""
+    _, video_labels, video_probs = video_scores(video_keys, labels, scores)
+    return {
+        "auc": auc(video_labels, video_probs),
+        "acc": accuracy(video_labels, video_probs),
+        "videos": len(video_labels),
+    }

@@ -34,6 +34,7 @@ PARAMS_DIR = "params"
 SAVED_MODEL_DIR = "saved_model"
 JAX_EXPORTS = {"classify": "classify.jax", "reconstruct": "reconstruct.jax"}
 DTYPES = ("float32", "bfloat16")
+FORMATS = ("saved_model", "jax_export")  # Beside params/ and model.json, which are always written.
 BUNDLE_VERSION = 1
 
 Weights = tuple[nnx.State, nnx.State]  # (params, batch_stats)
@@ -138,16 +139,21 @@ def export_bundle(
     out_dir: str | os.PathLike,
     *,
     dtype: str = "float32",
+    formats: tuple[str, ...] = FORMATS,
     step: int | None = None,
     source: str = "",
 ) -> Path:
     """Writes the inference bundle of a trained model's arrays into a new directory.
 
+    `formats` picks the serving artifacts; `load_bundle` needs only params/ and model.json.
     Written into `OUT_DIR.tmp` and renamed at the end, so a failed export leaves no bundle
     that looks complete.
     """
     import orbax.checkpoint as ocp
 
+    unknown = set(formats) - set(FORMATS)
+    if unknown:
+        raise ValueError(f"unknown export formats {sorted(unknown)}; choose from {FORMATS}")
     out = Path(out_dir).absolute()
     if out.exists():
         raise FileExistsError(f"{out} exists; choose a new --out directory")
@@ -162,12 +168,15 @@ def export_bundle(
         ckptr.save(tmp / PARAMS_DIR, {"params": flat(params), "batch_stats": flat(batch_stats)})
     fns = serving_fns(graphdef)
     size = mc.image_size
-    _write_saved_model(fns, (params, batch_stats), size, tmp / SAVED_MODEL_DIR)
-    _write_jax_exports(fns, (params, batch_stats), size, tmp)
+    if "saved_model" in formats:
+        _write_saved_model(fns, (params, batch_stats), size, tmp / SAVED_MODEL_DIR)
+    if "jax_export" in formats:
+        _write_jax_exports(fns, (params, batch_stats), size, tmp)
     meta = {
         "bundle_version": BUNDLE_VERSION,
         "model": mc.to_dict(),
         "dtype": dtype,
+        "formats": list(formats),
         "image_size": size,
         "step": step,
         "source": source,
@@ -259,6 +268,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="new bundle directory")
     parser.add_argument("--dtype", choices=DTYPES, default="float32",
                         help="parameter and compute dtype of the bundle")
+    parser.add_argument("--formats", default=",".join(FORMATS),
+                        help="comma-separated serving artifacts to write, from: "
+                        + ", ".join(FORMATS))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -271,9 +283,10 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {err}") from err
     try:
         out = export_bundle(config, params, batch_stats, args.out, dtype=args.dtype,
+                            formats=tuple(f for f in args.formats.split(",") if f),
                             step=int(step), source=os.fspath(path))
-    except FileExistsError as err:
+    except (FileExistsError, ValueError) as err:
         raise SystemExit(f"error: {err}") from err
-    print(f"wrote {out} (step {int(step)}, {args.dtype}): {MODEL_JSON}, {PARAMS_DIR}/, "
-          f"{SAVED_MODEL_DIR}/, {', '.join(JAX_EXPORTS.values())}")
+    print(f"wrote {out} (step {int(step)}, {args.dtype}): "
+          + ", ".join(sorted(p.name for p in out.iterdir())))
     return 0

@@ -119,6 +119,7 @@ def test_model_json_describes_model_without_training_state(trained):
     meta = json.loads((bundle / export.MODEL_JSON).read_text())
     assert meta["model"] == json.loads(json.dumps(config.model.to_dict()))
     assert (meta["dtype"], meta["image_size"], meta["step"]) == ("float32", SIZE, 7)
+    assert meta["formats"] == list(export.FORMATS)
     predictor = export.load_bundle(bundle)
     loaded_params, loaded_stats = predictor._weights
     assert export.flat(loaded_params).keys() == export.flat(params).keys()
@@ -152,6 +153,9 @@ def test_export_refuses_to_overwrite_and_load_names_missing_bundle(trained, tmp_
         export.export_bundle(config, params, batch_stats, bundle)
     with pytest.raises(FileNotFoundError, match="model.json"):
         export.load_bundle(tmp_path)
+    with pytest.raises(ValueError, match="unknown export formats"):
+        export.export_bundle(config, params, batch_stats, tmp_path / "b", formats=("onnx",))
+    assert not (tmp_path / "b").exists() and not (tmp_path / "b.tmp").exists()
 
 
 def test_bfloat16_bundle_stores_bf16_and_stays_close(trained, images_and_reference, tmp_path):
@@ -168,3 +172,37 @@ def test_bfloat16_bundle_stores_bf16_and_stays_close(trained, images_and_referen
     prob = predictor.predict_proba(images)
     assert not np.allclose(prob, ref["probability"], atol=1e-6, rtol=0)  # bf16 really ran.
     np.testing.assert_allclose(prob, ref["probability"], atol=0.05, rtol=0)
+
+
+def test_cli_exports_best_checkpoint_of_a_workdir(tmp_path, capsys):
+    import orbax.checkpoint as ocp
+
+    from cae_jax import checkpoints
+    from cae_jax import main as cli
+
+    config = tiny_config()
+    mesh = sharding.make_mesh(4, 2, jax.devices())
+    state = train_step.create_train_state(config, mesh)
+    shifted = state.replace(params=jax.tree.map(lambda p: p + 1.0, state.params))
+    workdir = tmp_path / "run"
+    checkpoints.write_config(workdir, config)
+    manager = checkpoints.make_manager(workdir, config)
+    for step, saved, auc in ((10, state, 0.9), (20, shifted, 0.6)):
+        manager.save(step, args=ocp.args.Composite(
+            **{checkpoints.STATE_ITEM: ocp.args.StandardSave(saved)}), metrics={"val_auc": auc})
+    manager.wait_until_finished()
+    manager.close()
+
+    out = tmp_path / "bundle"
+    assert cli.main(["export", "--workdir", str(workdir), "--out", str(out), "--formats="]) == 0
+    assert "step 10" in capsys.readouterr().out
+    meta = json.loads((out / export.MODEL_JSON).read_text())
+    assert meta["step"] == 10 and meta["source"] == str(workdir)
+    assert sorted(p.name for p in out.iterdir()) == [export.MODEL_JSON, export.PARAMS_DIR]
+    loaded, _ = export.load_bundle(out)._weights
+    expected = export.flat(jax.device_get(state.params))
+    for key, value in export.flat(loaded).items():
+        np.testing.assert_array_equal(value, expected[key], err_msg=key)
+
+    with pytest.raises(SystemExit, match="nowhere: neither a training workdir"):
+        cli.main(["export", "--workdir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])

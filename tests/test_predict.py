@@ -31,7 +31,7 @@ def bundle(tmp_path_factory):
     config = tiny_config()
     _, params, batch_stats = calibrated_model(config)
     return export.export_bundle(config, params, batch_stats,
-                                tmp_path_factory.mktemp("predict") / "bundle")
+                                tmp_path_factory.mktemp("predict") / "bundle", formats=())
 
 
 @pytest.fixture(scope="module")

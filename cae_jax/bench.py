@@ -1,0 +1,402 @@
+"""`cae-jax bench`: speed of training, inference, input pipeline and face extraction, each beside
+a peer measured in the same run on the same machine.
+
+Peers: PyTorch eager with timm's `legacy_xception` plus the same decoder and classifier (the
+`bench` extra; "n/a" without it), tf.data for the input pipeline, dlib's HOG detector for
+`prepare` (the `dlib` extra). Times are medians over repeats; compile time is reported apart.
+GFLOP/s come from XLA's cost analysis, beside a measured large float32 matmul (the peak).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import ConfigDict
+
+from cae_jax import config as config_lib
+from cae_jax import export, models, sharding, train_step
+
+ACCEPTS_CONFIG_OVERRIDES = True
+TINY_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.py"
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of `fn()` over `repeats` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
+                 if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    info = {
+        "cpu": cpu,
+        "cores": cores(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": len(jax.devices()),
+        "load_average": list(os.getloadavg()),
+    }
+    if importlib.util.find_spec("torch"):
+        import torch
+
+        info["torch"] = torch.__version__
+    return info
+
+
+def gflops(compiled) -> float:
+    """Floating-point operations of one call of a compiled function, from XLA, in GFLOP."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost.get("flops", 0.0)) / 1e9
+
+
+def matmul_peak(n: int, repeats: int) -> dict:
+    """GFLOP/s of an n x n float32 matmul: the machine's practical peak for the ratios below."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    seconds = median_seconds(lambda: matmul(a, a).block_until_ready(), repeats)
+    return {"size": n, "seconds": seconds, "gflops_per_s": 2 * n**3 / seconds / 1e9}
+
+
+def depthwise(shape: tuple[int, ...], repeats: int) -> dict:
+    """Forward and forward+gradient seconds of the depthwise 3x3, per implementation."""
+    x = jax.random.normal(jax.random.key(0), shape)
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 1, shape[-1]))
+    result = {"shape": list(shape)}
+    for impl in ("native", "shifted"):
+        fwd = jax.jit(lambda x, k, impl=impl: models.depthwise_conv3x3(x, k, impl))
+        grad = jax.jit(jax.grad(
+            lambda x, k, impl=impl: jnp.sum(models.depthwise_conv3x3(x, k, impl) ** 2), (0, 1)))
+        result[impl] = {
+            "forward_s": median_seconds(lambda f=fwd: f(x, kernel).block_until_ready(), repeats),
+            "gradient_s": median_seconds(
+                lambda g=grad: jax.block_until_ready(g(x, kernel)), repeats),
+        }
+    return result
+
+
+def random_batch(config: ConfigDict, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(config.seed)
+    size = config.model.image_size
+    images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    return images, (np.arange(batch) % 2).astype(np.int32)
+
+
+def train_jax(config: ConfigDict, repeats: int) -> dict:
+    """One full CAE train step (encoder, decoder, classifier, AdamW) on a 1-device mesh."""
+    mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
+    state = train_step.create_train_state(config, mesh)
+    step = train_step.make_train_step(config, mesh)
+    images, labels = random_batch(config, config.train.batch_size)
+    batch = {"image": models.normalize(jnp.asarray(images)), "label": jnp.asarray(labels)}
+    start = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    holder = [state]
+
+    def run():
+        holder[0], metrics = compiled(holder[0], batch)
+        jax.block_until_ready(metrics)
+
+    seconds = median_seconds(run, repeats)
+    flops = gflops(compiled)
+    return {"seconds": seconds, "images_per_s": len(images) / seconds, "compile_s": compile_s,
+            "gflop": flops, "gflops_per_s": flops / seconds}
+
+
+def infer_jax(config: ConfigDict, batch: int, repeats: int) -> dict:
+    """The exported "classify" serving function (uint8 in, probability out), jitted."""
+    model = models.build_model(config.model, config.seed)
+    graphdef, params, batch_stats = train_step.split_model(model)
+    classify = jax.jit(export.serving_fns(graphdef)["classify"])
+    images = jnp.asarray(random_batch(config, batch)[0])
+    weights = (params, batch_stats)
+    start = time.perf_counter()
+    compiled = classify.lower(weights, images).compile()
+    compile_s = time.perf_counter() - start
+    seconds = median_seconds(lambda: jax.block_until_ready(compiled(weights, images)), repeats)
+    flops = gflops(compiled)
+    return {"seconds": seconds, "images_per_s": batch / seconds, "compile_s": compile_s,
+            "gflop": flops, "gflops_per_s": flops / seconds}
+
+
+def torch_reason(config: ConfigDict) -> str:
+    """Why the PyTorch peer cannot run here ("" when it can)."""
+    if not (importlib.util.find_spec("torch") and importlib.util.find_spec("timm")):
+        return "torch/timm not installed (pip install 'cae-jax[bench]')"
+    from cae_jax import torch_peer
+
+    return torch_peer.unsupported_reason(config.model)
+
+
+def _torch_images(config: ConfigDict, batch: int):
+    import torch
+
+    images, labels = random_batch(config, batch)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
+    return x, torch.from_numpy(labels).float()
+
+
+def train_torch(config: ConfigDict, repeats: int) -> dict:
+    import torch
+
+    from cae_jax import torch_peer
+
+    torch.set_num_threads(cores())
+    torch.manual_seed(config.seed)
+    model = torch_peer.TorchCAE(config.model)
+    step = torch_peer.make_train_step(config, model)
+    x, y = _torch_images(config, config.train.batch_size)
+    seconds = median_seconds(lambda: step(x, y), repeats)
+    return {"seconds": seconds, "images_per_s": len(x) / seconds}
+
+
+def infer_torch(config: ConfigDict, batch: int, repeats: int) -> dict:
+    import torch
+
+    from cae_jax import torch_peer
+
+    torch.set_num_threads(cores())
+    model = torch_peer.TorchCAE(config.model).eval()
+    images = torch.from_numpy(random_batch(config, batch)[0])
+
+    def run():
+        with torch.inference_mode():
+            x = images.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+            return torch.sigmoid(model.classify(x)).numpy()
+
+    seconds = median_seconds(run, repeats)
+    return {"seconds": seconds, "images_per_s": batch / seconds}
+
+
+def write_face_dataset(out_dir: Path, size: int, records: int) -> Path:
+    """A prepared dataset dir of distinct real face crops (skimage's astronaut, no download)."""
+    from skimage import data
+
+    from data_prep import writer
+
+    photo = data.astronaut()
+
+    def examples():
+        for i in range(records):
+            y, x = 20 + (i * 7) % 120, 100 + (i * 13) % 140
+            crop = cv2.resize(photo[y : y + 200, x : x + 200], (size, size))
+            yield {"image": crop, "label": i % 2, "dataset": "bench",
+                   "method": "fake" if i % 2 else "real", "compression": "raw",
+                   "video_id": f"v{i // 4:03d}", "frame_index": i,
+                   "face_box": np.array([0, 0, size, size], np.float32), "fps": 25.0}
+
+    return writer.write_dataset(out_dir, "bench", {"train": examples()}, num_shards=2)
+
+
+def input_pipeline(config: ConfigDict, data_dir: Path, batches: int, repeats: int) -> dict:
+    """Training images/s per core: grain (`train_dataset`) and tf.data (`tf_data_reference`)."""
+    from cae_jax import input_pipeline as pipeline
+
+    config = ConfigDict(config.to_dict())
+    config.input.sbi.prob = 0.0  # tf.data has no self-blending; both do the same work.
+    batch = config.train.batch_size
+    result = {}
+    for name, make in (("grain", lambda: iter(pipeline.train_dataset(config, [str(data_dir)]))),
+                       ("tf.data", lambda: iter(pipeline.tf_data_reference(
+                           config, [str(data_dir)]).as_numpy_iterator()))):
+        it = make()
+        next(it)  # Threads started, first shards open.
+        seconds = median_seconds(lambda it=it: [next(it) for _ in range(batches)], repeats, 0)
+        result[name] = {"images_per_s_per_core": batches * batch / seconds / cores()}
+        close = getattr(it, "close", None)
+        if close:
+            close()
+    return result
+
+
+def write_face_clip(path: Path, frames: int) -> Path:
+    """An MJPG clip of a real face (skimage's astronaut) drifting across a 640x360 frame."""
+    from skimage import data
+
+    face = cv2.resize(data.astronaut()[0:240, 120:360], (160, 160))
+    out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (640, 360))
+    for i in range(frames):
+        frame = np.full((360, 640, 3), 90, np.uint8)
+        x = 100 + 8 * i % 380
+        frame[100:260, x : x + 160] = face
+        out.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    out.release()
+    return path
+
+
+def prepare(clip: Path, frames: int, image_size: int, repeats: int) -> dict:
+    """`prepare`'s decode + detect + crop frames/s per core, per detector (dlib where installed)."""
+    from data_prep import faces
+
+    result = {}
+    for detector in ("mtcnn", "dlib"):
+        if detector == "dlib" and not importlib.util.find_spec("dlib"):
+            result[detector] = {"note": "dlib not installed (pip install 'cae-jax[dlib]')"}
+            continue
+        found = []
+
+        def run(detector=detector, found=found):
+            found.append(faces.extract_faces(clip, frames, image_size, 1.3, detector))
+
+        seconds = median_seconds(run, repeats)
+        result[detector] = {"frames_per_s_per_core": frames / seconds / cores(),
+                            "faces": len(found[-1].crops)}
+    return result
+
+
+def row(name: str, ours: float | None, peer: float | None, unit: str, note: str = "") -> dict:
+    ratio = ours / peer if ours and peer else None
+    return {"benchmark": name, "cae_jax": ours, "peer": peer, "unit": unit, "ratio": ratio,
+            "note": note}
+
+
+def run_all(config: ConfigDict, *, repeats: int, matmul_size: int, depthwise_shape, batches: int,
+            infer_batches: tuple[int, ...], clip_frames: int, workdir: Path) -> dict:
+    results = {"machine": machine(), "config": {"image_size": config.model.image_size,
+                                                  "train_batch": config.train.batch_size,
+                                                  "dtype": config.model.dtype,
+                                                  "depthwise_impl": config.model.depthwise_impl,
+                                                  "repeats": repeats}}
+    peak = matmul_peak(matmul_size, repeats)
+    results["matmul_peak"] = peak
+    results["depthwise"] = depthwise(depthwise_shape, repeats)
+    no_torch = torch_reason(config)
+    rows = []
+
+    train = train_jax(config, repeats)
+    results["train"] = {"cae_jax": train}
+    peer = None if no_torch else train_torch(config, repeats)
+    results["train"]["torch"] = peer
+    rows.append(row(f"train step, batch {config.train.batch_size}", train["images_per_s"],
+                    peer and peer["images_per_s"], "images/s",
+                    no_torch or "PyTorch eager, timm legacy_xception + decoder + classifier"))
+    rows.append(row("train step compile", train["compile_s"], None, "s"))
+    rows.append(row("train step GFLOP/s (share of matmul peak)", train["gflops_per_s"], None,
+                    "GFLOP/s", f"{train['gflops_per_s'] / peak['gflops_per_s']:.0%} of "
+                    f"{peak['gflops_per_s']:.0f} GFLOP/s"))
+    results["inference"] = {}
+    for batch in infer_batches:
+        ours = infer_jax(config, batch, repeats)
+        peer = None if no_torch else infer_torch(config, batch, repeats)
+        results["inference"][str(batch)] = {"cae_jax": ours, "torch": peer}
+        rows.append(row(f"inference, batch {batch}", ours["images_per_s"],
+                        peer and peer["images_per_s"], "images/s",
+                        no_torch or "exported classify fn vs PyTorch eager inference_mode"))
+        rows.append(row(f"inference compile, batch {batch}", ours["compile_s"], None, "s",
+                        f"{ours['gflops_per_s']:.1f} GFLOP/s"))
+
+    data_dir = write_face_dataset(workdir / "dataset", config.model.image_size,
+                                  max(4 * config.train.batch_size, 16))
+    pipe = input_pipeline(config, data_dir, batches, repeats)
+    results["input_pipeline"] = pipe
+    rows.append(row("input pipeline", pipe["grain"]["images_per_s_per_core"],
+                    pipe["tf.data"]["images_per_s_per_core"], "images/s/core",
+                    "grain vs tf.data, same augmentations"))
+
+    clip = write_face_clip(workdir / "clip.avi", clip_frames)
+    prep = prepare(clip, clip_frames, config.model.image_size, repeats)
+    results["prepare"] = prep
+    rows.append(row("prepare (decode + detect + crop)", prep["mtcnn"]["frames_per_s_per_core"],
+                    prep["dlib"].get("frames_per_s_per_core"), "frames/s/core",
+                    prep["dlib"].get("note", "MTCNN vs dlib HOG")))
+    results["rows"] = rows
+    return results
+
+
+def markdown(results: dict) -> str:
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    m = results["machine"]
+    dw = results["depthwise"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['machine']}, JAX {m['jax']} "
+        f"({m['backend']}), PyTorch {m.get('torch', 'n/a')}; load average "
+        f"{m['load_average'][0]:.1f}. Medians of {results['config']['repeats']} repeats.",
+        "",
+        "| benchmark | cae-jax | peer | unit | cae-jax / peer | note |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results["rows"]:
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+        lines.append(f"| {r['benchmark']} | {fmt(r['cae_jax'])} | {fmt(r['peer'])} | "
+                     f"{r['unit']} | {ratio} | {r['note']} |")
+    lines += [
+        "",
+        f"Matmul peak ({results['matmul_peak']['size']}^2 float32): "
+        f"{results['matmul_peak']['gflops_per_s']:.1f} GFLOP/s. Depthwise 3x3 on {dw['shape']}: "
+        f"native {dw['native']['forward_s'] * 1e3:.1f} ms forward / "
+        f"{dw['native']['gradient_s'] * 1e3:.1f} ms with gradients, shifted "
+        f"{dw['shifted']['forward_s'] * 1e3:.1f} ms / {dw['shifted']['gradient_s'] * 1e3:.1f} ms.",
+    ]
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="", help="config file (default: the full-size "
+                        "defaults; with --smoke: configs/tiny.py); --config.a.b=v overrides follow")
+    parser.add_argument("--out", default="bench.json", help="JSON results file")
+    parser.add_argument("--markdown", default="", help="also write the table to this file")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per benchmark")
+    parser.add_argument("--batch-size", type=int, default=8, help="train step batch")
+    parser.add_argument("--smoke", action="store_true",
+                        help="one tiny iteration of everything (CI): tiny config, 1 repeat")
+
+
+def run(args: argparse.Namespace) -> int:
+    path = args.config or (TINY_CONFIG if args.smoke else "")
+    config = (config_lib.load_config(path, args.overrides) if path
+              else config_lib.default_config())
+    if not path:
+        config_lib.apply_overrides(config, args.overrides)
+    config.train.batch_size = args.batch_size
+    config.input.workers = 0
+    smoke = args.smoke
+    with tempfile.TemporaryDirectory(prefix="cae_jax_bench_") as workdir:
+        results = run_all(
+            config,
+            repeats=1 if smoke else args.repeats,
+            matmul_size=256 if smoke else 2048,
+            depthwise_shape=(2, 9, 9, 16) if smoke else (8, 37, 37, 728),
+            batches=1 if smoke else 8,
+            infer_batches=(1, 4) if smoke else (1, 32),
+            clip_frames=2 if smoke else 16,
+            workdir=Path(workdir),
+        )
+    table = markdown(results)
+    print(table)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n")
+    return 0

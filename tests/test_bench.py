@@ -1,0 +1,60 @@
+"""`cae-jax bench --smoke`: one tiny iteration of every benchmark (no timing asserted)."""
+
+import json
+
+import pytest
+
+from cae_jax import bench, main
+
+ROWS = [
+    "train step, batch 8",
+    "train step compile",
+    "train step GFLOP/s (share of matmul peak)",
+    "inference, batch 1",
+    "inference compile, batch 1",
+    "inference, batch 4",
+    "inference compile, batch 4",
+    "input pipeline",
+    "prepare (decode + detect + crop)",
+]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    code = main.main(["bench", "--smoke", "--out", str(out / "bench.json"),
+                      "--markdown", str(out / "bench.md")])
+    return code, json.loads((out / "bench.json").read_text()), (out / "bench.md").read_text()
+
+
+def test_smoke_runs_every_benchmark_and_writes_json_and_table(smoke):
+    code, results, table = smoke
+    assert code == 0
+    assert [r["benchmark"] for r in results["rows"]] == ROWS
+    ours = {r["benchmark"]: r["cae_jax"] for r in results["rows"]}
+    assert all(v > 0 for v in ours.values())
+    assert results["config"] == {"image_size": 64, "train_batch": 8, "dtype": "float32",
+                                 "depthwise_impl": "auto", "repeats": 1}
+    assert results["train"]["cae_jax"]["gflop"] > 0
+    assert results["input_pipeline"]["tf.data"]["images_per_s_per_core"] > 0
+    assert results["prepare"]["mtcnn"]["faces"] == 2  # Both frames of the clip show the face.
+    for r in results["rows"]:
+        assert f"| {r['benchmark']} |" in table
+
+
+def test_tiny_config_has_no_torch_peer_and_says_why(smoke):
+    _, results, table = smoke
+    train = results["rows"][0]
+    assert train["peer"] is None and train["ratio"] is None
+    assert "n/a" in table and train["note"]
+
+
+def test_ratio_is_ours_over_peer():
+    assert bench.row("x", 3.0, 2.0, "images/s")["ratio"] == 1.5
+    assert bench.row("x", 3.0, None, "images/s")["ratio"] is None
+
+
+def test_median_seconds_times_each_repeat_after_warmup():
+    calls = []
+    assert bench.median_seconds(lambda: calls.append(1), repeats=3, warmup=2) >= 0
+    assert len(calls) == 5

@@ -35,6 +35,7 @@ SAVED_MODEL_DIR = "saved_model"
 JAX_EXPORTS = {"classify": "classify.jax", "reconstruct": "reconstruct.jax"}
 DTYPES = ("float32", "bfloat16")
 FORMATS = ("saved_model", "jax_export")  # Beside params/ and model.json, which are always written.
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 BUNDLE_VERSION = 1
 
 Weights = tuple[nnx.State, nnx.State]  # (params, batch_stats)
@@ -95,7 +96,9 @@ def _abstract_weights(model_config: ConfigDict) -> tuple[nnx.GraphDef, nnx.State
     return train_step.split_model(nnx.eval_shape(lambda: models.build_model(model_config)))
 
 
-def _write_saved_model(fns: dict[str, Callable], weights: Weights, size: int, out: Path) -> None:
+def _write_saved_model(
+    fns: dict[str, Callable], weights: Weights, size: int, platforms, out: Path
+) -> None:
     """jax2tf (native serialization) with the weights as tf.Variables and a polymorphic batch."""
     import tensorflow as tf
     from jax.experimental import jax2tf
@@ -109,6 +112,7 @@ def _write_saved_model(fns: dict[str, Callable], weights: Weights, size: int, ou
         converted = jax2tf.convert(
             lambda leaves, images: fn(jax.tree.unflatten(treedef, leaves), images),
             polymorphic_shapes=[None, f"(b, {size}, {size}, 3)"],
+            native_serialization_platforms=platforms,
             with_gradient=False,
         )
         return tf.function(lambda images: converted(module.weights, images),
@@ -122,13 +126,16 @@ def _write_saved_model(fns: dict[str, Callable], weights: Weights, size: int, ou
     )
 
 
-def _write_jax_exports(fns: dict[str, Callable], weights: Weights, size: int, out: Path) -> None:
+def _write_jax_exports(
+    fns: dict[str, Callable], weights: Weights, size: int, platforms, out: Path
+) -> None:
     """Self-contained artifacts: the weights are constants, the batch dimension symbolic."""
     (batch,) = jax.export.symbolic_shape("b")
     spec = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8)
     for name, file_name in JAX_EXPORTS.items():
         fn = fns[name]
-        exported = jax.export.export(jax.jit(lambda images, fn=fn: fn(weights, images)))(spec)
+        serve = jax.jit(lambda images, fn=fn: fn(weights, images))
+        exported = jax.export.export(serve, platforms=platforms)(spec)
         (out / file_name).write_bytes(exported.serialize())
 
 
@@ -140,12 +147,14 @@ def export_bundle(
     *,
     dtype: str = "float32",
     formats: tuple[str, ...] = FORMATS,
+    platforms: tuple[str, ...] | None = None,
     step: int | None = None,
     source: str = "",
 ) -> Path:
     """Writes the inference bundle of a trained model's arrays into a new directory.
 
     `formats` picks the serving artifacts; `load_bundle` needs only params/ and model.json.
+    `platforms` are those the artifacts run on (None: this machine's backend).
     Written into `OUT_DIR.tmp` and renamed at the end, so a failed export leaves no bundle
     that looks complete.
     """
@@ -154,6 +163,8 @@ def export_bundle(
     unknown = set(formats) - set(FORMATS)
     if unknown:
         raise ValueError(f"unknown export formats {sorted(unknown)}; choose from {FORMATS}")
+    if platforms is not None and not set(platforms) <= set(PLATFORMS):
+        raise ValueError(f"unknown platforms in {platforms}; choose from {PLATFORMS}")
     out = Path(out_dir).absolute()
     if out.exists():
         raise FileExistsError(f"{out} exists; choose a new --out directory")
@@ -169,14 +180,15 @@ def export_bundle(
     fns = serving_fns(graphdef)
     size = mc.image_size
     if "saved_model" in formats:
-        _write_saved_model(fns, (params, batch_stats), size, tmp / SAVED_MODEL_DIR)
+        _write_saved_model(fns, (params, batch_stats), size, platforms, tmp / SAVED_MODEL_DIR)
     if "jax_export" in formats:
-        _write_jax_exports(fns, (params, batch_stats), size, tmp)
+        _write_jax_exports(fns, (params, batch_stats), size, platforms, tmp)
     meta = {
         "bundle_version": BUNDLE_VERSION,
         "model": mc.to_dict(),
         "dtype": dtype,
         "formats": list(formats),
+        "platforms": list(platforms or (jax.default_backend(),)),
         "image_size": size,
         "step": step,
         "source": source,
@@ -211,7 +223,8 @@ class Predictor:
         self.image_size = int(meta["image_size"])
         self.batch_size = batch_size
         graphdef, _, _ = _abstract_weights(ConfigDict(meta["model"]))
-        self._weights = (params, batch_stats)
+        self.params = params
+        self.batch_stats = batch_stats
         self._fns = {name: jax.jit(fn) for name, fn in serving_fns(graphdef).items()}
 
     def _run(self, name: str, images) -> dict[str, np.ndarray]:
@@ -221,7 +234,7 @@ class Predictor:
             chunk = images[start : start + self.batch_size]
             padded = np.zeros((self.batch_size, *images.shape[1:]), np.uint8)
             padded[: len(chunk)] = chunk
-            result = self._fns[name](self._weights, padded)
+            result = self._fns[name]((self.params, self.batch_stats), padded)
             outputs.append({k: np.asarray(v)[: len(chunk)] for k, v in result.items()})
         return {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
 
@@ -271,6 +284,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--formats", default=",".join(FORMATS),
                         help="comma-separated serving artifacts to write, from: "
                         + ", ".join(FORMATS))
+    parser.add_argument("--platforms", default="",
+                        help="comma-separated platforms the artifacts run on, from: "
+                        + ", ".join(PLATFORMS) + " (default: this machine's)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -284,6 +300,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         out = export_bundle(config, params, batch_stats, args.out, dtype=args.dtype,
                             formats=tuple(f for f in args.formats.split(",") if f),
+                            platforms=tuple(p for p in args.platforms.split(",") if p) or None,
                             step=int(step), source=os.fspath(path))
     except (FileExistsError, ValueError) as err:
         raise SystemExit(f"error: {err}") from err

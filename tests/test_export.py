@@ -59,7 +59,8 @@ def trained(tmp_path_factory):
     config = tiny_config()
     graphdef, params, batch_stats = calibrated_model(config)
     out = export.export_bundle(config, params, batch_stats,
-                               tmp_path_factory.mktemp("export") / "bundle", step=7)
+                               tmp_path_factory.mktemp("export") / "bundle", step=7,
+                               platforms=("cpu", "tpu"))
     return config, graphdef, params, batch_stats, out
 
 
@@ -97,6 +98,7 @@ def test_jax_export_matches_jax(trained, images_and_reference):
     images, ref = images_and_reference
     bundle = trained[-1]
     classify = jax.export.deserialize((bundle / "classify.jax").read_bytes())
+    assert classify.platforms == ("cpu", "tpu")  # Runs here (CPU), and on TPU unchanged.
     assert_outputs_close(classify.call(images), ref, ["probability"])
     two = classify.call(images[:2])["probability"]
     np.testing.assert_allclose(np.asarray(two), ref["probability"][:2], atol=1e-4, rtol=0)
@@ -119,9 +121,9 @@ def test_model_json_describes_model_without_training_state(trained):
     meta = json.loads((bundle / export.MODEL_JSON).read_text())
     assert meta["model"] == json.loads(json.dumps(config.model.to_dict()))
     assert (meta["dtype"], meta["image_size"], meta["step"]) == ("float32", SIZE, 7)
-    assert meta["formats"] == list(export.FORMATS)
+    assert meta["formats"] == list(export.FORMATS) and meta["platforms"] == ["cpu", "tpu"]
     predictor = export.load_bundle(bundle)
-    loaded_params, loaded_stats = predictor._weights
+    loaded_params, loaded_stats = predictor.params, predictor.batch_stats
     assert export.flat(loaded_params).keys() == export.flat(params).keys()
     for key, value in export.flat(loaded_params).items():
         np.testing.assert_array_equal(value, export.flat(params)[key], err_msg=key)
@@ -155,6 +157,8 @@ def test_export_refuses_to_overwrite_and_load_names_missing_bundle(trained, tmp_
         export.load_bundle(tmp_path)
     with pytest.raises(ValueError, match="unknown export formats"):
         export.export_bundle(config, params, batch_stats, tmp_path / "b", formats=("onnx",))
+    with pytest.raises(ValueError, match="unknown platforms"):
+        export.export_bundle(config, params, batch_stats, tmp_path / "b", platforms=("gpu",))
     assert not (tmp_path / "b").exists() and not (tmp_path / "b.tmp").exists()
 
 
@@ -166,9 +170,12 @@ def test_bfloat16_bundle_stores_bf16_and_stays_close(trained, images_and_referen
     assert {v.dtype for v in export.flat(bf16_params).values()} == {jnp.dtype(jnp.bfloat16)}
     with pytest.raises(ValueError, match="float16"):
         export.cast_for_export(config.model, params, "float16")
-    # The Predictor path only (the converters are format-independent and covered above).
-    predictor = export.Predictor({"model": mc.to_dict(), "image_size": SIZE}, bf16_params,
-                                 batch_stats)
+    bundle = export.export_bundle(config, params, batch_stats, tmp_path / "bf16",
+                                  dtype="bfloat16", formats=())
+    predictor = export.load_bundle(bundle)
+    loaded = predictor.params
+    assert {v.dtype for v in export.flat(loaded).values()} == {jnp.dtype(jnp.bfloat16)}
+    assert json.loads((bundle / export.MODEL_JSON).read_text())["model"]["dtype"] == "bfloat16"
     prob = predictor.predict_proba(images)
     assert not np.allclose(prob, ref["probability"], atol=1e-6, rtol=0)  # bf16 really ran.
     np.testing.assert_allclose(prob, ref["probability"], atol=0.05, rtol=0)
@@ -199,7 +206,7 @@ def test_cli_exports_best_checkpoint_of_a_workdir(tmp_path, capsys):
     meta = json.loads((out / export.MODEL_JSON).read_text())
     assert meta["step"] == 10 and meta["source"] == str(workdir)
     assert sorted(p.name for p in out.iterdir()) == [export.MODEL_JSON, export.PARAMS_DIR]
-    loaded, _ = export.load_bundle(out)._weights
+    loaded = export.load_bundle(out).params
     expected = export.flat(jax.device_get(state.params))
     for key, value in export.flat(loaded).items():
         np.testing.assert_array_equal(value, expected[key], err_msg=key)

@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 from tqdm import tqdm
 
@@ -76,6 +77,8 @@ def score_input(
         found = find_faces(path, args, predictor.image_size)
     except video.UnreadableMediaError as err:
         return {**entry, "status": "error", "error": str(err)}
+    except cv2.error as err:  # OpenCV rejects some decodable media (e.g. degenerate sizes).
+        return {**entry, "status": "error", "error": f"{path}: {err.msg or err}"}
     entry.update(kind=found["kind"], num_sampled=found["num_sampled"])
     if len(found["crops"]) == 0:
         return {**entry, "status": "no_face", "score": None, "label": None, "frames": []}
@@ -106,6 +109,9 @@ def heatmap_folders(paths: list[Path], root: Path) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.out and not Path(args.out).absolute().parent.is_dir():
+        print(f"error: --out {args.out}: its folder does not exist", file=sys.stderr)
+        return 2
     try:
         predictor = export.load_bundle(args.model, batch_size=args.batch_size)
     except (FileNotFoundError, ValueError) as err:

@@ -139,6 +139,9 @@ def test_missing_bundle_is_a_clear_error(media, tmp_path, capsys):
                                str(media / "astronaut.png"))
     assert code == 2 and report == {}
     assert "model.json: not found" in capsys.readouterr().err
+    code = cli.main(["predict", "--model", str(tmp_path), str(media / "astronaut.png"),
+                     "--out", str(tmp_path / "missing" / "preds.json")])
+    assert code == 2 and "missing/preds.json: its folder does not exist" in capsys.readouterr().err
 
 
 def test_folder_expands_to_its_media_files(media):

@@ -100,7 +100,8 @@ def test_single_process_initialize_leaves_jax_alone():
 # CAE_JAX_* variables, gloo collectives) train the same tiny model on the same global batches in
 # a (data=1, fsdp=2) mesh, so the batch and the larger kernels are split across the processes.
 # Every reduction has two operands either way, so the results must agree to float rounding.
-# Each run then restores the other's checkpoint onto its own mesh. The processes execute this
+# Each run then restores the train state of the other's checkpoint (written by
+# `checkpoints.save`, as the trainer does) onto its own mesh. The processes execute this
 # file as a script (`worker` below).
 
 import json  # noqa: E402
@@ -114,7 +115,7 @@ import numpy as np  # noqa: E402
 
 STEPS = 3
 GLOBAL_BATCH = 4
-TIMEOUT = 420  # Seconds for the whole exchange; a hung collective fails instead of hanging.
+TIMEOUT = 600  # Seconds for the whole exchange; a hung collective fails instead of hanging.
 
 
 def tiny_config():
@@ -168,25 +169,6 @@ def save_npz(tree, path: Path, mesh) -> None:
         np.savez(path, **arrays)
 
 
-def save_checkpoint(path: Path, state) -> None:
-    import orbax.checkpoint as ocp
-
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(path.absolute(), state)
-
-
-def restore_checkpoint(path: Path, like):
-    """The checkpoint at `path`, laid out as `like` is on this run's mesh."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like
-    )
-    with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(path.absolute(), target)
-
-
 def wait_for(path: Path) -> None:
     deadline = time.time() + TIMEOUT
     while not path.exists():
@@ -197,13 +179,15 @@ def wait_for(path: Path) -> None:
 
 def worker(out_dir: Path, peer_dir: Path) -> None:
     """One process of a run: train, checkpoint, then restore the peer run's checkpoint."""
+    import grain
     import jax
-
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    import orbax.checkpoint as ocp
     from jax.experimental import multihost_utils
 
-    from cae_jax import distributed, sharding
+    from cae_jax import checkpoints, distributed, sharding
     from cae_jax import train_step as train_lib
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
     started = time.time()
     log = lambda event: print(f"{time.time() - started:6.1f}s {event}", flush=True)  # noqa: E731
@@ -226,14 +210,26 @@ def worker(out_dir: Path, peer_dir: Path) -> None:
         state, _ = train_step(state, batch)
         log(f"step {step}")
     save_npz(state, out_dir / "trained.npz", mesh)
-    save_checkpoint(out_dir / "checkpoint", state)
+    data = iter(grain.MapDataset.range(100).to_iter_dataset())
+    for _ in range(STEPS):
+        next(data)
+    with checkpoints.make_manager(out_dir, config) as manager:
+        checkpoints.save(manager, STEPS, state, data)
+        manager.wait_until_finished()
     multihost_utils.sync_global_devices("saved")
     if jax.process_index() == 0:
         info = {"processes": jax.process_count(), "local_devices": jax.local_device_count()}
         (out_dir / "saved.json").write_text(json.dumps(info))
     log("saved")
     wait_for(peer_dir / "saved.json")
-    restored = restore_checkpoint(peer_dir / "checkpoint", state)
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
+    # The train state moves across process counts; the data position is per process (grain
+    # writes process_<i>-of-<n>.json), so it is left out here.
+    with checkpoints.make_manager(peer_dir, config) as manager:
+        items = {checkpoints.STATE_ITEM: ocp.args.StandardRestore(abstract)}
+        restored = manager.restore(STEPS, args=ocp.args.Composite(**items))[checkpoints.STATE_ITEM]
     save_npz(restored, out_dir / "restored.npz", mesh)
     log("restored")
 

@@ -12,10 +12,11 @@ A sweep file defines `get_sweep()` returning a list of {config key: value} point
         )
 
 `cae-jax sweep FILE --config CONFIG --workdir DIR` checks every point against CONFIG, writes the
-plan to DIR/sweep.json (each run: index, name, overrides, workdir DIR/NAME and the `cae-jax
-train` arguments), then launches it: `local` runs one after another here, `slurm` submits one
-job array (task i runs `cae-jax sweep --workdir DIR --run-index i`), `tpu` runs them one after
-another on every worker of a TPU pod. `cae-jax sweep-report DIR` collects the results.
+plan to DIR/sweep.json (each run: index, name, overrides, workdir DIR/NAME, the `cae-jax train`
+arguments and, with `--test-data`, the `cae-jax evaluate` arguments that score the run's best
+checkpoint on the test split), then launches it: `local` runs one after another here, `slurm`
+submits one job array (task i runs `cae-jax sweep --workdir DIR --run-index i`), `tpu` runs them
+one after another on every worker of a TPU pod. `cae-jax sweep-report DIR` collects the results.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from etils import epath
 from cae_jax import config as config_lib
 
 PLAN_FILE = "sweep.json"
+TEST_METRICS_FILE = "test_metrics.json"  # `cae-jax evaluate` of the run's best checkpoint.
 BACKENDS = ("local", "slurm", "tpu")
 LAUNCH_DIR = Path(__file__).resolve().parents[1] / "launch"
 
@@ -85,6 +87,12 @@ class Run:
     overrides: Point
     workdir: str
     args: list[str]  # `cae-jax` arguments: ["train", "--config", ..., "--workdir", ...].
+    # `cae-jax evaluate` arguments scoring the best checkpoint on the test split; [] = none.
+    evaluate: list[str] = dataclasses.field(default_factory=list)
+
+    def commands(self) -> list[list[str]]:
+        """The run's `cae-jax` argument lists, in order: train, then test evaluation."""
+        return [self.args, self.evaluate] if self.evaluate else [self.args]
 
 
 def load_sweep(path: str | Path) -> list[Point]:
@@ -127,9 +135,18 @@ def _short(value: Any) -> str:
 
 
 def expand(
-    points: Sequence[Point], config_path: str, base_overrides: Sequence[str], workdir: str
+    points: Sequence[Point],
+    config_path: str,
+    base_overrides: Sequence[str],
+    workdir: str,
+    test_data: str = "",
+    test_split: str = "test",
 ) -> list[Run]:
-    """Runs for the points, each checked against the config it will train with."""
+    """Runs for the points, each checked against the config it will train with.
+
+    With `test_data` (comma-separated prepared dirs) each run then evaluates its best
+    checkpoint (by validation AUC) on `test_split`, into RUN/test_metrics.json.
+    """
     base = config_lib.load_config(config_path, list(base_overrides))
     runs = []
     for index, point in enumerate(points):
@@ -141,7 +158,12 @@ def expand(
         name = run_name(index, point)
         run_dir = str(epath.Path(workdir) / name)
         args = ["train", "--config", config_path, "--workdir", run_dir, *base_overrides, *flags]
-        runs.append(Run(index, name, dict(point), run_dir, args))
+        evaluate = []
+        if test_data:
+            out = str(epath.Path(run_dir) / TEST_METRICS_FILE)
+            evaluate = ["evaluate", "--checkpoint", run_dir, "--data", test_data]
+            evaluate += ["--split", test_split, "--out", out]
+        runs.append(Run(index, name, dict(point), run_dir, args, evaluate))
     return runs
 
 
@@ -171,8 +193,8 @@ def read_runs(workdir: str) -> list[Run]:
         raise ValueError(f"{path}: not a sweep plan ({err})") from err
 
 
-def local_commands(runs: Sequence[Run]) -> list[list[str]]:
-    return [[sys.executable, "-m", "cae_jax.main", *run.args] for run in runs]
+def local_commands(runs: Sequence[Run]) -> list[list[list[str]]]:
+    return [[[sys.executable, "-m", "cae_jax.main", *c] for c in run.commands()] for run in runs]
 
 
 def slurm_command(workdir: str, runs: Sequence[Run], launcher_args: Sequence[str]) -> list[str]:
@@ -202,22 +224,28 @@ def array_spec(indices: Sequence[int]) -> str:
     return ",".join(parts)
 
 
-def tpu_commands(runs: Sequence[Run], launcher_args: Sequence[str]) -> list[list[str]]:
-    return [[str(LAUNCH_DIR / "tpu_pod.sh"), "run", *launcher_args, "--", *r.args] for r in runs]
+def tpu_commands(runs: Sequence[Run], launcher_args: Sequence[str]) -> list[list[list[str]]]:
+    script = str(LAUNCH_DIR / "tpu_pod.sh")
+    return [[[script, "run", *launcher_args, "--", *c] for c in run.commands()] for run in runs]
 
 
-def execute(commands: Sequence[list[str]], dry_run: bool) -> int:
-    """Runs the commands one after another (all of them, whatever fails); prints them if dry."""
+def execute(jobs: Sequence[list[list[str]]], dry_run: bool) -> int:
+    """Runs the jobs one after another, each a command list stopped by its first failure.
+
+    Every job runs whatever the others do; a dry run prints the commands instead.
+    """
     failed = []
-    for i, command in enumerate(commands):
-        if dry_run:
-            print(shlex.join(command))
-            continue
-        print(f"[{i + 1}/{len(commands)}] {shlex.join(command)}", file=sys.stderr, flush=True)
-        if subprocess.run(command, check=False).returncode != 0:
-            failed.append(i + 1)
+    for i, job in enumerate(jobs):
+        for command in job:
+            if dry_run:
+                print(shlex.join(command))
+                continue
+            print(f"[{i + 1}/{len(jobs)}] {shlex.join(command)}", file=sys.stderr, flush=True)
+            if subprocess.run(command, check=False).returncode != 0:
+                failed.append(i + 1)
+                break
     if failed:
-        print(f"cae-jax sweep: commands {failed} of {len(commands)} failed", file=sys.stderr)
+        print(f"cae-jax sweep: jobs {failed} of {len(jobs)} failed", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -238,6 +266,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="options for launch/slurm.sh or launch/tpu_pod.sh run, as one string: "
         "--launcher-args='--nodes 2 --partition gpu' or --launcher-args='--name pod --zone z'",
     )
+    parser.add_argument(
+        "--test-data",
+        default="",
+        help="comma-separated prepared dirs: after training, each run evaluates its best "
+        "checkpoint there (cae-jax evaluate) into RUN/test_metrics.json",
+    )
+    parser.add_argument("--test-split", default="test", help="split scored by --test-data")
     parser.add_argument("--only", help="comma list of run indices to launch (default: all)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     parser.add_argument(
@@ -261,7 +296,14 @@ def run(args: argparse.Namespace) -> int:
 def _launch(args: argparse.Namespace) -> int:
     if not args.sweep_file or not args.config:
         raise ValueError("give SWEEP_FILE and --config (or --run-index)")
-    runs = expand(load_sweep(args.sweep_file), args.config, args.overrides, args.workdir)
+    runs = expand(
+        load_sweep(args.sweep_file),
+        args.config,
+        args.overrides,
+        args.workdir,
+        args.test_data,
+        args.test_split,
+    )
     plan = {
         "sweep_file": args.sweep_file,
         "config": args.config,
@@ -281,7 +323,7 @@ def _launch(args: argparse.Namespace) -> int:
     if args.backend == "local":
         commands = local_commands(runs)
     elif args.backend == "slurm":
-        commands = [slurm_command(args.workdir, runs, launcher_args)]
+        commands = [[slurm_command(args.workdir, runs, launcher_args)]]
     else:
         commands = tpu_commands(runs, launcher_args)
     return execute(commands, args.dry_run)
@@ -293,4 +335,8 @@ def _run_one(workdir: str, index: int) -> int:
         raise ValueError(f"{workdir} has no run {index} (runs 0..{len(runs) - 1})")
     from cae_jax import main
 
-    return main.main(runs[index].args)
+    for command in runs[index].commands():
+        status = main.main(command)
+        if status:
+            return status
+    return 0

@@ -1,10 +1,10 @@
 """One table for a sweep: per run its best validation AUC, the step of it, and test AUC.
 
-Reads DIR/sweep.json and each run's `metrics.jsonl` (one JSON object per line with `step` and
-metric keys) and `final_metrics.json` when present. The test AUC is the one logged at the
-best-validation step; a run that did not log test metrics there falls back to the test metric
-of `final_metrics.json` (the evaluation of its best checkpoint). Writes DIR/report.md,
-DIR/report.csv and DIR/report.png (validation curves), and prints the markdown table.
+Reads DIR/sweep.json and, per run, `metrics.jsonl` (one JSON object per line with `step` and
+metric keys, as `cae-jax train` writes), `config.json` (its `train.steps`) and
+`test_metrics.json` (`cae-jax evaluate` of the run's best checkpoint on the test split, made by
+`cae-jax sweep --test-data`). Writes DIR/report.md, DIR/report.csv and DIR/report.png
+(validation curves), and prints the markdown table.
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ from etils import epath
 from cae_jax import sweep as sweep_lib
 
 METRICS_FILE = "metrics.jsonl"
-FINAL_METRICS_FILE = "final_metrics.json"
-DEFAULT_VAL_METRIC = "val/frame_auc"
-DEFAULT_TEST_METRIC = "test/frame_auc"
+CONFIG_FILE = "config.json"
+DEFAULT_VAL_METRIC = "val_auc"
 
 
 def read_metrics(path: epath.Path) -> list[dict[str, Any]]:
@@ -36,11 +35,9 @@ def read_metrics(path: epath.Path) -> list[dict[str, Any]]:
     """
     if not path.exists():
         return []
-    text = path.read_text()
-    lines = text.split("\n")
-    complete = lines[:-1]  # After the last "\n": "" or a record still being written.
+    lines = path.read_text().split("\n")
     records = []
-    for number, line in enumerate(complete, start=1):
+    for number, line in enumerate(lines[:-1], start=1):  # lines[-1]: "" or being written.
         if not line.strip():
             continue
         try:
@@ -53,19 +50,45 @@ def read_metrics(path: epath.Path) -> list[dict[str, Any]]:
     return records
 
 
-def summarize_run(run: sweep_lib.Run, val_metric: str, test_metric: str) -> dict[str, Any]:
+def read_test_aucs(path: epath.Path) -> dict[str, float]:
+    """Frame AUC per test dataset from a `cae-jax evaluate` report ({} when absent).
+
+    One dataset gives column `test_auc`; several give `test_auc/<dataset>` each.
+    """
+    if not path.exists():
+        return {}
+    try:
+        results = json.loads(path.read_text())["results"]
+        aucs = {name: result["all"]["frame"]["auc"] for name, result in results.items()}
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: not a cae-jax evaluate report ({err})") from err
+    if len(aucs) == 1:
+        return {"test_auc": next(iter(aucs.values()))}
+    return {f"test_auc/{name}": auc for name, auc in aucs.items()}
+
+
+def planned_steps(path: epath.Path) -> int | None:
+    if not path.exists():
+        return None
+    try:
+        return int(json.loads(path.read_text())["train"]["steps"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: no train.steps ({err})") from err
+
+
+def summarize_run(run: sweep_lib.Run, val_metric: str) -> dict[str, Any]:
     """The report row of one run (metrics missing so far are None)."""
     workdir = epath.Path(run.workdir)
     records = read_metrics(workdir / METRICS_FILE)
-    final_path = workdir / FINAL_METRICS_FILE
-    final = json.loads(final_path.read_text()) if final_path.exists() else {}
+    tests = read_test_aucs(workdir / sweep_lib.TEST_METRICS_FILE)
+    steps = planned_steps(workdir / CONFIG_FILE)
     scored = [r for r in records if _is_number(r.get(val_metric))]
     best = max(scored, key=lambda r: (r[val_metric], -r["step"]), default=None)
-    test = best.get(test_metric) if best else None
-    if not _is_number(test):
-        test = final.get(test_metric)
-    if final:
-        status = "done"
+    last_step = max((r["step"] for r in records), default=None)
+    if tests:
+        status = "tested"
+    elif last_step is not None and steps is not None and last_step >= steps:
+        status = "trained"
     elif records:
         status = "running"
     else:
@@ -75,10 +98,10 @@ def summarize_run(run: sweep_lib.Run, val_metric: str, test_metric: str) -> dict
         "name": run.name,
         **run.overrides,
         "status": status,
-        "last_step": max((r["step"] for r in records), default=None),
+        "last_step": last_step,
         f"best_{val_metric}": best[val_metric] if best else None,
         "best_step": best["step"] if best else None,
-        test_metric: test if _is_number(test) else None,
+        **tests,
         "_curve": [(r["step"], r[val_metric]) for r in scored],
     }
 
@@ -87,9 +110,9 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def build_rows(workdir: str, val_metric: str, test_metric: str) -> list[dict[str, Any]]:
+def build_rows(workdir: str, val_metric: str) -> list[dict[str, Any]]:
     """Rows of every run, the best validation first (runs without one last, by index)."""
-    rows = [summarize_run(r, val_metric, test_metric) for r in sweep_lib.read_runs(workdir)]
+    rows = [summarize_run(r, val_metric) for r in sweep_lib.read_runs(workdir)]
     best_key = f"best_{val_metric}"
     return sorted(rows, key=lambda r: (r[best_key] is None, -(r[best_key] or 0.0), r["index"]))
 
@@ -156,13 +179,12 @@ def plot_curves(rows: Sequence[dict[str, Any]], val_metric: str, path: epath.Pat
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("workdir", help="sweep directory written by `cae-jax sweep`")
     parser.add_argument("--val-metric", default=DEFAULT_VAL_METRIC, help="metric to rank runs by")
-    parser.add_argument("--test-metric", default=DEFAULT_TEST_METRIC, help="metric reported")
     parser.add_argument("--out", help="directory for report.md/.csv/.png (default: the sweep's)")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        rows = build_rows(args.workdir, args.val_metric, args.test_metric)
+        rows = build_rows(args.workdir, args.val_metric)
     except (FileNotFoundError, ValueError) as err:
         print(f"cae-jax sweep-report: {err}", file=sys.stderr)
         return 2

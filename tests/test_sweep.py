@@ -186,48 +186,84 @@ def test_run_index_runs_that_run_of_the_plan(tmp_path, monkeypatch):
     assert real_main(["sweep", "--workdir", sweep_dir, "--run-index", "12"]) == 2
 
 
+def test_test_data_adds_an_evaluation_after_training(tmp_path, capsys, monkeypatch):
+    argv = ["sweep", str(EXAMPLE_SWEEP), "--config", BASE_CONFIG, "--workdir", str(tmp_path)]
+    argv += ["--test-data", "/d/ffpp,/d/celebdf", "--only", "3"]
+    assert main.main([*argv, "--dry-run"]) == 0
+    train, evaluate = capsys.readouterr().out.splitlines()
+    run_dir = tmp_path / "003-recon_weight=0.5,learning_rate=0.0001"
+    assert f"cae_jax.main train --config {BASE_CONFIG} --workdir {run_dir} " in train
+    assert evaluate.endswith(
+        f"cae_jax.main evaluate --checkpoint {run_dir} --data /d/ffpp,/d/celebdf"
+        f" --split test --out {run_dir}/test_metrics.json"
+    )
+    # An array task runs both, and skips the evaluation when training fails.
+    runs = sweep.expand(sweep.load_sweep(EXAMPLE_SWEEP), BASE_CONFIG, [], str(tmp_path), "/d/ffpp")
+    sweep.write_plan(str(tmp_path), {"runs": [sweep.dataclasses.asdict(r) for r in runs]})
+    calls, status = [], {"train": 0}
+    real_main = main.main
+    monkeypatch.setattr(main, "main", lambda a: calls.append(a[0]) or status.get(a[0], 0))
+    assert real_main(["sweep", "--workdir", str(tmp_path), "--run-index", "2"]) == 0
+    status["train"] = 1
+    assert real_main(["sweep", "--workdir", str(tmp_path), "--run-index", "2"]) == 1
+    assert calls == ["train", "evaluate", "train"]
+
+
 def test_local_execution_runs_every_command_and_reports_failure(tmp_path):
-    marker = tmp_path / "second-ran"
-    commands = [
-        [sys.executable, "-c", "raise SystemExit(3)"],
-        [sys.executable, "-c", f"open({str(marker)!r}, 'w').write('ok')"],
+    def touch(name):
+        return [sys.executable, "-c", f"open({str(tmp_path / name)!r}, 'w').write('ok')"]
+
+    jobs = [
+        [[sys.executable, "-c", "raise SystemExit(3)"], touch("evaluated-after-failure")],
+        [touch("second-trained"), touch("second-evaluated")],
     ]
-    assert sweep.execute(commands, dry_run=False) == 1
-    assert marker.read_text() == "ok"  # A failed run does not stop the ones after it.
-    assert sweep.execute(commands[1:], dry_run=False) == 0
+    assert sweep.execute(jobs, dry_run=False) == 1
+    # A failed training skips its evaluation, not the runs after it.
+    assert not (tmp_path / "evaluated-after-failure").exists()
+    assert (tmp_path / "second-trained").exists() and (tmp_path / "second-evaluated").exists()
+    assert sweep.execute(jobs[1:], dry_run=False) == 0
 
 
 # ---- sweep-report -------------------------------------------------------------------------
 
 
+def evaluate_report(aucs: dict[str, float]) -> str:
+    """What `cae-jax evaluate --out` writes, reduced to the fields the report reads."""
+    results = {
+        name: {"all": {"frame": {"auc": auc}, "video": {"auc": 0.5}}} for name, auc in aucs.items()
+    }
+    return json.dumps({"checkpoint": "x", "step": 200, "split": "test", "results": results})
+
+
 def make_sweep_with_results(root: Path) -> list[sweep.Run]:
     points = sweep.product(sweep.sweep("loss.recon_weight", [0.5, 1.0, 2.0]))
-    runs = sweep.expand(points, BASE_CONFIG, [], str(root))
+    runs = sweep.expand(points, BASE_CONFIG, [], str(root), test_data="/data/ffpp")
     sweep.write_plan(str(root), {"runs": [sweep.dataclasses.asdict(r) for r in runs]})
 
-    def write_lines(run, records, tail=""):
+    def write_run(run, steps, records, tail=""):
         Path(run.workdir).mkdir(parents=True)
+        (Path(run.workdir) / "config.json").write_text(json.dumps({"train": {"steps": steps}}))
         text = "".join(json.dumps(r) + "\n" for r in records) + tail
         (Path(run.workdir) / "metrics.jsonl").write_text(text)
 
-    # Run 0 finished: best validation at step 200 (logged with test there), final file too.
-    write_lines(
+    # Run 0 finished and was tested; its best validation is at step 200.
+    write_run(
         runs[0],
+        300,
         [
             {"step": 50, "train/loss": 0.9},
-            {"step": 100, "val/frame_auc": 0.80, "test/frame_auc": 0.70},
-            {"step": 200, "val/frame_auc": 0.91, "test/frame_auc": 0.85},
-            {"step": 300, "val/frame_auc": 0.90, "test/frame_auc": 0.88},
+            {"step": 100, "val_auc": 0.80},
+            {"step": 200, "val_auc": 0.91},
+            {"step": 300, "val_auc": 0.90},
         ],
     )
-    (Path(runs[0].workdir) / "final_metrics.json").write_text(
-        json.dumps({"step": 300, "test/frame_auc": 0.86})
-    )
-    # Run 1 still running: no test at its best step, no final file; last line half-written.
-    write_lines(
+    (Path(runs[0].workdir) / "test_metrics.json").write_text(evaluate_report({"ffpp": 0.85}))
+    # Run 1 is still running, its last line half-written.
+    write_run(
         runs[1],
-        [{"step": 100, "val/frame_auc": 0.95}, {"step": 200, "val/frame_auc": 0.93}],
-        tail='{"step": 300, "val/fr',
+        1000,
+        [{"step": 100, "val_auc": 0.95}, {"step": 200, "val_auc": 0.93}],
+        tail='{"step": 300, "val_au',
     )
     # Run 2 has not started.
     return runs
@@ -235,7 +271,7 @@ def make_sweep_with_results(root: Path) -> list[sweep.Run]:
 
 def test_report_rows_rank_runs_by_best_validation(tmp_path):
     runs = make_sweep_with_results(tmp_path)
-    rows = sweep_report.build_rows(str(tmp_path), "val/frame_auc", "test/frame_auc")
+    rows = sweep_report.build_rows(str(tmp_path), "val_auc")
     simple = [{k: v for k, v in row.items() if k != "_curve"} for row in rows]
     assert simple == [
         {
@@ -244,19 +280,18 @@ def test_report_rows_rank_runs_by_best_validation(tmp_path):
             "loss.recon_weight": 1.0,
             "status": "running",
             "last_step": 200,
-            "best_val/frame_auc": 0.95,
+            "best_val_auc": 0.95,
             "best_step": 100,
-            "test/frame_auc": None,
         },
         {
             "index": 0,
             "name": runs[0].name,
             "loss.recon_weight": 0.5,
-            "status": "done",
+            "status": "tested",
             "last_step": 300,
-            "best_val/frame_auc": 0.91,
+            "best_val_auc": 0.91,
             "best_step": 200,
-            "test/frame_auc": 0.85,
+            "test_auc": 0.85,
         },
         {
             "index": 2,
@@ -264,19 +299,25 @@ def test_report_rows_rank_runs_by_best_validation(tmp_path):
             "loss.recon_weight": 2.0,
             "status": "not started",
             "last_step": None,
-            "best_val/frame_auc": None,
+            "best_val_auc": None,
             "best_step": None,
-            "test/frame_auc": None,
         },
     ]
     assert rows[1]["_curve"] == [(100, 0.80), (200, 0.91), (300, 0.90)]
 
 
-def test_test_metric_falls_back_to_final_metrics(tmp_path):
+def test_report_status_and_one_column_per_test_dataset(tmp_path):
     runs = make_sweep_with_results(tmp_path)
-    (Path(runs[1].workdir) / "final_metrics.json").write_text('{"test/frame_auc": 0.77}')
-    rows = sweep_report.build_rows(str(tmp_path), "val/frame_auc", "test/frame_auc")
-    assert (rows[0]["index"], rows[0]["status"], rows[0]["test/frame_auc"]) == (1, "done", 0.77)
+    (Path(runs[0].workdir) / "test_metrics.json").unlink()
+    (Path(runs[1].workdir) / "test_metrics.json").write_text(
+        evaluate_report({"ffpp": 0.9, "celebdf": 0.7})
+    )
+    rows = {row["index"]: row for row in sweep_report.build_rows(str(tmp_path), "val_auc")}
+    assert rows[0]["status"] == "trained" and "test_auc" not in rows[0]
+    assert rows[1]["status"] == "tested"
+    assert (rows[1]["test_auc/ffpp"], rows[1]["test_auc/celebdf"]) == (0.9, 0.7)
+    table = sweep_report.to_markdown(sorted(rows.values(), key=lambda r: r["index"]))
+    assert table.splitlines()[0].endswith("| test_auc/ffpp | test_auc/celebdf |")
 
 
 def test_report_cli_writes_markdown_csv_and_plot(tmp_path, capsys):
@@ -285,29 +326,38 @@ def test_report_cli_writes_markdown_csv_and_plot(tmp_path, capsys):
     markdown = (tmp_path / "report.md").read_text()
     assert capsys.readouterr().out == markdown
     assert markdown.splitlines() == [
-        "| index | name | loss.recon_weight | status | last_step | best_val/frame_auc"
-        " | best_step | test/frame_auc |",
+        "| index | name | loss.recon_weight | status | last_step | best_val_auc | best_step"
+        " | test_auc |",
         "|---|---|---|---|---|---|---|---|",
         f"| 1 | {runs[1].name} | 1 | running | 200 | 0.95 | 100 | - |",
-        f"| 0 | {runs[0].name} | 0.5 | done | 300 | 0.91 | 200 | 0.85 |",
+        f"| 0 | {runs[0].name} | 0.5 | tested | 300 | 0.91 | 200 | 0.85 |",
         f"| 2 | {runs[2].name} | 2 | not started | - | - | - | - |",
     ]
     csv_lines = (tmp_path / "report.csv").read_text().splitlines()
     assert csv_lines[0] == (
-        "index,name,loss.recon_weight,status,last_step,best_val/frame_auc,best_step,test/frame_auc"
+        "index,name,loss.recon_weight,status,last_step,best_val_auc,best_step,test_auc"
     )
-    assert csv_lines[2] == f"0,{runs[0].name},0.5,done,300,0.91,200,0.85"
+    assert csv_lines[2] == f"0,{runs[0].name},0.5,tested,300,0.91,200,0.85"
     assert csv_lines[3] == f"2,{runs[2].name},2.0,not started,,,,"
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_report_names_file_and_line_of_a_corrupt_record(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "file, content, message",
+    [
+        ("metrics.jsonl", "not json\n", "metrics.jsonl:2: not a JSON object"),
+        ("test_metrics.json", "{}", "test_metrics.json: not a cae-jax evaluate report"),
+    ],
+)
+def test_report_names_the_corrupt_file(tmp_path, capsys, file, content, message):
     runs = make_sweep_with_results(tmp_path)
-    path = Path(runs[0].workdir) / "metrics.jsonl"
-    lines = path.read_text().splitlines(keepends=True)
-    path.write_text(lines[0] + "not json\n" + "".join(lines[1:]))
+    path = Path(runs[0].workdir) / file
+    if file == "metrics.jsonl":
+        lines = path.read_text().splitlines(keepends=True)
+        content = lines[0] + content + "".join(lines[1:])
+    path.write_text(content)
     assert main.main(["sweep-report", str(tmp_path)]) == 2
-    assert f"{path}:2: not a JSON object" in capsys.readouterr().err
+    assert f"{runs[0].workdir}/{message}" in capsys.readouterr().err
     assert not (tmp_path / "report.md").exists()
 
 

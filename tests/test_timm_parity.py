@@ -1,0 +1,59 @@
+"""timm `legacy_xception` weights imported into our encoder give timm's features at 299x299."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from cae_jax import config as config_lib
+from cae_jax import main, sharding, train_step
+
+torch = pytest.importorskip("torch")
+timm = pytest.importorskip("timm")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+
+def randomize_batch_norm(model, generator):
+    """Random BN statistics and affine terms (fresh ones are 0/1 and would hide a mix-up)."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                n = module.num_features
+                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+                module.weight.copy_(torch.rand(n, generator=generator) * 0.4 + 0.8)
+                module.bias.copy_(torch.randn(n, generator=generator) * 0.1)
+
+
+def test_timm_import_gives_timm_features(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = timm.create_model("legacy_xception", pretrained=False, num_classes=0).eval()
+    randomize_batch_norm(model, generator)
+    weights = tmp_path / "legacy_xception.safetensors"
+    safetensors_torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                                str(weights))
+    out = tmp_path / "imported"
+    assert main.main(["import-weights", "--format", "timm", "--input", str(weights),
+                      "--output", str(out)]) == 0
+
+    config = config_lib.default_config()
+    config.init_from = str(out)
+    config.model.pool_padding = "torch"
+    config.model.bn_epsilon = 1e-5
+    mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
+    state = train_step.create_train_state(config, mesh)
+    graphdef, _, _ = train_step.abstract_model(config)
+
+    images = np.random.default_rng(1).uniform(-1, 1, (2, 299, 299, 3)).astype(np.float32)
+
+    @jax.jit
+    def encode(params, batch_stats, x):
+        return nnx.merge(graphdef, params, batch_stats, copy=True).encoder(x, train=False)
+
+    ours = np.asarray(encode(state.params, state.batch_stats, images))
+    with torch.inference_mode():
+        theirs = model.forward_features(torch.from_numpy(images).permute(0, 3, 1, 2))
+    theirs = theirs.permute(0, 2, 3, 1).numpy()
+    assert ours.shape == theirs.shape == (2, 10, 10, 2048)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())

@@ -126,7 +126,7 @@ def best_step(manager: ocp.CheckpointManager) -> int | None:
     return manager.latest_step()
 
 
-def _resolve(path: Path) -> tuple[Path, Path]:
+def resolve(path: Path) -> tuple[Path, Path]:
     """(workdir, step directory) for a workdir or one step directory in it."""
     if (path / CHECKPOINT_DIR).is_dir():
         with ocp.CheckpointManager(
@@ -146,6 +146,25 @@ def _resolve(path: Path) -> tuple[Path, Path]:
     )
 
 
+def resolve_config_and_step(path: str | os.PathLike) -> tuple[ConfigDict, Path]:
+    """The run's config and the step directory `path` stands for (see `restore_inference`)."""
+    workdir, step_dir = resolve(Path(path))
+    return read_config(workdir), step_dir
+
+
+def restore_state(step_dir: str | os.PathLike, config: ConfigDict, mesh) -> Any:
+    """The full `TrainState` of one step directory, sharded over `mesh` as in training."""
+    from cae_jax import train_step
+
+    shardings = train_step.state_shardings(config, mesh)
+    target = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        jax.eval_shape(lambda: train_step.init_state(config)), shardings,
+    )
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore((Path(step_dir) / STATE_ITEM).absolute(), target)
+
+
 def restore_inference(path: str | os.PathLike) -> tuple[ConfigDict, Any, Any, int]:
     """Model arrays for inference: `(config, params, batch_stats, step)`.
 
@@ -157,8 +176,7 @@ def restore_inference(path: str | os.PathLike) -> tuple[ConfigDict, Any, Any, in
     """
     from cae_jax import train_step
 
-    workdir, step_dir = _resolve(Path(path))
-    config = read_config(workdir)
+    config, step_dir = resolve_config_and_step(path)
     _, params, batch_stats = train_step.abstract_model(config)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(

@@ -74,6 +74,7 @@ def default_config() -> ConfigDict:
     t.checkpoint_every = 1000
     t.keep_checkpoints = 3  # The last K are kept, plus the best by validation AUC.
     t.nan_policy = "stop"  # "stop" (keep last good checkpoint) or "skip" the bad step.
+    t.recon_images = 8  # Validation faces shown with their reconstructions in TensorBoard.
 
     # Input pipeline (cae_jax/input_pipeline.py, docs/input_pipeline.md).
     c.input = i = ConfigDict()

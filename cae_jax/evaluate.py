@@ -1,0 +1,190 @@
+"""Evaluation protocol: scores of a checkpoint on prepared data, frame- and video-level metrics.
+
+`cae-jax evaluate --checkpoint CKPT --data DIR[,DIR...] --split test --out metrics.json`
+reports, per dataset and per manipulation method (that method's fakes against all reals):
+frame-level AUC, ACC at 0.5, EER and AP, and video-level AUC and ACC of the mean frame
+probability per video, keyed by "dataset/method/video_id" so equal file names under
+different methods stay apart. It also writes a cross-dataset table (markdown and JSON) and
+one ROC curve PNG per dataset next to `--out`. The trainer validates with `score_split`
+and `summarize` as well, so validation and test numbers mean the same thing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+from tqdm import tqdm
+
+from cae_jax import input_pipeline, metrics
+
+REAL_METHOD = "real"
+
+
+def host_rows(x: jax.Array) -> np.ndarray:
+    """This host's rows of a batch-sharded global array, in batch order."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    shards = {s.index[0].start or 0: np.asarray(s.data) for s in x.addressable_shards}
+    return np.concatenate([shards[k] for k in sorted(shards)])
+
+
+def score_split(
+    config: ConfigDict,
+    eval_step: Callable,
+    state,
+    mesh: jax.sharding.Mesh,
+    data_dir: str,
+    split: str,
+    *,
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
+    """Every record of a split scored once: prob, recon_error, label and metadata arrays.
+
+    Rows are this host's (padding dropped). Only single-process runs see the whole split;
+    multi-process runs return each host's contiguous part of it.
+    """
+    columns: dict[str, list] = {k: [] for k in ("prob", "recon_error", "label", "frame_index",
+                                                "video_id", "method", "dataset")}
+    batches = input_pipeline.make_eval_iterator(config, mesh, data_dir, split)
+    bar = tqdm(batches, desc=f"eval {Path(data_dir).name}/{split}", unit="batch",
+               disable=not progress or jax.process_index() != 0, leave=False)
+    for batch in bar:
+        out = eval_step(state, {"image": batch["image"], "label": batch["label"]})
+        meta = batch["meta"]
+        keep = meta["mask"]
+        columns["prob"].append(host_rows(out["prob"])[keep])
+        columns["recon_error"].append(host_rows(out["recon_error"])[keep])
+        for name in ("label", "frame_index", "video_id", "method", "dataset"):
+            columns[name].append(meta[name][keep])
+    return {k: np.concatenate(v) for k, v in columns.items()}
+
+
+def video_keys(scores: dict[str, np.ndarray]) -> list[str]:
+    """Full video identity: the same file name under two methods is two videos."""
+    return [f"{d}/{m}/{v}" for d, m, v in zip(scores["dataset"], scores["method"],
+                                              scores["video_id"], strict=True)]
+
+
+def summarize(scores: dict[str, np.ndarray]) -> dict[str, dict]:
+    """Frame and video metrics for all rows ("all") and per fake method (with all reals)."""
+    keys = np.asarray(video_keys(scores), dtype=object)
+
+    def report(rows: np.ndarray) -> dict:
+        labels, probs = scores["label"][rows], scores["prob"][rows]
+        return {
+            "frame": metrics.frame_metrics(labels, probs),
+            "video": metrics.video_metrics(keys[rows], labels, probs),
+        }
+
+    everything = np.ones(len(keys), bool)
+    result = {"all": report(everything)}
+    real = scores["label"] == 0
+    for method in sorted(set(scores["method"][~real])):
+        result[method] = report(real | (scores["method"] == method))
+    return result
+
+
+def save_roc_plot(curves: dict[str, dict], path: Path, title: str) -> None:
+    """One ROC curve per entry of `curves` ({name: {"labels", "probs"}}) in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, c in curves.items():
+        fpr, tpr, _ = metrics.roc_curve(c["labels"], c["probs"])
+        ax.plot(fpr, tpr, label=f"{name} (AUC {metrics.auc(c['labels'], c['probs']):.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown_table(results: dict[str, dict]) -> str:
+    """Cross-dataset table: one row per dataset (all methods) and per method."""
+    lines = [
+        "| data | subset | frame AUC | frame ACC | frame EER | frame AP | video AUC | video ACC |"
+        " frames | videos |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for data, subsets in results.items():
+        for subset, r in subsets.items():
+            f, v = r["frame"], r["video"]
+            lines.append(
+                f"| {data} | {subset} | {f['auc']:.4f} | {f['acc']:.4f} | {f['eer']:.4f} | "
+                f"{f['ap']:.4f} | {v['auc']:.4f} | {v['acc']:.4f} | {f['frames']} | "
+                f"{v['videos']} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike, data_dirs: list[str], split: str, out: str | os.PathLike,
+    *, batch_size: int = 0,
+) -> dict:
+    """Scores `checkpoint` on each dir's split; writes metrics JSON, table and ROC PNGs."""
+    from cae_jax import checkpoints, sharding, train_step
+
+    config, step_dir = checkpoints.resolve_config_and_step(checkpoint)
+    if batch_size:
+        config.input.eval_batch_size = batch_size
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, jax.devices())
+    state = checkpoints.restore_state(step_dir, config, mesh)
+    eval_step = train_step.make_eval_step(config, mesh)
+    results, curves = {}, {}
+    for data_dir in data_dirs:
+        scores = score_split(config, eval_step, state, mesh, data_dir, split)
+        name = Path(data_dir.rstrip("/")).name
+        results[name] = summarize(scores)
+        curves[name] = {"labels": scores["label"], "probs": scores["prob"]}
+    report = {"checkpoint": str(step_dir), "step": int(state.step), "split": split,
+              "data": {Path(d.rstrip("/")).name: d for d in data_dirs}, "results": results}
+    if jax.process_index() == 0:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+        table = {d: {s: {"frame_auc": r["frame"]["auc"], "video_auc": r["video"]["auc"]}
+                     for s, r in subsets.items()} for d, subsets in results.items()}
+        out.with_name(out.stem + "_table.json").write_text(json.dumps(table, indent=2))
+        out.with_name(out.stem + "_table.md").write_text(markdown_table(results))
+        for name, c in curves.items():
+            save_roc_plot({name: c}, out.with_name(f"{out.stem}_roc_{name}.png"),
+                          f"{name} / {split} (step {report['step']})")
+    return report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True,
+                        help="a training workdir (its best checkpoint by validation AUC, else "
+                        "its latest) or one step directory WORKDIR/checkpoints/STEP")
+    parser.add_argument("--data", required=True,
+                        help="comma-separated `cae-jax prepare` output dirs")
+    parser.add_argument("--split", default="test", help="split to score (default: test)")
+    parser.add_argument("--out", required=True,
+                        help="metrics JSON; OUT_table.md/.json and OUT_roc_DATA.png go beside it")
+    parser.add_argument("--batch-size", type=int, default=0,
+                        help="global evaluation batch (default: the run's eval batch)")
+
+
+def run(args: argparse.Namespace) -> int:
+    data_dirs = [d for d in args.data.split(",") if d]
+    try:
+        report = evaluate_checkpoint(args.checkpoint, data_dirs, args.split, args.out,
+                                     batch_size=args.batch_size)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from err
+    if jax.process_index() == 0:
+        print(markdown_table(report["results"]), end="")
+        print(f"wrote {args.out}")
+    return 0
+

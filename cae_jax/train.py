@@ -1,0 +1,237 @@
+"""`cae-jax train --config configs/NAME.py --workdir DIR [--config.a.b=v ...]`: the trainer.
+
+One flat loop (as in big_vision): resume from the workdir's latest checkpoint if any, run the
+jitted train step, log, validate every `train.eval_every` steps, and checkpoint every
+`train.checkpoint_every` steps (asynchronously), at validation steps, at the end and on
+SIGTERM. Model selection uses the validation split only. Only process 0 writes logs.
+
+Workdir: config.json and checkpoints/ (see checkpoints.py), metrics.jsonl (one JSON object
+per logged step and per validation), tensorboard/ (scalars and reconstruction grids).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+from tqdm import tqdm
+
+from cae_jax import checkpoints, distributed, evaluate, input_pipeline, sharding, train_step
+from cae_jax import config as config_lib
+
+ACCEPTS_CONFIG_OVERRIDES = True
+
+
+class NonFiniteLossError(RuntimeError):
+    """A train step produced a NaN/Inf loss or gradient and `train.nan_policy` is "stop"."""
+
+
+class Logger:
+    """metrics.jsonl + TensorBoard, written by process 0 only."""
+
+    def __init__(self, workdir: Path):
+        self.active = jax.process_index() == 0
+        if not self.active:
+            return
+        import tensorflow as tf
+
+        self._tf = tf
+        self._jsonl = (workdir / "metrics.jsonl").open("a")
+        self._writer = tf.summary.create_file_writer(str(workdir / "tensorboard"))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if not self.active:
+            return
+        self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self._jsonl.flush()
+        with self._writer.as_default(step=step):
+            for name, value in values.items():
+                self._tf.summary.scalar(name, value)
+
+    def image(self, step: int, name: str, image: np.ndarray) -> None:
+        if self.active:
+            with self._writer.as_default(step=step):
+                self._tf.summary.image(name, image[None])
+
+    def close(self) -> None:
+        if self.active:
+            self._jsonl.close()
+            self._writer.close()
+
+
+class Preemption:
+    """Turns SIGTERM into a flag the loop checks, so it can checkpoint before exiting."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        del signum, frame
+        self.requested = True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def recon_grid(images: np.ndarray, recons: np.ndarray) -> np.ndarray:
+    """Inputs (top row) over reconstructions (bottom row) as one uint8 image."""
+    to_uint8 = lambda x: np.clip((x + 1.0) * 127.5, 0, 255).astype(np.uint8)  # noqa: E731
+    return np.concatenate([np.concatenate(list(to_uint8(x)), axis=1)
+                           for x in (images, recons)], axis=0)
+
+
+def validate(config, eval_step, recon_fn, state, mesh, logger, step) -> dict[str, float]:
+    """Validation metrics (`val_*`), logged, with a reconstruction grid of the first images."""
+    data_dir = config.input.eval_dir or config.input.train_dirs[0]
+    scores = evaluate.score_split(config, eval_step, state, mesh, data_dir,
+                                  config.input.eval_split)
+    summary = evaluate.summarize(scores)["all"]
+    values = {
+        "val_auc": summary["frame"]["auc"],
+        "val_acc": summary["frame"]["acc"],
+        "val_eer": summary["frame"]["eer"],
+        "val_ap": summary["frame"]["ap"],
+        "val_video_auc": summary["video"]["auc"],
+        "val_video_acc": summary["video"]["acc"],
+        "val_recon_error": float(np.mean(scores["recon_error"])),
+    }
+    logger.scalars(step, values)
+    first = next(iter(input_pipeline.make_eval_iterator(config, mesh, data_dir,
+                                                        config.input.eval_split)))
+    count = min(config.train.recon_images, int(np.sum(first["meta"]["mask"])))
+    if count:
+        recons = evaluate.host_rows(recon_fn(state, first["image"]))[:count]
+        images = evaluate.host_rows(first["image"])[:count]
+        logger.image(step, "reconstruction", recon_grid(images, recons))
+    return values
+
+
+def _has_validation(config: ConfigDict) -> bool:
+    data_dir = config.input.eval_dir or config.input.train_dirs[0]
+    try:
+        input_pipeline.split_shards(data_dir, config.input.eval_split)
+    except ValueError as err:
+        logging.warning("No validation (%s); the latest checkpoint counts as the best.", err)
+        return False
+    return True
+
+
+def train(config: ConfigDict, workdir: str | Path) -> dict[str, float]:
+    """Trains (or resumes) to `config.train.steps`; returns the last logged metrics."""
+    workdir = Path(workdir)
+    if not config.input.train_dirs:
+        raise ValueError("config.input.train_dirs is empty: nothing to train on")
+    if config.train.nan_policy not in ("stop", "skip"):
+        raise ValueError(f"train.nan_policy must be 'stop' or 'skip', got "
+                         f"{config.train.nan_policy!r}")
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, jax.devices())
+    checkpoints.write_config(workdir, config)
+    manager = checkpoints.make_manager(workdir, config)
+    data = input_pipeline.make_train_iterator(config, mesh)
+    step_fn = train_step.make_train_step(config, mesh)
+    eval_step = train_step.make_eval_step(config, mesh)
+    graphdef, _, _ = train_step.abstract_model(config)
+    recon_fn = jax.jit(lambda state, images: train_step.forward(
+        graphdef, state.params, state.batch_stats, images, train=False)[1])
+    with_validation = _has_validation(config)
+
+    latest = manager.latest_step()
+    if latest is None:
+        state = train_step.create_train_state(config, mesh)
+    else:
+        target = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            jax.eval_shape(lambda: train_step.init_state(config)),
+            train_step.state_shardings(config, mesh),
+        )
+        state = checkpoints.restore_train(manager, latest, target, data)
+        if jax.process_index() == 0:
+            tqdm.write(f"resumed from {workdir / checkpoints.CHECKPOINT_DIR} at step {latest}")
+    step = int(state.step)
+    total = config.train.steps
+    logger = Logger(workdir)
+    preemption = Preemption()
+    bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True,
+               disable=jax.process_index() != 0)
+    pending, last = [], {}
+    tick, tick_step = time.perf_counter(), step
+    try:
+        while step < total:
+            state, step_metrics = step_fn(state, next(data))
+            step += 1
+            pending.append(step_metrics)
+            bar.update(1)
+            validate_now = with_validation and (step % config.train.eval_every == 0
+                                                or step == total)
+            save_now = (step % config.train.checkpoint_every == 0 or step == total
+                        or validate_now or preemption.requested
+                        or manager.reached_preemption(step))
+            if step % config.train.log_every == 0 or save_now:
+                fetched = jax.device_get(pending)
+                pending = []
+                bad = [m for m in fetched if not m["finite"]]
+                if bad and config.train.nan_policy == "stop":
+                    raise NonFiniteLossError(
+                        f"non-finite loss or gradient before step {step} (loss={bad[0]['loss']}, "
+                        f"grad_norm={bad[0]['grad_norm']}); parameters were not updated by it. "
+                        f"The last good checkpoint is kept in {manager.directory}. Set "
+                        "--config.train.nan_policy=skip to skip such steps instead."
+                    )
+                now = time.perf_counter()
+                seconds = (now - tick) / max(step - tick_step, 1)
+                last = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
+                last.update(skipped_steps=float(len(bad)), step_time=seconds,
+                            images_per_second=config.train.batch_size / seconds)
+                logger.scalars(step, last)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['learning_rate']:.2e}")
+                tick, tick_step = now, step
+            val = validate(config, eval_step, recon_fn, state, mesh, logger, step) \
+                if validate_now else None
+            if val:
+                last.update(val)
+                tqdm.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in val.items()))
+            if save_now:
+                checkpoints.save(manager, step, state, data,
+                                 metrics={checkpoints.BEST_METRIC: val["val_auc"]} if val else None)
+            if preemption.requested or manager.reached_preemption(step):
+                logging.warning("Preempted at step %d: checkpoint saved, exiting.", step)
+                break
+    finally:
+        bar.close()
+        manager.wait_until_finished()
+        manager.close()
+        data.close()
+        logger.close()
+        preemption.restore()
+    return last
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="config file defining get_config()")
+    parser.add_argument("--workdir", required=True,
+                        help="run directory: config.json, checkpoints/, metrics.jsonl, "
+                        "tensorboard/; an existing one is resumed")
+    parser.epilog = "Config fields are overridden with --config.a.b=value (repeatable)."
+
+
+def run(args: argparse.Namespace) -> int:
+    distributed.initialize_from_env()  # Before any JAX computation; no-op on one process.
+    try:
+        config = config_lib.load_config(args.config, args.overrides)
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from err
+    try:
+        final = train(config, args.workdir)
+    except NonFiniteLossError as err:
+        raise SystemExit(f"error: {err}") from err
+    if jax.process_index() == 0:
+        print(json.dumps({"workdir": str(args.workdir), **final}))
+    return 0

@@ -1,0 +1,73 @@
+"""Checkpoint retention and selection: last K plus the best by validation AUC; restores."""
+
+import jax
+import numpy as np
+import pytest
+
+from cae_jax import checkpoints, input_pipeline, sharding, train_step
+from cae_jax.config import load_config
+from tests import datasets
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    data = datasets.write(root / "data", {"train": (8, 8)}, num_shards=1)
+    config = load_config("configs/tiny.py")
+    config.input.train_dirs = (str(data),)
+    config.train.keep_checkpoints = 2
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, jax.devices())
+    return root, config, mesh, train_step.create_train_state(config, mesh)
+
+
+def test_keeps_last_k_and_best_by_validation_and_restores_it(setup):
+    root, config, mesh, state = setup
+    workdir = root / "run"
+    checkpoints.write_config(workdir, config)
+    data = input_pipeline.make_train_iterator(config, mesh)
+    # Step 2 has the best validation AUC; steps without validation carry no metrics.
+    aucs = {1: 0.6, 2: 0.9, 3: None, 4: 0.7, 5: None, 6: None}
+    with checkpoints.make_manager(workdir, config) as manager:
+        for step, auc in aucs.items():
+            marked = state.replace(step=jax.numpy.asarray(step, jax.numpy.int32))
+            checkpoints.save(manager, step, marked, data,
+                             None if auc is None else {checkpoints.BEST_METRIC: auc})
+        manager.wait_until_finished()
+        assert manager.all_steps() == [2, 5, 6]
+        assert checkpoints.best_step(manager) == 2
+    data.close()
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [
+        "2", "5", "6"]
+    _, params, stats, step = checkpoints.restore_inference(workdir)
+    assert step == 2
+    for got, want in zip(jax.tree.leaves((params, stats)),
+                         jax.tree.leaves((state.params, state.batch_stats)), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert checkpoints.restore_inference(workdir / "checkpoints" / "6")[3] == 6
+    full = checkpoints.restore_state(workdir / "checkpoints" / "5", config, mesh)
+    assert int(full.step) == 5
+
+
+def test_without_validation_the_latest_is_selected(setup):
+    root, config, mesh, state = setup
+    workdir = root / "noval"
+    checkpoints.write_config(workdir, config)
+    data = input_pipeline.make_train_iterator(config, mesh)
+    with checkpoints.make_manager(workdir, config) as manager:
+        for step in (1, 2, 3):
+            checkpoints.save(manager, step, state, data)
+        manager.wait_until_finished()
+    data.close()
+    assert checkpoints.restore_inference(workdir)[3] == 3
+
+
+def test_unfinished_step_directory_is_ignored_and_bad_paths_are_named(setup):
+    root, config, _, _ = setup
+    workdir = root / "empty"
+    checkpoints.write_config(workdir, config)
+    # What a save killed mid-write leaves: a temporary directory, never a step.
+    (workdir / "checkpoints" / "7.orbax-checkpoint-tmp-123" / "state").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        checkpoints.restore_inference(workdir)
+    with pytest.raises(FileNotFoundError, match="neither a training workdir"):
+        checkpoints.restore_inference(root)

@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--detector", choices=sorted(faces.DETECTORS),
                         default=faces.DEFAULT_DETECTOR)
     parser.add_argument("--align", action="store_true", help="rotate crops so eyes are level")
+    parser.add_argument("--no-detect", action="store_true",
+                        help="inputs are face crops already: whole frames are resized, scored")
     parser.add_argument("--batch-size", type=int, default=32, help="face crops per model call")
 
 
@@ -49,23 +51,35 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return paths
 
 
+def whole_frames(frames: list[np.ndarray], image_size: int) -> faces.Faces:
+    """Each frame as its own crop (`--no-detect`), boxed by the full frame."""
+    crops = [cv2.resize(f, (image_size, image_size), interpolation=cv2.INTER_AREA
+                        if max(f.shape[:2]) > image_size else cv2.INTER_LINEAR) for f in frames]
+    boxes = [[0.0, 0.0, float(f.shape[1]), float(f.shape[0])] for f in frames]
+    return faces.Faces(np.stack(crops), np.asarray(boxes, np.float32),
+                       np.arange(len(frames), dtype=np.int64))
+
+
 def find_faces(path: Path, args: argparse.Namespace, image_size: int) -> dict:
     """Crops, boxes and frame indices of one input. Raises `video.UnreadableMediaError`."""
-    if video.is_video(path):
-        found = faces.extract_faces(path, args.frames_per_video, image_size, args.margin,
-                                    args.detector, align=args.align)
-        return {"kind": "video", "crops": found.crops, "boxes": found.boxes,
-                "frame_indices": found.frame_indices, "num_sampled": found.num_sampled}
-    if video.is_image(path):
-        found = faces.detect_and_crop([video.read_image(path)], args.detector, image_size,
-                                      args.margin, track=False, align=args.align)
-        return {"kind": "image", "crops": found.crops, "boxes": found.boxes,
-                "frame_indices": found.kept, "num_sampled": 1}
-    known = sorted(video.IMAGE_SUFFIXES | video.VIDEO_SUFFIXES)
-    raise video.UnreadableMediaError(
-        f"{path}: not an image or video (suffix {path.suffix or 'none'!r}; known: "
-        f"{' '.join(known)})"
-    )
+    if not (video.is_video(path) or video.is_image(path)):
+        known = sorted(video.IMAGE_SUFFIXES | video.VIDEO_SUFFIXES)
+        raise video.UnreadableMediaError(
+            f"{path}: not an image or video (suffix {path.suffix or 'none'!r}; known: "
+            f"{' '.join(known)})"
+        )
+    kind = "video" if video.is_video(path) else "image"
+    if kind == "video":
+        frames, indices, _ = video.read_video(path, args.frames_per_video)
+    else:
+        frames, indices = [video.read_image(path)], np.zeros(1, np.int64)
+    if args.no_detect:
+        found = whole_frames(frames, image_size)
+    else:  # As `prepare` does: one face tracked through a video, the largest in an image.
+        found = faces.detect_and_crop(frames, args.detector, image_size, args.margin,
+                                      track=kind == "video", align=args.align)
+    return {"kind": kind, "crops": found.crops, "boxes": found.boxes,
+            "frame_indices": indices[found.kept], "num_sampled": len(frames)}
 
 
 def score_input(

@@ -19,14 +19,17 @@ def tiny_config():
     return config_lib.load_config("configs/tiny.py")
 
 
-def calibrated_model(config):
-    """A sharded tiny train state whose logits spread over (-2, 2), so sigmoid is not flat.
+def initial_state(config) -> train_step.TrainState:
+    """A fresh train state sharded over a (data 4, fsdp 2) mesh, as the trainer makes it."""
+    return train_step.create_train_state(config, sharding.make_mesh(4, 2, jax.devices()))
+
+
+def calibrated_model(config, state):
+    """The state's model with logits spread over (-2, 2), so sigmoid is not flat.
 
     Random init gives logits in the hundreds (probability exactly 0 or 1), which would hide
     any mismatch; the output layer is rescaled instead.
     """
-    mesh = sharding.make_mesh(4, 2, jax.devices())
-    state = train_step.create_train_state(config, mesh)
     graphdef, _, _ = train_step.abstract_model(config)
     images = models.normalize(jnp.asarray(face_batch(8, seed=1)))
     logits, _, _ = train_step.forward(graphdef, state.params, state.batch_stats, images,
@@ -55,9 +58,14 @@ def reference(graphdef, params, batch_stats, images: np.ndarray) -> dict[str, np
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def state():
+    return initial_state(tiny_config())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, state):
     config = tiny_config()
-    graphdef, params, batch_stats = calibrated_model(config)
+    graphdef, params, batch_stats = calibrated_model(config, state)
     out = export.export_bundle(config, params, batch_stats,
                                tmp_path_factory.mktemp("export") / "bundle", step=7,
                                platforms=("cpu", "tpu"))
@@ -181,15 +189,13 @@ def test_bfloat16_bundle_stores_bf16_and_stays_close(trained, images_and_referen
     np.testing.assert_allclose(prob, ref["probability"], atol=0.05, rtol=0)
 
 
-def test_cli_exports_best_checkpoint_of_a_workdir(tmp_path, capsys):
+def test_cli_exports_best_checkpoint_of_a_workdir(state, tmp_path, capsys):
     import orbax.checkpoint as ocp
 
     from cae_jax import checkpoints
     from cae_jax import main as cli
 
     config = tiny_config()
-    mesh = sharding.make_mesh(4, 2, jax.devices())
-    state = train_step.create_train_state(config, mesh)
     shifted = state.replace(params=jax.tree.map(lambda p: p + 1.0, state.params))
     workdir = tmp_path / "run"
     checkpoints.write_config(workdir, config)

@@ -12,7 +12,7 @@ from skimage import data as skdata
 from cae_jax import export, heatmap
 from cae_jax import main as cli
 from data_prep import faces, video
-from tests.test_export import calibrated_model, tiny_config
+from tests.test_export import calibrated_model, initial_state, tiny_config
 
 SIZE = 64
 HAAR = ["--detector", "haar", "--frames-per-video", "4"]
@@ -29,7 +29,7 @@ def write_video(path, frames) -> None:
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     config = tiny_config()
-    _, params, batch_stats = calibrated_model(config)
+    _, params, batch_stats = calibrated_model(config, initial_state(config))
     return export.export_bundle(config, params, batch_stats,
                                 tmp_path_factory.mktemp("predict") / "bundle", formats=())
 
@@ -166,3 +166,17 @@ def test_ffpp_clip_with_default_detector(bundle, ffpp_mini, tmp_path):
         assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
         assert 0.0 <= frame["score"] <= 1.0
     assert entry["score"] == pytest.approx(np.mean([f["score"] for f in entry["frames"]]))
+
+
+def test_no_detect_scores_whole_frames(bundle, media, tmp_path):
+    code, report = run_predict(tmp_path, "--model", str(bundle), "--no-detect", *HAAR,
+                               str(media / "astronaut.png"), str(media / "noise.mp4"))
+    assert code == 0
+    results = by_name(report)
+    photo = video.read_image(media / "astronaut.png")
+    crop = cv2.resize(photo, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
+    expected = export.load_bundle(bundle).predict_proba(crop[None])[0]
+    assert results["astronaut.png"]["score"] == pytest.approx(float(expected), abs=1e-6)
+    assert results["astronaut.png"]["frames"][0]["box"] == [0.0, 0.0, 256.0, 256.0]
+    noise = results["noise.mp4"]  # No face, but scored as given.
+    assert noise["status"] == "ok" and len(noise["frames"]) == noise["num_sampled"] == 4

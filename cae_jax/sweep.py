@@ -29,6 +29,7 @@ import itertools
 import json
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -229,6 +230,25 @@ def tpu_commands(runs: Sequence[Run], launcher_args: Sequence[str]) -> list[list
     return [[[script, "run", *launcher_args, "--", *c] for c in run.commands()] for run in runs]
 
 
+def run_forwarding_sigterm(command: list[str]) -> int:
+    """Runs a command; a SIGTERM to the sweep reaches it (training checkpoints, then exits)."""
+    process = subprocess.Popen(command)
+    received = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        process.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        status = process.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if received:
+        raise SystemExit(128 + received[0])
+    return status
+
+
 def execute(jobs: Sequence[list[list[str]]], dry_run: bool) -> int:
     """Runs the jobs one after another, each a command list stopped by its first failure.
 
@@ -241,7 +261,7 @@ def execute(jobs: Sequence[list[list[str]]], dry_run: bool) -> int:
                 print(shlex.join(command))
                 continue
             print(f"[{i + 1}/{len(jobs)}] {shlex.join(command)}", file=sys.stderr, flush=True)
-            if subprocess.run(command, check=False).returncode != 0:
+            if run_forwarding_sigterm(command) != 0:
                 failed.append(i + 1)
                 break
     if failed:

@@ -224,6 +224,27 @@ def test_local_execution_runs_every_command_and_reports_failure(tmp_path):
     assert sweep.execute(jobs[1:], dry_run=False) == 0
 
 
+def test_sigterm_to_a_local_sweep_reaches_the_running_command(tmp_path):
+    """Training checkpoints on SIGTERM, so a stopped sweep must pass it on, not orphan it."""
+    marker = tmp_path / "child-got-sigterm"
+    child = (
+        "import signal, sys, time\n"
+        f"signal.signal(signal.SIGTERM, lambda *a: (open({str(marker)!r}, 'w').close(), "
+        "sys.exit(0)))\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = (
+        "import sys\nfrom cae_jax import sweep\n"
+        f"sys.exit(sweep.execute([[[sys.executable, '-c', {child!r}]]], dry_run=False))\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "ready\n"
+    process.terminate()
+    assert process.wait(timeout=30) == 128 + 15
+    assert marker.exists()
+
+
 # ---- sweep-report -------------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -47,6 +48,11 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> f
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def log(message: str) -> None:
+    """Progress on stderr: a full run takes many minutes and prints its table only at the end."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def machine() -> dict:
@@ -288,13 +294,17 @@ def run_all(config: ConfigDict, *, repeats: int, matmul_size: int, depthwise_sha
                                                   "dtype": config.model.dtype,
                                                   "depthwise_impl": config.model.depthwise_impl,
                                                   "repeats": repeats}}
+    log("matmul peak")
     peak = matmul_peak(matmul_size, repeats)
     results["matmul_peak"] = peak
+    log("depthwise 3x3, native and shifted")
     results["depthwise"] = depthwise(depthwise_shape, repeats)
     no_torch = torch_reason(config)
     rows = []
 
+    log("train step, cae-jax (compile, then steps)")
     train = train_jax(config, repeats)
+    log(f"train step, PyTorch peer{' skipped: ' + no_torch if no_torch else ''}")
     results["train"] = {"cae_jax": train}
     peer = None if no_torch else train_torch(config, repeats)
     results["train"]["torch"] = peer
@@ -307,6 +317,7 @@ def run_all(config: ConfigDict, *, repeats: int, matmul_size: int, depthwise_sha
                     f"{peak['gflops_per_s']:.0f} GFLOP/s"))
     results["inference"] = {}
     for batch in infer_batches:
+        log(f"inference, batch {batch}")
         ours = infer_jax(config, batch, repeats)
         peer = None if no_torch else infer_torch(config, batch, repeats)
         results["inference"][str(batch)] = {"cae_jax": ours, "torch": peer}
@@ -316,6 +327,7 @@ def run_all(config: ConfigDict, *, repeats: int, matmul_size: int, depthwise_sha
         rows.append(row(f"inference compile, batch {batch}", ours["compile_s"], None, "s",
                         f"{ours['gflops_per_s']:.1f} GFLOP/s"))
 
+    log("input pipeline, grain and tf.data")
     data_dir = write_face_dataset(workdir / "dataset", config.model.image_size,
                                   max(4 * config.train.batch_size, 16))
     pipe = input_pipeline(config, data_dir, batches, repeats)
@@ -324,6 +336,7 @@ def run_all(config: ConfigDict, *, repeats: int, matmul_size: int, depthwise_sha
                     pipe["tf.data"]["images_per_s_per_core"], "images/s/core",
                     "grain vs tf.data, same augmentations"))
 
+    log("prepare, mtcnn and dlib")
     clip = write_face_clip(workdir / "clip.avi", clip_frames)
     prep = prepare(clip, clip_frames, config.model.image_size, repeats)
     results["prepare"] = prep

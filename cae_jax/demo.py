@@ -74,7 +74,7 @@ def split_examples(split: str, photos: list[np.ndarray], size: int, seed: int) -
                     else frame
                 yield {
                     "image": image, "label": label, "dataset": DATASET_NAME, "method": method,
-                    "compression": "raw", "video_id": f"{split}/{identity:03d}.mp4",
+                    "compression": "raw", "video_id": f"{split}/{method}/{identity:03d}.mp4",
                     "frame_index": index, "face_box": np.array([0, 0, size, size], np.float32),
                     "fps": 25.0,
                 }

@@ -104,15 +104,15 @@ def export_and_predict(workdir: Path, data_dir: Path) -> dict:
     samples = workdir / "predict_inputs"
     samples.mkdir(exist_ok=True)
     config = config_lib.load_config(DEMO_CONFIG)
-    config.train.batch_size = 2
-    batch = next(input_pipeline.eval_batches(config, str(data_dir), "test"))
+    config.input.eval_batch_size = 2 * FRAMES_PER_VIDEO["test"] * len(SPLIT_IDENTITIES["test"])
+    batch = next(input_pipeline.eval_batches(config, str(data_dir), "test"))  # The whole split.
     first_fake = int(np.argmax(batch["label"]))
     for name, row in (("real", 0), ("fake", first_fake)):
         cv2.imwrite(str(samples / f"{name}.png"), cv2.cvtColor(batch["image"][row],
                                                                 cv2.COLOR_RGB2BGR))
     out = workdir / "predict.json"
     main.main(["predict", str(samples), "--model", str(bundle), "--out", str(out),
-               "--detector", "haar"])
+               "--no-detect"])  # The saved frames are face crops already.
     return json.loads(out.read_text())
 
 

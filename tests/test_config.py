@@ -32,3 +32,19 @@ def test_bad_overrides_are_named(item, error):
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.py"):
         config_lib.load_config(tmp_path / "nope.py")
+
+
+def test_readme_documents_every_config_field():
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+
+    def fields(node, prefix=""):
+        for key, value in node.items():
+            if isinstance(value, config_lib.ConfigDict):
+                yield from fields(value, f"{prefix}{key}.")
+            else:
+                yield prefix + key
+
+    missing = [f for f in fields(config_lib.default_config()) if f"| `{f}` |" not in readme]
+    assert not missing

@@ -94,21 +94,44 @@ def matmul_peak(n: int, repeats: int) -> dict:
     return {"size": n, "seconds": seconds, "gflops_per_s": 2 * n**3 / seconds / 1e9}
 
 
-def depthwise(shape: tuple[int, ...], repeats: int) -> dict:
-    """Forward and forward+gradient seconds of the depthwise 3x3, per implementation."""
-    x = jax.random.normal(jax.random.key(0), shape)
-    kernel = jax.random.normal(jax.random.key(1), (3, 3, 1, shape[-1]))
-    result = {"shape": list(shape)}
-    for impl in ("native", "shifted"):
-        fwd = jax.jit(lambda x, k, impl=impl: models.depthwise_conv3x3(x, k, impl))
-        grad = jax.jit(jax.grad(
-            lambda x, k, impl=impl: jnp.sum(models.depthwise_conv3x3(x, k, impl) ** 2), (0, 1)))
-        result[impl] = {
-            "forward_s": median_seconds(lambda f=fwd: f(x, kernel).block_until_ready(), repeats),
-            "gradient_s": median_seconds(
-                lambda g=grad: jax.block_until_ready(g(x, kernel)), repeats),
-        }
-    return result
+def layer_cases(scale: int) -> list[tuple[str, list[tuple[int, ...]], Callable]]:
+    """Layers of the full-size CAE at batch 8: (name, argument shapes, fn(*args, impl)).
+
+    `scale` divides spatial sizes and widths (smoke runs).
+    """
+    c128, c256, c512, c728, c2048 = (c // scale for c in (128, 256, 512, 728, 2048))
+    s10, s37, s74, s147 = (max(s // scale, 1) for s in (10, 37, 74, 147))
+    return [
+        ("depthwise 3x3", [(8, s37, s37, c728), (3, 3, 1, c728)], models.depthwise_conv3x3),
+        ("pointwise 1x1 conv", [(8, s74, s74, c128), (1, 1, c128, c256)],
+         lambda x, k, impl: (models.pointwise_as_matmul if impl == "decomposed"
+                             else jax.lax.conv_general_dilated)(
+             x, k, (1, 1), "VALID", dimension_numbers=models.DIMS)),
+        ("transposed conv 4x4/2", [(8, s10, s10, c2048), (4, 4, c2048, c512)],
+         lambda x, k, impl: models.conv_transpose(x, k, 2, impl)),
+        ("max-pool 3x3/2", [(8, s147, s147, c128)],
+         lambda x, impl: models.max_pool3x3(x, 2, "torch", impl)),
+    ]
+
+
+def layer_impls(scale: int, repeats: int) -> list[dict]:
+    """Forward and gradient (all inputs) seconds per layer, native vs decomposed."""
+    results = []
+    for name, shapes, fn in layer_cases(scale):
+        args = [jax.random.normal(jax.random.key(i), s) * 0.05 for i, s in enumerate(shapes)]
+        result = {"layer": name, "shapes": [list(s) for s in shapes]}
+        for impl in ("native", "decomposed"):
+            fwd = jax.jit(lambda *a, impl=impl, fn=fn: fn(*a, impl))
+            grad = jax.jit(jax.grad(lambda *a, impl=impl, fn=fn: jnp.sum(fn(*a, impl) ** 2),
+                                    argnums=tuple(range(len(args)))))
+            result[impl] = {
+                "forward_s": median_seconds(
+                    lambda f=fwd, a=args: jax.block_until_ready(f(*a)), repeats),
+                "gradient_s": median_seconds(
+                    lambda g=grad, a=args: jax.block_until_ready(g(*a)), repeats),
+            }
+        results.append(result)
+    return results
 
 
 def random_batch(config: ConfigDict, batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -287,18 +310,18 @@ def row(name: str, ours: float | None, peer: float | None, unit: str, note: str 
             "note": note}
 
 
-def run_all(config: ConfigDict, *, repeats: int, matmul_size: int, depthwise_shape, batches: int,
+def run_all(config: ConfigDict, *, repeats: int, matmul_size: int, layer_scale: int, batches: int,
             infer_batches: tuple[int, ...], clip_frames: int, workdir: Path) -> dict:
     results = {"machine": machine(), "config": {"image_size": config.model.image_size,
                                                   "train_batch": config.train.batch_size,
                                                   "dtype": config.model.dtype,
-                                                  "depthwise_impl": config.model.depthwise_impl,
+                                                  "layer_impl": config.model.layer_impl,
                                                   "repeats": repeats}}
     log("matmul peak")
     peak = matmul_peak(matmul_size, repeats)
     results["matmul_peak"] = peak
-    log("depthwise 3x3, native and shifted")
-    results["depthwise"] = depthwise(depthwise_shape, repeats)
+    log("layers, native and decomposed")
+    results["layers"] = layer_impls(layer_scale, repeats)
     no_torch = torch_reason(config)
     rows = []
 
@@ -352,7 +375,6 @@ def markdown(results: dict) -> str:
         return "n/a" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
 
     m = results["machine"]
-    dw = results["depthwise"]
     lines = [
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['machine']}, JAX {m['jax']} "
         f"({m['backend']}), PyTorch {m.get('torch', 'n/a')}; load average "
@@ -368,11 +390,18 @@ def markdown(results: dict) -> str:
     lines += [
         "",
         f"Matmul peak ({results['matmul_peak']['size']}^2 float32): "
-        f"{results['matmul_peak']['gflops_per_s']:.1f} GFLOP/s. Depthwise 3x3 on {dw['shape']}: "
-        f"native {dw['native']['forward_s'] * 1e3:.1f} ms forward / "
-        f"{dw['native']['gradient_s'] * 1e3:.1f} ms with gradients, shifted "
-        f"{dw['shifted']['forward_s'] * 1e3:.1f} ms / {dw['shifted']['gradient_s'] * 1e3:.1f} ms.",
+        f"{results['matmul_peak']['gflops_per_s']:.1f} GFLOP/s.",
+        "",
+        "| layer (`model.layer_impl`) | shapes | native fwd / grad ms | decomposed fwd / grad ms |",
+        "|---|---|---|---|",
     ]
+    for r in results["layers"]:
+        n, d = r["native"], r["decomposed"]
+        lines.append(
+            f"| {r['layer']} | {' '.join('x'.join(map(str, s)) for s in r['shapes'])} | "
+            f"{n['forward_s'] * 1e3:.1f} / {n['gradient_s'] * 1e3:.1f} | "
+            f"{d['forward_s'] * 1e3:.1f} / {d['gradient_s'] * 1e3:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -401,7 +430,7 @@ def run(args: argparse.Namespace) -> int:
             config,
             repeats=1 if smoke else args.repeats,
             matmul_size=256 if smoke else 2048,
-            depthwise_shape=(2, 9, 9, 16) if smoke else (8, 37, 37, 728),
+            layer_scale=8 if smoke else 1,
             batches=1 if smoke else 8,
             infer_batches=(1, 4) if smoke else (1, 32),
             clip_frames=2 if smoke else 16,

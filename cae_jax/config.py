@@ -29,9 +29,11 @@ def default_config() -> ConfigDict:
     # MaxPool padding in the strided blocks: "torch" (symmetric, timm/Cadene weights) or
     # "same" (TF/Keras). They differ only where the input side is even (74 -> 37 at 299).
     m.pool_padding = "torch"
-    # Depthwise 3x3: "auto" (shifted multiply-adds on CPU, native grouped conv elsewhere),
-    # "shifted" or "native". XLA's CPU grouped convolution is ~10x slower than nine shifts.
-    m.depthwise_impl = "auto"
+    # How convolutions and pooling run: "auto" ("decomposed" on CPU, "native" on GPU/TPU),
+    # "decomposed" (convs as matrix products, depthwise as nine shifted multiply-adds,
+    # transposed convs per output phase, max-pool as a max of slices) or "native" (XLA's
+    # convolution/pooling ops). Same parameters and values; XLA:CPU's native kernels are slow.
+    m.layer_impl = "auto"
     m.encoder = e = ConfigDict()
     e.stem_features = (32, 64)  # conv1 (3x3/2, valid) and conv2 (3x3, valid).
     e.entry_features = (128, 256, 728)  # Entry-flow blocks, each halves the resolution.
@@ -60,6 +62,7 @@ def default_config() -> ConfigDict:
     o.weight_decay = 1e-4  # AdamW decoupled weight decay (not applied to BN and biases).
     o.b1 = 0.9
     o.b2 = 0.999
+    o.eps = 1e-8  # Adam's denominator epsilon.
     o.clip_grad_norm = 1.0  # Global-norm clipping; 0 disables it.
 
     c.mesh = ConfigDict()

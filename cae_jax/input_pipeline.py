@@ -28,7 +28,6 @@ from collections.abc import Iterator, Sequence
 import cv2
 import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import flags
 from etils import epath
@@ -38,6 +37,7 @@ from ml_collections import ConfigDict
 from tensorflow.core.example import example_pb2
 
 from cae_jax import augment, sbi, sharding, tfrecord
+from cae_jax.models import normalize
 
 METADATA_FIELDS = ("video_id", "method", "dataset")  # Text features kept for video metrics.
 TFDS_SHARD_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"  # TFDS's default.
@@ -331,20 +331,11 @@ def sample_grid(images: np.ndarray, labels: np.ndarray, columns: int = 8) -> np.
     return grid
 
 
-@jax.jit
-def normalize(image: jax.Array) -> jax.Array:
-    """uint8 -> float32 in [-1, 1] (x / 127.5 - 1, Xception's convention), on device.
-
-    Images cross to the device as uint8, a quarter of the bytes of float32. Written as
-    (x - 127.5) / 127.5 so 0 and 255 land exactly on -1 and 1.
-    """
-    return (image.astype(jnp.float32) - 127.5) / 127.5
-
-
 def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Host-local numpy batch -> global arrays split over the mesh's batch axes."""
     batch_sharding = sharding.batch_sharding(mesh)
     out = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
+    # Images cross to the device as uint8, a quarter of the bytes of float32.
     out["image"] = normalize(out["image"])
     return out
 

@@ -44,7 +44,7 @@ def make_optimizer(config: ConfigDict) -> optax.GradientTransformation:
     """AdamW on a warmup + cosine schedule, after global-norm clipping; no decay on 1-D arrays."""
     o = config.optim
     adamw = optax.adamw(
-        learning_rate_schedule(config), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
+        learning_rate_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
         mask=lambda params: jax.tree.map(lambda p: p.ndim > 1, params),
     )
     if o.clip_grad_norm > 0:

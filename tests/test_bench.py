@@ -34,7 +34,13 @@ def test_smoke_runs_every_benchmark_and_writes_json_and_table(smoke):
     ours = {r["benchmark"]: r["cae_jax"] for r in results["rows"]}
     assert all(v > 0 for v in ours.values())
     assert results["config"] == {"image_size": 64, "train_batch": 8, "dtype": "float32",
-                                 "depthwise_impl": "auto", "repeats": 1}
+                                 "layer_impl": "auto", "repeats": 1}
+    assert [r["layer"] for r in results["layers"]] == [name for name, _, _ in
+                                                       bench.layer_cases(8)]
+    for r in results["layers"]:
+        assert all(r[impl][t] > 0 for impl in ("native", "decomposed")
+                   for t in ("forward_s", "gradient_s"))
+        assert f"| {r['layer']} |" in table
     assert results["train"]["cae_jax"]["gflop"] > 0
     assert results["input_pipeline"]["tf.data"]["images_per_s_per_core"] > 0
     assert results["prepare"]["mtcnn"]["faces"] == 2  # Both frames of the clip show the face.

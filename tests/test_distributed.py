@@ -124,7 +124,7 @@ def tiny_config():
     config = config_lib.default_config()
     m = config.model
     m.image_size = 32
-    m.depthwise_impl = "native"
+    m.layer_impl = "native"
     m.encoder.stem_features = (8, 16)
     m.encoder.entry_features = (16,)
     m.encoder.middle_blocks = 0

@@ -20,7 +20,9 @@ SCRIPTS = ["lib.sh", "tpu_pod.sh", "slurm.sh", "slurm.sbatch", "local.sh"]
 
 RECORDER = """#!{python}
 # Records argv and CAE_JAX_* variables as one JSON line; runs a gcloud --command with bash when
-# FAKE_EXEC=1 (the way the remote worker's shell would), then exits with $FAKE_STATUS.
+# FAKE_EXEC=1 (the way the remote worker's shell would). The process named by
+# $FAKE_FAIL_PROCESS exits 3 once $FAKE_FAIL_AFTER records are in the log (so the others are
+# surely running); the rest sleep $FAKE_SLEEP seconds.
 import json, os, subprocess, sys, time
 args = sys.argv[1:]
 env = {{k: v for k, v in os.environ.items() if k.startswith(("CAE_JAX", "JAX_"))}}
@@ -30,6 +32,8 @@ commands = [a.split("=", 1)[1] for a in args if a.startswith("--command=")]
 if commands and os.environ.get("FAKE_EXEC") == "1":
     sys.exit(subprocess.run(["bash", "-c", commands[0]]).returncode)
 if os.environ.get("FAKE_FAIL_PROCESS") == os.environ.get("CAE_JAX_PROCESS_ID", "-"):
+    while len(open({log!r}).readlines()) < int(os.environ.get("FAKE_FAIL_AFTER", "0")):
+        time.sleep(0.05)
     sys.exit(3)
 time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
 """
@@ -314,7 +318,12 @@ def test_local_failure_of_one_process_stops_the_others(tmp_path):
         "2",
         "--",
         "train",
-        env={"CAE_JAX": str(fake), "FAKE_FAIL_PROCESS": "1", "FAKE_SLEEP": "120"},
+        env={
+            "CAE_JAX": str(fake),
+            "FAKE_FAIL_PROCESS": "1",
+            "FAKE_FAIL_AFTER": "2",
+            "FAKE_SLEEP": "120",
+        },
     )
     assert result.returncode != 0
     assert time.time() - started < 60  # Process 0 (sleeping 120 s) was stopped, not awaited.

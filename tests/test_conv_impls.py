@@ -1,0 +1,154 @@
+"""The decomposed CPU forms of convolution, depthwise, transposed convolution and max-pooling
+equal XLA's native ops, in values and gradients; the full model too."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cae_jax import config as config_lib
+from cae_jax import models
+
+
+def assert_same_values_and_gradients(fn, args, rtol=1e-5, grad_rtol=1e-4):
+    """`fn(*args, impl)` agrees across impls, and so do its gradients for a random cotangent."""
+    native = fn(*args, "native")
+    decomposed = fn(*args, "decomposed")
+    assert decomposed.shape == native.shape and decomposed.dtype == native.dtype
+    np.testing.assert_allclose(decomposed, native, rtol=rtol, atol=rtol)
+    cotangent = jax.random.normal(jax.random.key(99), native.shape, native.dtype)
+    grads = {
+        impl: jax.grad(lambda *a, impl=impl: jnp.sum(fn(*a, impl) * cotangent),
+                       argnums=tuple(range(len(args))))(*args)
+        for impl in ("native", "decomposed")
+    }
+    for got, want in zip(grads["decomposed"], grads["native"], strict=True):
+        np.testing.assert_allclose(got, want, rtol=grad_rtol, atol=grad_rtol)
+
+
+@pytest.mark.parametrize("shape", [(2, 9, 9, 5), (1, 7, 12, 3), (3, 1, 1, 4), (2, 37, 37, 16)])
+def test_depthwise(shape):
+    x = jax.random.normal(jax.random.key(sum(shape)), shape)
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 1, shape[-1]))
+    assert_same_values_and_gradients(models.depthwise_conv3x3, (x, kernel))
+
+
+def test_depthwise_matches_a_direct_numpy_loop():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1, 4, 5, 2)).astype(np.float32)
+    kernel = rng.normal(size=(3, 3, 1, 2)).astype(np.float32)
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    expected = np.zeros_like(x)
+    for r in range(4):
+        for c in range(5):
+            expected[0, r, c] = np.einsum("ijc,ijc->c", padded[0, r : r + 3, c : c + 3],
+                                          kernel[:, :, 0])
+    np.testing.assert_allclose(models.depthwise_conv3x3(x, kernel, "decomposed"), expected,
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pointwise_as_matmul(stride):
+    x = jax.random.normal(jax.random.key(stride), (2, 11, 8, 3))
+    kernel = jax.random.normal(jax.random.key(7), (1, 1, 3, 4))
+
+    def fn(x, kernel, impl):
+        conv = (models.pointwise_as_matmul if impl == "decomposed"
+                else jax.lax.conv_general_dilated)
+        return conv(x, kernel, (stride, stride), "VALID", dimension_numbers=models.DIMS)
+
+    assert_same_values_and_gradients(fn, (x, kernel))
+
+
+def test_only_one_by_one_convs_become_matmuls():
+    mc = config_lib.default_config().model
+    assert models.conv(3, 4, 1, mc=mc, rngs=nnx.Rngs(0)).conv_general_dilated is \
+        models.pointwise_as_matmul
+    assert models.conv(3, 4, 3, mc=mc, rngs=nnx.Rngs(0)).conv_general_dilated is \
+        jax.lax.conv_general_dilated
+    with pytest.raises(ValueError, match="takes 1x1 'VALID' convs"):
+        models.pointwise_as_matmul(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 3, 4)), (1, 1),
+                                   "SAME")
+
+
+@pytest.mark.parametrize("kernel_size", [2, 3, 4, 5])
+@pytest.mark.parametrize("stride", [2, 3])
+def test_conv_transpose_matches_flax(kernel_size, stride):
+    x = jax.random.normal(jax.random.key(kernel_size * 10 + stride), (2, 5, 7, 3))
+    flax_layer = nnx.ConvTranspose(3, 4, (kernel_size, kernel_size), strides=(stride, stride),
+                                   padding="SAME", use_bias=False, rngs=nnx.Rngs(0))
+    kernel = flax_layer.kernel[...]
+    expected = flax_layer(x)
+    assert expected.shape == (2, 5 * stride, 7 * stride, 4)
+    np.testing.assert_allclose(models.conv_transpose(x, kernel, stride, "decomposed"), expected,
+                               rtol=1e-5, atol=1e-5)
+    assert_same_values_and_gradients(
+        lambda x, k, impl: models.conv_transpose(x, k, stride, impl), (x, kernel))
+
+
+@pytest.mark.parametrize("padding", ["torch", "same"])
+@pytest.mark.parametrize("side", [8, 9, 10])
+def test_max_pool(padding, side):
+    x = jax.random.normal(jax.random.key(side), (2, side, side + 1, 3))
+    out = models.max_pool3x3(x, 2, padding, "decomposed")
+    assert out.shape[1:3] == (-(-side // 2), -(-(side + 1) // 2))
+    assert_same_values_and_gradients(
+        lambda x, impl: models.max_pool3x3(x, 2, padding, impl), (x,))
+
+
+def test_decoder_layer_has_flax_conv_transpose_parameters():
+    mc = config_lib.default_config().model
+    ours = models.ConvTranspose(6, 5, 4, stride=2, mc=mc, rngs=nnx.Rngs(params=3))
+    theirs = nnx.ConvTranspose(6, 5, (4, 4), strides=(2, 2), padding="SAME", use_bias=False,
+                               kernel_init=models.CONV_INIT, rngs=nnx.Rngs(params=3))
+    np.testing.assert_array_equal(ours.kernel[...], theirs.kernel[...])
+    x = jax.random.normal(jax.random.key(0), (1, 3, 4, 6))
+    np.testing.assert_allclose(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def test_whole_model_agrees_across_impls():
+    """The tiny CAE, in training mode: logits, reconstructions and all parameter gradients."""
+    config = config_lib.load_config("configs/tiny.py")
+    models_by_impl = {}
+    for impl in ("native", "decomposed"):
+        config.model.layer_impl = impl
+        models_by_impl[impl] = models.build_model(config.model, seed=0)
+    x = jax.random.uniform(jax.random.key(0), (4, 64, 64, 3), minval=-1, maxval=1)
+
+    def loss_and_grads(model):
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss(params):
+            model = nnx.merge(graphdef, params, rest, copy=True)
+            logits, recon = model(x, train=True, dropout_key=jax.random.key(1))
+            return jnp.sum(logits) + jnp.sum(recon**2), (logits, recon)
+
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+    (_, (logits_n, recon_n)), grads_n = loss_and_grads(models_by_impl["native"])
+    (_, (logits_d, recon_d)), grads_d = loss_and_grads(models_by_impl["decomposed"])
+    np.testing.assert_allclose(logits_d, logits_n, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(recon_d, recon_n, rtol=1e-4, atol=1e-4)
+    # Float32 sums in a different order through train-mode BatchNorm: compare each gradient
+    # to its own scale.
+    for got, want in zip(jax.tree.leaves(grads_d), jax.tree.leaves(grads_n), strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * float(np.abs(want).max()))
+
+
+def test_bfloat16_decomposed_stays_close_to_float32():
+    x = jax.random.normal(jax.random.key(1), (2, 10, 10, 8))
+    kernel = jax.random.normal(jax.random.key(2), (3, 3, 1, 8))
+    full = models.depthwise_conv3x3(x, kernel, "native")
+    half = models.depthwise_conv3x3(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16),
+                                    "decomposed")
+    assert half.dtype == jnp.bfloat16
+    np.testing.assert_allclose(half.astype(jnp.float32), full, rtol=0.05, atol=0.1)
+
+
+def test_auto_picks_decomposed_on_cpu_and_rejects_unknown_names():
+    assert jax.default_backend() == "cpu"
+    assert models.resolve_layer_impl("auto") == "decomposed"
+    assert models.resolve_layer_impl("native") == "native"
+    with pytest.raises(ValueError, match="layer_impl must be auto, decomposed or native"):
+        models.resolve_layer_impl("shifted")

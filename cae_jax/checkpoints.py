@@ -14,6 +14,7 @@ steps and the best one by validation AUC (model selection never looks at the tes
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -95,17 +96,26 @@ def save(
 def restore_train(
     manager: ocp.CheckpointManager, step: int, abstract_state: Any, data_iterator: Any
 ) -> Any:
-    """The train state at `step` laid out as `abstract_state`; moves `data_iterator` there."""
+    """The train state at `step` laid out as `abstract_state`; moves `data_iterator` there.
+
+    The data position is per host (grain writes process_<i>-of-<n>.json) and each host
+    reads its own shards, so a run resumed on a different number of processes cannot
+    continue the saved order: it restores the state alone, warns, and starts its data
+    afresh under the new host layout. Step, schedule and model continue either way.
+    """
     import grain
 
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(**{
-            STATE_ITEM: ocp.args.StandardRestore(abstract_state),
-            DATA_ITEM: grain.checkpoint.CheckpointRestore(data_iterator),
-        }),
-    )
-    return restored[STATE_ITEM]
+    position = (manager.directory / str(step) / DATA_ITEM
+                / f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+    items = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
+    if position.exists():
+        items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
+    else:
+        logging.warning(
+            "%s: no data position for %d processes (the checkpoint was written by a different "
+            "number); restoring the train state only, the input restarts its shuffled order.",
+            position.parent, jax.process_count())
+    return manager.restore(step, args=ocp.args.Composite(**items))[STATE_ITEM]
 
 
 def validation_scores(manager: ocp.CheckpointManager) -> dict[int, float]:

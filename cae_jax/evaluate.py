@@ -47,8 +47,9 @@ def score_split(
 ) -> dict[str, np.ndarray]:
     """Every record of a split scored once: prob, recon_error, label and metadata arrays.
 
-    Rows are this host's (padding dropped). Only single-process runs see the whole split;
-    multi-process runs return each host's contiguous part of it.
+    Rows are the whole split's, in record order, on every host (padding dropped): each host
+    scores its contiguous part and `gather_hosts` joins them, so all hosts report the same
+    metrics and agree on the best checkpoint.
     """
     columns: dict[str, list] = {k: [] for k in ("prob", "recon_error", "label", "frame_index",
                                                 "video_id", "method", "dataset")}
@@ -63,7 +64,35 @@ def score_split(
         columns["recon_error"].append(host_rows(out["recon_error"])[keep])
         for name in ("label", "frame_index", "video_id", "method", "dataset"):
             columns[name].append(meta[name][keep])
-    return {k: np.concatenate(v) for k, v in columns.items()}
+    return gather_hosts({k: np.concatenate(v) for k, v in columns.items()})
+
+
+def gather_hosts(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every host's rows of equal-keyed 1-D columns, concatenated in process order.
+
+    Hosts hold different row counts and string widths, and `process_allgather` needs equal
+    shapes: each column travels as zero-padded raw bytes, strings (object arrays) as UTF-8.
+    """
+    if jax.process_count() == 1:
+        return columns
+    from jax.experimental.multihost_utils import process_allgather
+
+    counts = process_allgather(np.int32(len(columns["prob"])))
+    gathered = {}
+    for name, values in columns.items():
+        text = values.dtype == object
+        if text:
+            values = np.array([str(v).encode() for v in values], dtype=bytes)
+            width = int(process_allgather(np.int32(values.dtype.itemsize)).max())
+            values = values.astype(f"S{width}")
+        size = values.dtype.itemsize
+        raw = np.zeros((int(counts.max()), size), np.uint8)
+        raw[: len(values)] = np.ascontiguousarray(values).view(np.uint8).reshape(-1, size)
+        hosts = process_allgather(raw)
+        rows = np.concatenate([hosts[p, :n] for p, n in enumerate(counts)])
+        merged = np.ascontiguousarray(rows).reshape(-1).view(values.dtype)
+        gathered[name] = np.array([b.decode() for b in merged], dtype=object) if text else merged
+    return gathered
 
 
 def video_keys(scores: dict[str, np.ndarray]) -> list[str]:

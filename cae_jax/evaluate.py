@@ -78,7 +78,7 @@ def gather_hosts(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return columns
     from jax.experimental.multihost_utils import process_allgather
 
-    counts = process_allgather(np.int32(len(columns["prob"])))
+    counts = process_allgather(np.int32(len(next(iter(columns.values())))))
     gathered = {}
     for name, values in columns.items():
         text = values.dtype == object

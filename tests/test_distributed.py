@@ -307,8 +307,7 @@ def test_two_processes_train_and_evaluate_like_one_and_share_checkpoints(tmp_pat
             else:
                 np.testing.assert_allclose(scores[key], expected[key], atol=1e-5, err_msg=key)
     # Resuming moves the state unchanged; the data position only within one process count.
-    for run, peer_run in [(one, multi), (two, single)]:
-        own_run = single if run == one else multi
+    for run, own_run, peer_run in [(one, single, multi), (two, multi, single)]:
         for name, saved in [("own", own_run), ("peer", peer_run)]:
             restored = np.load(run / f"restored_{name}.npz")
             for key in saved.files:

@@ -2,9 +2,11 @@
 
 1. Builds a face dataset from real photos that ship inside PyPI packages (the 100 LFW faces of
    `skimage.data.lfw_subset()` and the astronaut photo): each identity gives a short real "video"
-   (the photo zooming, rolling and drifting) and a fake one (every frame self-blended with the same
-   blend, as `sbi.self_blend` does). Identities are split disjointly: train / validation / test.
-   Written with `prepare`'s writer to DIR/data.
+   (the photo zooming, rolling and drifting). Identities are split disjointly: train / validation /
+   test. Training stores real videos only, as the SBI paper trains: the fakes are blended afresh
+   on the fly (`input.sbi.prob`). Each held-out identity also gets several fake videos, each with
+   its own blend held for the whole video (`sbi.self_blend`). Written with `prepare`'s writer to
+   DIR/data.
 2. Trains configs/demo.py on it (DIR/train), selecting the checkpoint on validation.
 3. Evaluates the selected checkpoint on the held-out test identities (DIR/eval).
 4. Exports it (DIR/bundle) and predicts a few test frames saved as PNG (DIR/predict.json).
@@ -28,6 +30,9 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.py"
 # Identities (LFW faces 0..99, astronaut = 100) per split; test identities are never trained on.
 SPLIT_IDENTITIES = {"train": [*range(70), 100], "validation": range(70, 85), "test": range(85, 100)}
 FRAMES_PER_VIDEO = {"train": 16, "validation": 4, "test": 4}
+# Stored fake videos per identity, each with its own blend (as FF++ has one per method). Held-out
+# splits get three so that their AUC rests on 45 blends, not 15; training gets none.
+FAKES_PER_IDENTITY = {"train": 0, "validation": 3, "test": 3}
 
 
 def identity_photos(size: int) -> list[np.ndarray]:
@@ -65,21 +70,24 @@ def video_frames(photo: np.ndarray, count: int, size: int, rng: np.random.Genera
 
 
 def split_examples(split: str, photos: list[np.ndarray], size: int, seed: int) -> Iterator[dict]:
-    """Real and self-blended videos of the split's identities, in the record schema."""
+    """The split's real videos and their self-blended fakes, in the record schema."""
     from cae_jax import sbi
 
     for identity in SPLIT_IDENTITIES[split]:
         rng = np.random.default_rng([seed, identity])
         frames = video_frames(photos[identity], FRAMES_PER_VIDEO[split], size, rng)
-        blend_seed = int(rng.integers(2**31))
-        for label, method in ((0, "real"), (1, "SBI")):
+        videos = [("real", 0, None)] + [
+            ("SBI", 1, int(rng.integers(2**31))) for _ in range(FAKES_PER_IDENTITY[split])
+        ]
+        for k, (method, label, blend_seed) in enumerate(videos):
+            name = f"{identity:03d}_{k}.mp4" if label else f"{identity:03d}.mp4"
             for index, frame in enumerate(frames):
                 # One blend per video (same seed each frame), like a swap that holds its mask.
-                image = sbi.self_blend(frame, np.random.default_rng(blend_seed))[0] if label \
-                    else frame
+                image = frame if not label else \
+                    sbi.self_blend(frame, np.random.default_rng(blend_seed))[0]
                 yield {
                     "image": image, "label": label, "dataset": DATASET_NAME, "method": method,
-                    "compression": "raw", "video_id": f"{split}/{method}/{identity:03d}.mp4",
+                    "compression": "raw", "video_id": f"{split}/{method}/{name}",
                     "frame_index": index, "face_box": np.array([0, 0, size, size], np.float32),
                     "fps": 25.0,
                 }
@@ -109,7 +117,8 @@ def export_and_predict(workdir: Path, data_dir: Path) -> dict:
     samples = workdir / "predict_inputs"
     samples.mkdir(exist_ok=True)
     config = config_lib.load_config(DEMO_CONFIG)
-    config.input.eval_batch_size = 2 * FRAMES_PER_VIDEO["test"] * len(SPLIT_IDENTITIES["test"])
+    config.input.eval_batch_size = ((1 + FAKES_PER_IDENTITY["test"]) * FRAMES_PER_VIDEO["test"]
+                                    * len(SPLIT_IDENTITIES["test"]))
     batch = next(input_pipeline.eval_batches(config, str(data_dir), "test"))  # The whole split.
     first_fake = int(np.argmax(batch["label"]))
     for name, row in (("real", 0), ("fake", first_fake)):

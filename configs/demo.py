@@ -22,7 +22,7 @@ def get_config():
     config.optim.learning_rate = 2e-3
     config.optim.warmup_steps = 30
     config.optim.weight_decay = 1e-4
-    config.train.steps = 1200
+    config.train.steps = 1600
     config.train.batch_size = 32
     config.train.log_every = 20
     config.train.eval_every = 200
@@ -32,7 +32,8 @@ def get_config():
     # would wash out the blending traces the demo's fakes carry.
     config.input.augment.blur_prob = 0.0
     config.input.augment.jpeg_prob = 0.0
-    # Half the real training faces become fresh self-blended fakes: every identity is seen as
-    # both classes, so the detector has to find the blend, not the face.
+    # The demo stores real training videos only: half their faces become fresh self-blended
+    # fakes (1:1), every identity is seen as both classes, and no blend is seen twice, so the
+    # detector has to find the blend, not the face.
     config.input.sbi.prob = 0.5
     return config

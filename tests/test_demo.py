@@ -16,28 +16,38 @@ def test_demo_dataset_has_disjoint_identities_and_paired_videos(tmp_path):
     config.train.batch_size = 64
     identities = {}
     for split, ids in demo.SPLIT_IDENTITIES.items():
-        frames = 2 * len(ids) * demo.FRAMES_PER_VIDEO[split]
+        fakes_per_real = demo.FAKES_PER_IDENTITY[split]
+        real_frames = len(ids) * demo.FRAMES_PER_VIDEO[split]
         rows = [b for b in input_pipeline.eval_batches(config, str(out), split)]
         keep = np.concatenate([b["mask"] for b in rows])
         labels = np.concatenate([b["label"] for b in rows])[keep]
         videos = np.concatenate([b["video_id"] for b in rows])[keep]
         methods = np.concatenate([b["method"] for b in rows])[keep]
         images = np.concatenate([b["image"] for b in rows])[keep]
-        assert len(labels) == frames, split
-        assert labels.sum() == frames // 2
-        assert set(methods[labels == 1]) == {"SBI"} and set(methods[labels == 0]) == {"real"}
-        identities[split] = {v.split("/")[2] for v in videos}
+        assert (labels == 0).sum() == real_frames, split
+        if split == "train":  # Training fakes are blended on the fly.
+            assert (labels == 0).all()
+        assert (labels == 1).sum() == fakes_per_real * real_frames, split
+        assert set(methods[labels == 0]) == {"real"}
+        assert set(methods[labels == 1]) == ({"SBI"} if fakes_per_real else set())
+        identity = [v.split("/")[2][:3] for v in videos]
+        identities[split] = set(identity)
         assert len(identities[split]) == len(ids)
-        # Every fake frame is a changed copy of the real frame of the same video and index.
+        # Every fake frame is a changed copy of the real frame of its identity and index, and
+        # the fake videos of one identity carry different blends.
         frame_ids = np.concatenate([b["frame_index"] for b in rows])[keep]
-        key = [f"{v.split('/')[2]}:{f}" for v, f in zip(videos, frame_ids, strict=True)]
+        key = [f"{i}:{f}" for i, f in zip(identity, frame_ids, strict=True)]
         real = {k: images[i] for i, k in enumerate(key) if labels[i] == 0}
-        assert sorted(real) == sorted(k for k, y in zip(key, labels, strict=True) if y == 1)
+        fakes: dict[str, list] = {}
         for i, k in enumerate(key):
             if labels[i] == 1:
                 assert (images[i] != real[k]).any(), k
-        assert manifest["splits"][split]["frames"] == frames
-        assert manifest["splits"][split]["videos"] == 2 * len(ids)
+                fakes.setdefault(k, []).append(images[i])
+        for k, copies in fakes.items():
+            assert len(copies) == fakes_per_real, k
+            assert all((a != b).any() for j, a in enumerate(copies) for b in copies[j + 1:]), k
+        assert manifest["splits"][split]["frames"] == (1 + fakes_per_real) * real_frames
+        assert manifest["splits"][split]["videos"] == (1 + fakes_per_real) * len(ids)
     assert not identities["train"] & identities["test"]
     assert not identities["train"] & identities["validation"]
     assert not identities["validation"] & identities["test"]

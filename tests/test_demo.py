@@ -43,6 +43,7 @@ def test_demo_dataset_has_disjoint_identities_and_paired_videos(tmp_path):
             if labels[i] == 1:
                 assert (images[i] != real[k]).any(), k
                 fakes.setdefault(k, []).append(images[i])
+        assert sorted(fakes) == (sorted(real) if fakes_per_real else [])
         for k, copies in fakes.items():
             assert len(copies) == fakes_per_real, k
             assert all((a != b).any() for j, a in enumerate(copies) for b in copies[j + 1:]), k

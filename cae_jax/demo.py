@@ -117,8 +117,8 @@ def export_and_predict(workdir: Path, data_dir: Path) -> dict:
     samples = workdir / "predict_inputs"
     samples.mkdir(exist_ok=True)
     config = config_lib.load_config(DEMO_CONFIG)
-    config.input.eval_batch_size = ((1 + FAKES_PER_IDENTITY["test"]) * FRAMES_PER_VIDEO["test"]
-                                    * len(SPLIT_IDENTITIES["test"]))
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    config.input.eval_batch_size = manifest["splits"]["test"]["frames"]
     batch = next(input_pipeline.eval_batches(config, str(data_dir), "test"))  # The whole split.
     first_fake = int(np.argmax(batch["label"]))
     for name, row in (("real", 0), ("fake", first_fake)):

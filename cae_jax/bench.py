@@ -3,7 +3,8 @@ a peer measured in the same run on the same machine.
 
 Peers: PyTorch eager with timm's `legacy_xception` plus the same decoder and classifier (the
 `bench` extra; "n/a" without it), tf.data for the input pipeline, dlib's HOG detector for
-`prepare` (the `dlib` extra). Times are medians over repeats; compile time is reported apart.
+`prepare` (the `dlib` extra). Times are medians over repeats (train and inference: cae-jax and
+PyTorch taking turns, repeat by repeat); compile time is reported apart.
 GFLOP/s come from XLA's cost analysis, beside a measured large float32 matmul (the peak).
 """
 
@@ -38,16 +39,28 @@ def cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
+                        ) -> dict[str, float]:
+    """Median wall time of each `fn()`, the functions taking turns repeat by repeat.
+
+    Alternating keeps a change in the machine's load (a shared VM) from landing on one side
+    of a ratio only. Each function first runs `warmup` untimed calls.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     """Median wall time of `fn()` over `repeats` calls after `warmup` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return interleaved_medians({"fn": fn}, repeats, warmup)["fn"]
 
 
 def log(message: str) -> None:
@@ -94,19 +107,24 @@ def matmul_peak(n: int, repeats: int) -> dict:
     return {"size": n, "seconds": seconds, "gflops_per_s": 2 * n**3 / seconds / 1e9}
 
 
+def conv_by_impl(x: jax.Array, kernel: jax.Array, impl: str) -> jax.Array:
+    """A stride-1 "VALID" conv: `conv_as_matmuls` when decomposed, else XLA's convolution."""
+    conv = models.conv_as_matmuls if impl == "decomposed" else jax.lax.conv_general_dilated
+    return conv(x, kernel, (1, 1), "VALID", dimension_numbers=models.DIMS)
+
+
 def layer_cases(scale: int) -> list[tuple[str, list[tuple[int, ...]], Callable]]:
     """Layers of the full-size CAE at batch 8: (name, argument shapes, fn(*args, impl)).
 
     `scale` divides spatial sizes and widths (smoke runs).
     """
-    c128, c256, c512, c728, c2048 = (c // scale for c in (128, 256, 512, 728, 2048))
-    s10, s37, s74, s147 = (max(s // scale, 1) for s in (10, 37, 74, 147))
+    c32, c64, c128, c256, c512, c728, c2048 = (
+        c // scale for c in (32, 64, 128, 256, 512, 728, 2048))
+    s10, s37, s74, s147, s149 = (max(s // scale, 1) for s in (10, 37, 74, 147, 149))
     return [
         ("depthwise 3x3", [(8, s37, s37, c728), (3, 3, 1, c728)], models.depthwise_conv3x3),
-        ("pointwise 1x1 conv", [(8, s74, s74, c128), (1, 1, c128, c256)],
-         lambda x, k, impl: (models.pointwise_as_matmul if impl == "decomposed"
-                             else jax.lax.conv_general_dilated)(
-             x, k, (1, 1), "VALID", dimension_numbers=models.DIMS)),
+        ("pointwise 1x1 conv", [(8, s74, s74, c128), (1, 1, c128, c256)], conv_by_impl),
+        ("3x3 conv (stem conv2)", [(8, s149, s149, c32), (3, 3, c32, c64)], conv_by_impl),
         ("transposed conv 4x4/2", [(8, s10, s10, c2048), (4, 4, c2048, c512)],
          lambda x, k, impl: models.conv_transpose(x, k, 2, impl)),
         ("max-pool 3x3/2", [(8, s147, s147, c128)],
@@ -141,8 +159,11 @@ def random_batch(config: ConfigDict, batch: int) -> tuple[np.ndarray, np.ndarray
     return images, (np.arange(batch) % 2).astype(np.int32)
 
 
-def train_jax(config: ConfigDict, repeats: int) -> dict:
-    """One full CAE train step (encoder, decoder, classifier, AdamW) on a 1-device mesh."""
+def train_jax(config: ConfigDict) -> tuple[Callable[[], object], dict]:
+    """One full CAE train step (encoder, decoder, classifier, AdamW) on a 1-device mesh.
+
+    Returns the step as a callable and its compile seconds and GFLOP.
+    """
     mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
     state = train_step.create_train_state(config, mesh)
     step = train_step.make_train_step(config, mesh)
@@ -157,13 +178,10 @@ def train_jax(config: ConfigDict, repeats: int) -> dict:
         holder[0], metrics = compiled(holder[0], batch)
         jax.block_until_ready(metrics)
 
-    seconds = median_seconds(run, repeats)
-    flops = gflops(compiled)
-    return {"seconds": seconds, "images_per_s": len(images) / seconds, "compile_s": compile_s,
-            "gflop": flops, "gflops_per_s": flops / seconds}
+    return run, {"compile_s": compile_s, "gflop": gflops(compiled)}
 
 
-def infer_jax(config: ConfigDict, batch: int, repeats: int) -> dict:
+def infer_jax(config: ConfigDict, batch: int) -> tuple[Callable[[], object], dict]:
     """The exported "classify" serving function (uint8 in, probability out), jitted."""
     model = models.build_model(config.model, config.seed)
     graphdef, params, batch_stats = train_step.split_model(model)
@@ -173,10 +191,8 @@ def infer_jax(config: ConfigDict, batch: int, repeats: int) -> dict:
     start = time.perf_counter()
     compiled = classify.lower(weights, images).compile()
     compile_s = time.perf_counter() - start
-    seconds = median_seconds(lambda: jax.block_until_ready(compiled(weights, images)), repeats)
-    flops = gflops(compiled)
-    return {"seconds": seconds, "images_per_s": batch / seconds, "compile_s": compile_s,
-            "gflop": flops, "gflops_per_s": flops / seconds}
+    return (lambda: jax.block_until_ready(compiled(weights, images)),
+            {"compile_s": compile_s, "gflop": gflops(compiled)})
 
 
 def torch_reason(config: ConfigDict) -> str:
@@ -196,7 +212,7 @@ def _torch_images(config: ConfigDict, batch: int):
     return x, torch.from_numpy(labels).float()
 
 
-def train_torch(config: ConfigDict, repeats: int) -> dict:
+def train_torch(config: ConfigDict) -> Callable[[], object]:
     import torch
 
     from cae_jax import torch_peer
@@ -206,11 +222,10 @@ def train_torch(config: ConfigDict, repeats: int) -> dict:
     model = torch_peer.TorchCAE(config.model)
     step = torch_peer.make_train_step(config, model)
     x, y = _torch_images(config, config.train.batch_size)
-    seconds = median_seconds(lambda: step(x, y), repeats)
-    return {"seconds": seconds, "images_per_s": len(x) / seconds}
+    return lambda: step(x, y)
 
 
-def infer_torch(config: ConfigDict, batch: int, repeats: int) -> dict:
+def infer_torch(config: ConfigDict, batch: int) -> Callable[[], object]:
     import torch
 
     from cae_jax import torch_peer
@@ -224,8 +239,19 @@ def infer_torch(config: ConfigDict, batch: int, repeats: int) -> dict:
             x = images.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
             return torch.sigmoid(model.classify(x)).numpy()
 
-    seconds = median_seconds(run, repeats)
-    return {"seconds": seconds, "images_per_s": batch / seconds}
+    return run
+
+
+def against_peer(ours: tuple[Callable[[], object], dict], peer: Callable[[], object] | None,
+                 images: int, repeats: int) -> tuple[dict, dict | None]:
+    """Times cae-jax and the peer (None: no peer) taking turns; images/s and GFLOP/s."""
+    run, info = ours
+    seconds = interleaved_medians({"ours": run, **({"peer": peer} if peer else {})}, repeats)
+    result = {"seconds": seconds["ours"], "images_per_s": images / seconds["ours"], **info,
+              "gflops_per_s": info["gflop"] / seconds["ours"]}
+    if not peer:
+        return result, None
+    return result, {"seconds": seconds["peer"], "images_per_s": images / seconds["peer"]}
 
 
 def write_face_dataset(out_dir: Path, size: int, records: int) -> Path:
@@ -325,12 +351,12 @@ def run_all(config: ConfigDict, *, repeats: int, matmul_size: int, layer_scale: 
     no_torch = torch_reason(config)
     rows = []
 
-    log("train step, cae-jax (compile, then steps)")
-    train = train_jax(config, repeats)
-    log(f"train step, PyTorch peer{' skipped: ' + no_torch if no_torch else ''}")
-    results["train"] = {"cae_jax": train}
-    peer = None if no_torch else train_torch(config, repeats)
-    results["train"]["torch"] = peer
+    log("train step, compile")
+    ours = train_jax(config)
+    log(f"train step, cae-jax{' alone: ' + no_torch if no_torch else ' and PyTorch in turns'}")
+    train, peer = against_peer(ours, None if no_torch else train_torch(config),
+                               config.train.batch_size, repeats)
+    results["train"] = {"cae_jax": train, "torch": peer}
     rows.append(row(f"train step, batch {config.train.batch_size}", train["images_per_s"],
                     peer and peer["images_per_s"], "images/s",
                     no_torch or "PyTorch eager, timm legacy_xception + decoder + classifier"))
@@ -341,8 +367,8 @@ def run_all(config: ConfigDict, *, repeats: int, matmul_size: int, layer_scale: 
     results["inference"] = {}
     for batch in infer_batches:
         log(f"inference, batch {batch}")
-        ours = infer_jax(config, batch, repeats)
-        peer = None if no_torch else infer_torch(config, batch, repeats)
+        ours, peer = against_peer(infer_jax(config, batch),
+                                  None if no_torch else infer_torch(config, batch), batch, repeats)
         results["inference"][str(batch)] = {"cae_jax": ours, "torch": peer}
         rows.append(row(f"inference, batch {batch}", ours["images_per_s"],
                         peer and peer["images_per_s"], "images/s",

@@ -91,6 +91,6 @@ def make_train_step(config: ConfigDict, model: TorchCAE):
         if o.clip_grad_norm > 0:
             nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad_norm)
         optimizer.step()
-        return float(loss)
+        return loss.item()
 
     return step

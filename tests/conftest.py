@@ -14,7 +14,14 @@ os.environ.setdefault(
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
+import importlib.util  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+# With the `bench` extra installed, timm loads triton (through torchvision), whose native
+# library segfaults when it loads after TensorFlow's, as it would once an earlier test has
+# imported TensorFlow. Loading it first avoids that.
+if importlib.util.find_spec("triton"):
+    import triton  # noqa: E402, F401
 
 import pytest  # noqa: E402
 

@@ -64,3 +64,15 @@ def test_median_seconds_times_each_repeat_after_warmup():
     calls = []
     assert bench.median_seconds(lambda: calls.append(1), repeats=3, warmup=2) >= 0
     assert len(calls) == 5
+
+
+def test_ours_and_peer_take_turns_and_each_gets_its_own_median(monkeypatch):
+    calls = []
+    clock = iter(range(100))
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    # Each call of "slow" advances the fake clock by 3 ticks (start, 2 inside, end), "fast" by 1.
+    medians = bench.interleaved_medians(
+        {"slow": lambda: calls.append(("slow", next(clock), next(clock))),
+         "fast": lambda: calls.append(("fast",))}, repeats=3, warmup=1)
+    assert [c[0] for c in calls] == ["slow", "fast"] * 4
+    assert medians == {"slow": 3, "fast": 1}

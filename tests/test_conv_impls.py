@@ -48,28 +48,34 @@ def test_depthwise_matches_a_direct_numpy_loop():
                                rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("stride", [1, 2])
-def test_pointwise_as_matmul(stride):
+@pytest.mark.parametrize(("kernel_size", "stride", "padding"),
+                         [(1, 1, "VALID"), (1, 2, "VALID"), (3, 1, "VALID"), (3, 1, "SAME"),
+                          (3, 2, "SAME"), (2, 1, ((1, 0), (0, 1)))])
+def test_conv_as_matmuls(kernel_size, stride, padding):
     x = jax.random.normal(jax.random.key(stride), (2, 11, 8, 3))
-    kernel = jax.random.normal(jax.random.key(7), (1, 1, 3, 4))
+    kernel = jax.random.normal(jax.random.key(7), (kernel_size, kernel_size, 3, 4))
 
     def fn(x, kernel, impl):
-        conv = (models.pointwise_as_matmul if impl == "decomposed"
-                else jax.lax.conv_general_dilated)
-        return conv(x, kernel, (stride, stride), "VALID", dimension_numbers=models.DIMS)
+        conv = models.conv_as_matmuls if impl == "decomposed" else jax.lax.conv_general_dilated
+        return conv(x, kernel, (stride, stride), padding, dimension_numbers=models.DIMS)
 
     assert_same_values_and_gradients(fn, (x, kernel))
 
 
-def test_only_one_by_one_convs_become_matmuls():
+def test_only_wide_convs_become_matmuls():
     mc = config_lib.default_config().model
-    assert models.conv(3, 4, 1, mc=mc, rngs=nnx.Rngs(0)).conv_general_dilated is \
-        models.pointwise_as_matmul
-    assert models.conv(3, 4, 3, mc=mc, rngs=nnx.Rngs(0)).conv_general_dilated is \
-        jax.lax.conv_general_dilated
-    with pytest.raises(ValueError, match="takes 1x1 'VALID' convs"):
-        models.pointwise_as_matmul(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 3, 4)), (1, 1),
-                                   "SAME")
+
+    def runs_as_matmuls(*args, **kwargs):
+        layer = models.conv(*args, mc=mc, rngs=nnx.Rngs(0), **kwargs)
+        return layer.conv_general_dilated is models.conv_as_matmuls
+
+    assert runs_as_matmuls(3, 4, 1)  # every 1x1 conv
+    assert runs_as_matmuls(728, 1024, 1, stride=2)
+    assert runs_as_matmuls(32, 64, 3)  # the stem's conv2
+    assert not runs_as_matmuls(3, 32, 3, stride=2)  # the stem's conv1
+    assert not runs_as_matmuls(32, 3, 3, padding="SAME")  # the decoder's RGB conv
+    mc.layer_impl = "native"
+    assert not runs_as_matmuls(3, 4, 1)
 
 
 @pytest.mark.parametrize("kernel_size", [2, 3, 4, 5])
@@ -144,6 +150,11 @@ def test_bfloat16_decomposed_stays_close_to_float32():
                                     "decomposed")
     assert half.dtype == jnp.bfloat16
     np.testing.assert_allclose(half.astype(jnp.float32), full, rtol=0.05, atol=0.1)
+    grad_kernel = jax.grad(lambda k: jnp.sum(models.depthwise_conv3x3(
+        x.astype(jnp.bfloat16), k, "decomposed").astype(jnp.float32)))(kernel.astype(jnp.bfloat16))
+    want = jax.grad(lambda k: jnp.sum(models.depthwise_conv3x3(x, k, "native")))(kernel)
+    assert grad_kernel.dtype == jnp.bfloat16
+    np.testing.assert_allclose(grad_kernel.astype(jnp.float32), want, rtol=0.05, atol=0.5)
 
 
 def test_auto_picks_decomposed_on_cpu_and_rejects_unknown_names():

@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from cae_jax import host_memory
+
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("data_prep.prepare", "raw videos/images -> face crops in sharded TFRecords"),
     "train": ("cae_jax.train", "train a model from a config file"),
@@ -35,6 +37,7 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    host_memory.retain_freed_memory()  # Before JAX starts its threads; see host_memory.py.
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv and argv[0] in COMMANDS else None
     parser = build_parser(command)

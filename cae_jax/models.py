@@ -35,7 +35,7 @@ def resolve_layer_impl(impl: str) -> str:
     return impl
 
 
-def conv_as_matmuls(lhs: jax.Array, rhs: jax.Array, window_strides, padding, **unused
+def conv_as_matmuls(lhs: jax.Array, rhs: jax.Array, window_strides, padding, **options
                     ) -> jax.Array:
     """k x k convolution (NHWC x HWIO) as a sum of k*k matrix products, one per kernel tap.
 
@@ -45,6 +45,10 @@ def conv_as_matmuls(lhs: jax.Array, rhs: jax.Array, window_strides, padding, **u
     convolution. Keeping the products 2-D matters: on a 4-D product XLA:CPU first copies the
     output gradient into channel-major layout for the weight gradient (~2x slower per block).
     """
+    dilated = any(options.get(key) not in (None, 1, (1, 1)) for key in ("lhs_dilation",
+                                                                        "rhs_dilation"))
+    if dilated or options.get("feature_group_count", 1) != 1:
+        raise ValueError(f"conv_as_matmuls takes undilated, ungrouped convs, got {options}")
     kh, kw, _, features = rhs.shape
     sh, sw = window_strides
     if isinstance(padding, str):

@@ -76,6 +76,9 @@ def test_only_wide_convs_become_matmuls():
     assert not runs_as_matmuls(32, 3, 3, padding="SAME")  # the decoder's RGB conv
     mc.layer_impl = "native"
     assert not runs_as_matmuls(3, 4, 1)
+    with pytest.raises(ValueError, match="undilated, ungrouped"):
+        models.conv_as_matmuls(jnp.zeros((1, 5, 5, 2)), jnp.zeros((3, 3, 2, 2)), (1, 1), "SAME",
+                               rhs_dilation=(2, 2))
 
 
 @pytest.mark.parametrize("kernel_size", [2, 3, 4, 5])

@@ -6,6 +6,7 @@ imported ImageNet weights map one-to-one; see `weights.py`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -35,6 +36,16 @@ def resolve_layer_impl(impl: str) -> str:
     return impl
 
 
+def tap_windows(padded: jax.Array, kernel_size: tuple[int, int], strides: tuple[int, int]
+                ) -> list[jax.Array]:
+    """The pixels each kernel tap (i, j) reads from a padded NHWC input, taps in row-major
+    order: one strided slice per tap, shaped like the layer's output."""
+    (kh, kw), (sh, sw) = kernel_size, strides
+    oh, ow = (padded.shape[1] - kh) // sh + 1, (padded.shape[2] - kw) // sw + 1
+    return [padded[:, i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw, :]
+            for i in range(kh) for j in range(kw)]
+
+
 def conv_as_matmuls(lhs: jax.Array, rhs: jax.Array, window_strides, padding, **options
                     ) -> jax.Array:
     """k x k convolution (NHWC x HWIO) as a sum of k*k matrix products, one per kernel tap.
@@ -53,15 +64,11 @@ def conv_as_matmuls(lhs: jax.Array, rhs: jax.Array, window_strides, padding, **o
     sh, sw = window_strides
     if isinstance(padding, str):
         padding = jax.lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), (sh, sw), padding)
-    x = jnp.pad(lhs, ((0, 0), *padding, (0, 0)))
-    oh, ow = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
-    out = None
-    for i in range(kh):
-        for j in range(kw):
-            pixels = x[:, i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw, :]
-            term = pixels.reshape(-1, x.shape[-1]) @ rhs[i, j]
-            out = term if out is None else out + term
-    return out.reshape(x.shape[0], oh, ow, features)
+    windows = tap_windows(jnp.pad(lhs, ((0, 0), *padding, (0, 0))), (kh, kw), (sh, sw))
+    taps = rhs.reshape(kh * kw, *rhs.shape[2:])
+    terms = [window.reshape(-1, window.shape[-1]) @ tap
+             for window, tap in zip(windows, taps, strict=True)]
+    return sum(terms[1:], terms[0]).reshape(*windows[0].shape[:-1], features)
 
 
 def conv(in_features: int, out_features: int, kernel_size: int, *, mc: ConfigDict,
@@ -99,9 +106,7 @@ def depthwise_conv3x3(x: jax.Array, kernel: jax.Array, impl: str) -> jax.Array:
 
 def _shifted_windows(x: jax.Array) -> list[jax.Array]:
     """The nine 3x3 taps' views of x, zero-padded by one: window (i, j) at index 3 * i + j."""
-    height, width = x.shape[1], x.shape[2]
-    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    return [padded[:, i : i + height, j : j + width, :] for i in range(3) for j in range(3)]
+    return tap_windows(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), (1, 1))
 
 
 def _shifted_sum(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -193,14 +198,8 @@ def max_pool3x3(x: jax.Array, stride: int, padding: str, impl: str) -> jax.Array
     if resolve_layer_impl(impl) == "native":
         return nnx.max_pool(x, (3, 3), strides=(stride, stride), padding=pads)
     padded = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
-    oh, ow = (padded.shape[1] - 3) // stride + 1, (padded.shape[2] - 3) // stride + 1
-    out = None
-    for i in range(3):
-        for j in range(3):
-            window = padded[:, i : i + stride * (oh - 1) + 1 : stride,
-                            j : j + stride * (ow - 1) + 1 : stride, :]
-            out = window if out is None else jnp.maximum(out, window)
-    return out
+    windows = tap_windows(padded, (3, 3), (stride, stride))
+    return functools.reduce(jnp.maximum, windows)
 
 
 class SeparableConv(nnx.Module):

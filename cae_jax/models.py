@@ -46,6 +46,19 @@ def tap_windows(padded: jax.Array, kernel_size: tuple[int, int], strides: tuple[
             for i in range(kh) for j in range(kw)]
 
 
+def _explicit_pads(name: str, lhs: jax.Array, rhs: jax.Array, window_strides, padding,
+                   options: dict) -> tuple[tuple[int, int], ...]:
+    """`padding` as ((lo, hi), (lo, hi)) for the drop-in convs below, which take undilated,
+    ungrouped convs only."""
+    dilated = any(options.get(key) not in (None, 1, (1, 1)) for key in ("lhs_dilation",
+                                                                        "rhs_dilation"))
+    if dilated or options.get("feature_group_count", 1) != 1:
+        raise ValueError(f"{name} takes undilated, ungrouped convs, got {options}")
+    if isinstance(padding, str):
+        padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+    return tuple((int(lo), int(hi)) for lo, hi in padding)
+
+
 def conv_as_matmuls(lhs: jax.Array, rhs: jax.Array, window_strides, padding, **options
                     ) -> jax.Array:
     """k x k convolution (NHWC x HWIO) as a sum of k*k matrix products, one per kernel tap.
@@ -56,14 +69,9 @@ def conv_as_matmuls(lhs: jax.Array, rhs: jax.Array, window_strides, padding, **o
     convolution. Keeping the products 2-D matters: on a 4-D product XLA:CPU first copies the
     output gradient into channel-major layout for the weight gradient (~2x slower per block).
     """
-    dilated = any(options.get(key) not in (None, 1, (1, 1)) for key in ("lhs_dilation",
-                                                                        "rhs_dilation"))
-    if dilated or options.get("feature_group_count", 1) != 1:
-        raise ValueError(f"conv_as_matmuls takes undilated, ungrouped convs, got {options}")
+    padding = _explicit_pads("conv_as_matmuls", lhs, rhs, window_strides, padding, options)
     kh, kw, _, features = rhs.shape
     sh, sw = window_strides
-    if isinstance(padding, str):
-        padding = jax.lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), (sh, sw), padding)
     windows = tap_windows(jnp.pad(lhs, ((0, 0), *padding, (0, 0))), (kh, kw), (sh, sw))
     taps = rhs.reshape(kh * kw, *rhs.shape[2:])
     terms = [window.reshape(-1, window.shape[-1]) @ tap
@@ -71,23 +79,81 @@ def conv_as_matmuls(lhs: jax.Array, rhs: jax.Array, window_strides, padding, **o
     return sum(terms[1:], terms[0]).reshape(*windows[0].shape[:-1], features)
 
 
+def conv_with_output_tap_grads(lhs: jax.Array, rhs: jax.Array, window_strides, padding,
+                               **options) -> jax.Array:
+    """Stride-1 convolution (NHWC x HWIO), a drop-in `conv_general_dilated` for nnx.Conv:
+    XLA's convolution forward, both gradients as matrix products (`_output_tap_grads`).
+
+    For convs too narrow to pay as products forward (the decoder's RGB conv, 32 -> 3): XLA:CPU
+    transposes both operands for the kernel gradient of its convolution; measured 3x slower.
+    """
+    pads = _explicit_pads("conv_with_output_tap_grads", lhs, rhs, window_strides, padding,
+                          options)
+    if tuple(window_strides) != (1, 1):
+        raise ValueError(f"conv_with_output_tap_grads takes stride 1, got {window_strides}")
+    return _conv_tap_grads(lhs, rhs, pads)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_tap_grads(x: jax.Array, kernel: jax.Array, pads) -> jax.Array:
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), pads, dimension_numbers=DIMS)
+
+
+def _conv_tap_grads_fwd(x, kernel, pads):
+    return _conv_tap_grads(x, kernel, pads), (x, kernel)
+
+
+def _conv_tap_grads_bwd(pads, residuals, grad):
+    x, kernel = residuals
+    return _output_tap_grads(x, kernel, grad, 1, (pads[0][0], pads[1][0]))
+
+
+_conv_tap_grads.defvjp(_conv_tap_grads_fwd, _conv_tap_grads_bwd)
+
+
+def _output_tap_grads(x: jax.Array, kernel: jax.Array, grad: jax.Array, stride: int,
+                      pads_low: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
+    """Input and kernel gradients of a stride-1 conv or a transposed conv of `stride`, from
+    one matrix of the output gradient's kernel taps.
+
+    Both layers add x[r] @ kernel[t] to y[stride * r + low - t] (low: the conv's low padding).
+    With cols[r, t] = grad[stride * r + low - t] (zero outside y), grad_x = cols @ kernel^T
+    and grad_kernel = x^T @ cols: two wide products, no transposed copies of the activations.
+    """
+    kh, kw, cin, cout = kernel.shape
+    low = (kh - 1 - pads_low[0], kw - 1 - pads_low[1])
+    high = [stride * (x.shape[d] - 1) + k - grad.shape[d] - lo
+            for d, k, lo in ((1, kh, low[0]), (2, kw, low[1]))]
+    padded = jax.lax.pad(grad, jnp.zeros((), grad.dtype),
+                         ((0, 0, 0), (low[0], high[0], 0), (low[1], high[1], 0), (0, 0, 0)))
+    # Window (i, j) holds tap (kh - 1 - i, kw - 1 - j): reversed, the taps run row-major.
+    windows = tap_windows(padded, (kh, kw), (stride, stride))[::-1]
+    cols = jnp.concatenate(windows, axis=-1).reshape(-1, kh * kw * cout)
+    grad_x = cols @ kernel.transpose(0, 1, 3, 2).reshape(kh * kw * cout, cin)
+    grad_kernel = x.reshape(-1, cin).T @ cols
+    return (grad_x.reshape(x.shape),
+            grad_kernel.reshape(cin, kh, kw, cout).transpose(1, 2, 0, 3).astype(kernel.dtype))
+
+
 def conv(in_features: int, out_features: int, kernel_size: int, *, mc: ConfigDict,
          rngs: nnx.Rngs, stride: int = 1, padding: str = "VALID", use_bias: bool = False
          ) -> nnx.Conv:
-    """nnx.Conv, as matrix products (`conv_as_matmuls`) where that pays on XLA:CPU.
+    """nnx.Conv, its forward or gradients as matrix products where that pays on XLA:CPU.
 
-    That is where `mc.layer_impl` is "decomposed" and the products are wide: 1x1 convs, and
-    stride-1 convs with at least 32 input and output channels (the stem's conv2).
-    Measured on XLA:CPU, the stem's conv1 (3 input channels, stride 2) and the decoder's
-    RGB conv (3 outputs) are faster native.
+    Where `mc.layer_impl` is "decomposed": wide convs run as products (`conv_as_matmuls`):
+    1x1 convs and stride-1 convs with at least 32 input and output channels (the stem's
+    conv2). Other stride-1 convs (the decoder's RGB conv, 3 outputs) keep XLA's forward and take
+    their gradients as products (`conv_with_output_tap_grads`). The stem's conv1 (3 input
+    channels, stride 2) is faster native.
     """
     wide = kernel_size == 1 or (stride == 1 and min(in_features, out_features) >= 32)
-    as_matmuls = wide and resolve_layer_impl(mc.layer_impl) == "decomposed"
+    conv_fn = jax.lax.conv_general_dilated
+    if resolve_layer_impl(mc.layer_impl) == "decomposed" and (wide or stride == 1):
+        conv_fn = conv_as_matmuls if wide else conv_with_output_tap_grads
     return nnx.Conv(
         in_features, out_features, (kernel_size, kernel_size), strides=stride, padding=padding,
         use_bias=use_bias, dtype=jnp.dtype(mc.dtype), kernel_init=CONV_INIT,
-        conv_general_dilated=conv_as_matmuls if as_matmuls else jax.lax.conv_general_dilated,
-        rngs=rngs,
+        conv_general_dilated=conv_fn, rngs=rngs,
     )
 
 
@@ -142,14 +208,16 @@ def _depthwise_shifted_bwd(residuals, grad):
 _depthwise_shifted.defvjp(_depthwise_shifted_fwd, _depthwise_shifted_bwd)
 
 
-def _phase_taps(kernel_size: int, stride: int, phase: int) -> tuple[list[int], list[int]]:
-    """Kernel taps that reach output phase `phase`, and the input offset each one reads.
+def _transpose_pad(kernel_size: int, stride: int) -> int:
+    """The low padding of lax.conv_transpose's "SAME" mode: it computes
+    y[o] = sum_t k[t] * x[(o + t - pad) / s] over the t where o + t - pad is a multiple of s."""
+    return kernel_size - 1 if stride > kernel_size - 1 else -(-(kernel_size + stride - 2) // 2)
 
-    lax.conv_transpose with "SAME" padding computes y[o] = sum_t k[t] * x[(o + t - pad) / s]
-    over the t where o + t - pad is a multiple of s; for o = s*i + phase that input is
-    x[i + offset(t)].
-    """
-    pad = kernel_size - 1 if stride > kernel_size - 1 else -(-(kernel_size + stride - 2) // 2)
+
+def _phase_taps(kernel_size: int, stride: int, phase: int) -> tuple[list[int], list[int]]:
+    """Kernel taps that reach output phase `phase`, and the input offset each one reads:
+    for o = s*i + phase, x[(o + t - pad) / s] is x[i + offset(t)]."""
+    pad = _transpose_pad(kernel_size, stride)
     taps = [t for t in range(kernel_size) if (phase + t - pad) % stride == 0]
     return taps, [(phase + t - pad) // stride for t in taps]
 
@@ -158,11 +226,18 @@ def conv_transpose(x: jax.Array, kernel: jax.Array, stride: int, impl: str) -> j
     """Transposed convolution with "SAME" padding, as nnx.ConvTranspose; kernel [k, k, in, out].
 
     "decomposed" computes each of the stride**2 output phases as a small ordinary convolution
-    of the undilated input and interleaves them (sub-pixel convolution). The native form
-    convolves the zero-dilated input; XLA:CPU's gradient of that is 10-40x slower.
+    of the undilated input and interleaves them (sub-pixel convolution), and takes the
+    gradients as two matrix products (`_output_tap_grads`). The native form convolves the
+    zero-dilated input; XLA:CPU's gradient of that is 10-40x slower, and its gradient of the
+    phase convolutions 1.2-2.4x slower than the products.
     """
     if resolve_layer_impl(impl) == "native":
         return jax.lax.conv_transpose(x, kernel, (stride, stride), "SAME", dimension_numbers=DIMS)
+    return _conv_transpose_phases(x, kernel, stride)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_transpose_phases(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     n, h, w, _ = x.shape
     taps = [_phase_taps(kernel.shape[0], stride, p) for p in range(stride)]
     rows = []
@@ -180,6 +255,19 @@ def conv_transpose(x: jax.Array, kernel: jax.Array, stride: int, impl: str) -> j
         rows.append(jnp.stack(cols, axis=3))  # [n, h, w, phase_col, c]
     y = jnp.stack(rows, axis=2)  # [n, h, phase_row, w, phase_col, c]
     return y.reshape(n, h * stride, w * stride, kernel.shape[-1])
+
+
+def _conv_transpose_phases_fwd(x, kernel, stride):
+    return _conv_transpose_phases(x, kernel, stride), (x, kernel)
+
+
+def _conv_transpose_phases_bwd(stride, residuals, grad):
+    x, kernel = residuals
+    pad = _transpose_pad(kernel.shape[0], stride)
+    return _output_tap_grads(x, kernel, grad, stride, (pad, pad))
+
+
+_conv_transpose_phases.defvjp(_conv_transpose_phases_fwd, _conv_transpose_phases_bwd)
 
 
 def max_pool3x3(x: jax.Array, stride: int, padding: str, impl: str) -> jax.Array:

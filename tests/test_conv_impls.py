@@ -62,23 +62,48 @@ def test_conv_as_matmuls(kernel_size, stride, padding):
     assert_same_values_and_gradients(fn, (x, kernel))
 
 
-def test_only_wide_convs_become_matmuls():
+@pytest.mark.parametrize(("kernel_size", "padding"),
+                         [(1, "VALID"), (3, "VALID"), (3, "SAME"), (2, ((1, 0), (0, 1))),
+                          (5, ((3, 1), (0, 2)))])
+def test_conv_with_output_tap_grads(kernel_size, padding):
+    x = jax.random.normal(jax.random.key(kernel_size), (2, 11, 8, 5))
+    kernel = jax.random.normal(jax.random.key(7), (kernel_size, kernel_size, 5, 3))
+
+    def fn(x, kernel, impl):
+        conv = (models.conv_with_output_tap_grads if impl == "decomposed"
+                else jax.lax.conv_general_dilated)
+        return conv(x, kernel, (1, 1), padding, dimension_numbers=models.DIMS)
+
+    assert_same_values_and_gradients(fn, (x, kernel))
+
+
+def test_each_conv_gets_its_cpu_form():
     mc = config_lib.default_config().model
 
-    def runs_as_matmuls(*args, **kwargs):
-        layer = models.conv(*args, mc=mc, rngs=nnx.Rngs(0), **kwargs)
-        return layer.conv_general_dilated is models.conv_as_matmuls
+    def conv_fn(*args, **kwargs):
+        return models.conv(*args, mc=mc, rngs=nnx.Rngs(0), **kwargs).conv_general_dilated
 
-    assert runs_as_matmuls(3, 4, 1)  # every 1x1 conv
-    assert runs_as_matmuls(728, 1024, 1, stride=2)
-    assert runs_as_matmuls(32, 64, 3)  # the stem's conv2
-    assert not runs_as_matmuls(3, 32, 3, stride=2)  # the stem's conv1
-    assert not runs_as_matmuls(32, 3, 3, padding="SAME")  # the decoder's RGB conv
+    assert conv_fn(3, 4, 1) is models.conv_as_matmuls  # every 1x1 conv
+    assert conv_fn(728, 1024, 1, stride=2) is models.conv_as_matmuls
+    assert conv_fn(32, 64, 3) is models.conv_as_matmuls  # the stem's conv2
+    assert conv_fn(3, 32, 3, stride=2) is jax.lax.conv_general_dilated  # the stem's conv1
+    # The decoder's RGB conv.
+    assert conv_fn(32, 3, 3, padding="SAME") is models.conv_with_output_tap_grads
     mc.layer_impl = "native"
-    assert not runs_as_matmuls(3, 4, 1)
+    assert conv_fn(3, 4, 1) is jax.lax.conv_general_dilated
+    assert conv_fn(32, 3, 3, padding="SAME") is jax.lax.conv_general_dilated
+
+
+@pytest.mark.parametrize("conv", [models.conv_as_matmuls, models.conv_with_output_tap_grads])
+def test_drop_in_convs_refuse_what_they_do_not_compute(conv):
+    x, kernel = jnp.zeros((1, 5, 5, 2)), jnp.zeros((3, 3, 2, 2))
     with pytest.raises(ValueError, match="undilated, ungrouped"):
-        models.conv_as_matmuls(jnp.zeros((1, 5, 5, 2)), jnp.zeros((3, 3, 2, 2)), (1, 1), "SAME",
-                               rhs_dilation=(2, 2))
+        conv(x, kernel, (1, 1), "SAME", rhs_dilation=(2, 2))
+    with pytest.raises(ValueError, match="undilated, ungrouped"):
+        conv(x, jnp.zeros((3, 3, 1, 2)), (1, 1), "SAME", feature_group_count=2)
+    if conv is models.conv_with_output_tap_grads:
+        with pytest.raises(ValueError, match="takes stride 1"):
+            conv(x, kernel, (2, 2), "SAME")
 
 
 @pytest.mark.parametrize("kernel_size", [2, 3, 4, 5])

@@ -108,8 +108,8 @@ def matmul_peak(n: int, repeats: int) -> dict:
 
 
 def conv_by_impl(x: jax.Array, kernel: jax.Array, impl: str) -> jax.Array:
-    """A stride-1 "VALID" conv: `conv_as_matmuls` when decomposed, else XLA's convolution."""
-    conv = models.conv_as_matmuls if impl == "decomposed" else jax.lax.conv_general_dilated
+    """A stride-1 "VALID" conv: `conv_as_matmul` when decomposed, else XLA's convolution."""
+    conv = models.conv_as_matmul if impl == "decomposed" else jax.lax.conv_general_dilated
     return conv(x, kernel, (1, 1), "VALID", dimension_numbers=models.DIMS)
 
 

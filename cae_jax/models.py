@@ -59,24 +59,22 @@ def _explicit_pads(name: str, lhs: jax.Array, rhs: jax.Array, window_strides, pa
     return tuple((int(lo), int(hi)) for lo, hi in padding)
 
 
-def conv_as_matmuls(lhs: jax.Array, rhs: jax.Array, window_strides, padding, **options
-                    ) -> jax.Array:
-    """k x k convolution (NHWC x HWIO) as a sum of k*k matrix products, one per kernel tap.
+def conv_as_matmul(lhs: jax.Array, rhs: jax.Array, window_strides, padding, **options
+                   ) -> jax.Array:
+    """k x k convolution (NHWC x HWIO) as one matrix product over the im2col matrix.
 
-    A drop-in `conv_general_dilated` for nnx.Conv. Each tap multiplies the shifted (and
-    strided) input pixels, as a [pixels, channels] matrix, by that tap's [in, out] weights.
-    XLA:CPU runs these on its GEMM library, with gradients 1.5-6x faster than its
-    convolution. Keeping the products 2-D matters: on a 4-D product XLA:CPU first copies the
+    A drop-in `conv_general_dilated` for nnx.Conv. Row p of the im2col matrix holds the k*k
+    input windows of output pixel p side by side ([pixels, k*k*in], a 1x1 conv's is its input);
+    XLA:CPU runs the product and its gradients on its GEMM library, 1.5-6x faster than its
+    convolution. Keeping the product 2-D matters: on a 4-D product XLA:CPU first copies the
     output gradient into channel-major layout for the weight gradient (~2x slower per block).
     """
-    padding = _explicit_pads("conv_as_matmuls", lhs, rhs, window_strides, padding, options)
-    kh, kw, _, features = rhs.shape
-    sh, sw = window_strides
-    windows = tap_windows(jnp.pad(lhs, ((0, 0), *padding, (0, 0))), (kh, kw), (sh, sw))
-    taps = rhs.reshape(kh * kw, *rhs.shape[2:])
-    terms = [window.reshape(-1, window.shape[-1]) @ tap
-             for window, tap in zip(windows, taps, strict=True)]
-    return sum(terms[1:], terms[0]).reshape(*windows[0].shape[:-1], features)
+    pads = _explicit_pads("conv_as_matmul", lhs, rhs, window_strides, padding, options)
+    kh, kw, cin, features = rhs.shape
+    windows = tap_windows(jnp.pad(lhs, ((0, 0), *pads, (0, 0))), (kh, kw), window_strides)
+    cols = jnp.concatenate(windows, axis=-1)  # taps in row-major order, as rhs lays them out
+    out = cols.reshape(-1, kh * kw * cin) @ rhs.reshape(kh * kw * cin, features)
+    return out.reshape(*cols.shape[:-1], features)
 
 
 def conv_with_output_tap_grads(lhs: jax.Array, rhs: jax.Array, window_strides, padding,
@@ -84,8 +82,8 @@ def conv_with_output_tap_grads(lhs: jax.Array, rhs: jax.Array, window_strides, p
     """Stride-1 convolution (NHWC x HWIO), a drop-in `conv_general_dilated` for nnx.Conv:
     XLA's convolution forward, both gradients as matrix products (`_output_tap_grads`).
 
-    For convs too narrow to pay as products forward (the decoder's RGB conv, 32 -> 3): XLA:CPU
-    transposes both operands for the kernel gradient of its convolution; measured 3x slower.
+    For the decoder's RGB conv, whose gradient XLA:CPU takes 3x slower: it transposes both
+    operands for the kernel gradient of its convolution.
     """
     pads = _explicit_pads("conv_with_output_tap_grads", lhs, rhs, window_strides, padding,
                           options)
@@ -140,16 +138,18 @@ def conv(in_features: int, out_features: int, kernel_size: int, *, mc: ConfigDic
          ) -> nnx.Conv:
     """nnx.Conv, its forward or gradients as matrix products where that pays on XLA:CPU.
 
-    Where `mc.layer_impl` is "decomposed": wide convs run as products (`conv_as_matmuls`):
-    1x1 convs and stride-1 convs with at least 32 input and output channels (the stem's
-    conv2). Other stride-1 convs (the decoder's RGB conv, 3 outputs) keep XLA's forward and take
-    their gradients as products (`conv_with_output_tap_grads`). The stem's conv1 (3 input
-    channels, stride 2) is faster native.
+    Where `mc.layer_impl` is "decomposed": convs as wide in as out, and every 1x1 conv, run as
+    one product over their im2col matrix (`conv_as_matmul`); that is every encoder conv.
+    Narrowing stride-1 convs (the decoder's RGB conv, 32 -> 3 channels, whose im2col matrix
+    would be 9x its 320x320 input) keep XLA's forward and take their gradients as products
+    (`conv_with_output_tap_grads`).
     """
-    wide = kernel_size == 1 or (stride == 1 and min(in_features, out_features) >= 32)
     conv_fn = jax.lax.conv_general_dilated
-    if resolve_layer_impl(mc.layer_impl) == "decomposed" and (wide or stride == 1):
-        conv_fn = conv_as_matmuls if wide else conv_with_output_tap_grads
+    if resolve_layer_impl(mc.layer_impl) == "decomposed":
+        if kernel_size == 1 or out_features >= in_features:
+            conv_fn = conv_as_matmul
+        elif stride == 1:
+            conv_fn = conv_with_output_tap_grads
     return nnx.Conv(
         in_features, out_features, (kernel_size, kernel_size), strides=stride, padding=padding,
         use_bias=use_bias, dtype=jnp.dtype(mc.dtype), kernel_init=CONV_INIT,

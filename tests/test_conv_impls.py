@@ -50,13 +50,13 @@ def test_depthwise_matches_a_direct_numpy_loop():
 
 @pytest.mark.parametrize(("kernel_size", "stride", "padding"),
                          [(1, 1, "VALID"), (1, 2, "VALID"), (3, 1, "VALID"), (3, 1, "SAME"),
-                          (3, 2, "SAME"), (2, 1, ((1, 0), (0, 1)))])
-def test_conv_as_matmuls(kernel_size, stride, padding):
+                          (3, 2, "SAME"), (3, 2, "VALID"), (2, 1, ((1, 0), (0, 1)))])
+def test_conv_as_matmul(kernel_size, stride, padding):
     x = jax.random.normal(jax.random.key(stride), (2, 11, 8, 3))
     kernel = jax.random.normal(jax.random.key(7), (kernel_size, kernel_size, 3, 4))
 
     def fn(x, kernel, impl):
-        conv = models.conv_as_matmuls if impl == "decomposed" else jax.lax.conv_general_dilated
+        conv = models.conv_as_matmul if impl == "decomposed" else jax.lax.conv_general_dilated
         return conv(x, kernel, (stride, stride), padding, dimension_numbers=models.DIMS)
 
     assert_same_values_and_gradients(fn, (x, kernel))
@@ -83,18 +83,20 @@ def test_each_conv_gets_its_cpu_form():
     def conv_fn(*args, **kwargs):
         return models.conv(*args, mc=mc, rngs=nnx.Rngs(0), **kwargs).conv_general_dilated
 
-    assert conv_fn(3, 4, 1) is models.conv_as_matmuls  # every 1x1 conv
-    assert conv_fn(728, 1024, 1, stride=2) is models.conv_as_matmuls
-    assert conv_fn(32, 64, 3) is models.conv_as_matmuls  # the stem's conv2
-    assert conv_fn(3, 32, 3, stride=2) is jax.lax.conv_general_dilated  # the stem's conv1
+    assert conv_fn(3, 4, 1) is models.conv_as_matmul  # every 1x1 conv
+    assert conv_fn(728, 1024, 1, stride=2) is models.conv_as_matmul
+    assert conv_fn(8, 4, 1) is models.conv_as_matmul
+    assert conv_fn(3, 32, 3, stride=2) is models.conv_as_matmul  # the stem's conv1
+    assert conv_fn(32, 64, 3) is models.conv_as_matmul  # the stem's conv2
     # The decoder's RGB conv.
     assert conv_fn(32, 3, 3, padding="SAME") is models.conv_with_output_tap_grads
+    assert conv_fn(32, 3, 3, stride=2) is jax.lax.conv_general_dilated
     mc.layer_impl = "native"
     assert conv_fn(3, 4, 1) is jax.lax.conv_general_dilated
     assert conv_fn(32, 3, 3, padding="SAME") is jax.lax.conv_general_dilated
 
 
-@pytest.mark.parametrize("conv", [models.conv_as_matmuls, models.conv_with_output_tap_grads])
+@pytest.mark.parametrize("conv", [models.conv_as_matmul, models.conv_with_output_tap_grads])
 def test_drop_in_convs_refuse_what_they_do_not_compute(conv):
     x, kernel = jnp.zeros((1, 5, 5, 2)), jnp.zeros((3, 3, 2, 2))
     with pytest.raises(ValueError, match="undilated, ungrouped"):

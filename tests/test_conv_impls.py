@@ -133,6 +133,29 @@ def test_max_pool(padding, side):
         lambda x, impl: models.max_pool3x3(x, 2, padding, impl), (x,))
 
 
+def test_max_pool_ties_share_the_gradient_equally():
+    """A constant 4x4 input: every pixel of each 3x3/2 window ties for the max ("same" pads
+    one -inf row and column at the end), so each window's gradient splits over its pixels."""
+    grad = jax.grad(lambda x: jnp.sum(models.max_pool3x3(x, 2, "same", "decomposed")))(
+        jnp.ones((1, 4, 4, 1)))
+    expected = np.zeros((4, 4))
+    for r in range(2):
+        for c in range(2):
+            window = expected[2 * r : 2 * r + 3, 2 * c : 2 * c + 3]  # clipped at the edge
+            window += 1 / window.size
+    np.testing.assert_allclose(grad[0, :, :, 0], expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize(("kernel_size", "stride"), [(3, 1), (3, 2), (3, 3), (2, 2), (3, 4)])
+def test_add_at_taps_is_the_adjoint_of_tap_windows(kernel_size, stride):
+    padded = jax.random.normal(jax.random.key(stride), (2, 11, 9, 3))
+    windows, adjoint = jax.vjp(
+        lambda p: models.tap_windows(p, (kernel_size, kernel_size), (stride, stride)), padded)
+    values = [jax.random.normal(jax.random.key(t), w.shape) for t, w in enumerate(windows)]
+    got = models._add_at_taps(values, padded.shape[1:3], kernel_size, stride)
+    np.testing.assert_allclose(got, adjoint(values)[0], rtol=1e-6, atol=1e-6)
+
+
 def test_decoder_layer_has_flax_conv_transpose_parameters():
     mc = config_lib.default_config().model
     ours = models.ConvTranspose(6, 5, 4, stride=2, mc=mc, rngs=nnx.Rngs(params=3))

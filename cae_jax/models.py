@@ -240,21 +240,28 @@ def conv_transpose(x: jax.Array, kernel: jax.Array, stride: int, impl: str) -> j
 def _conv_transpose_phases(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     n, h, w, _ = x.shape
     taps = [_phase_taps(kernel.shape[0], stride, p) for p in range(stride)]
-    rows = []
+    phases = []
     for row_taps, row_offsets in taps:
-        cols = []
+        phases.append([])
         for col_taps, col_offsets in taps:
             if not row_taps or not col_taps:  # stride > kernel: no tap reaches this phase.
-                cols.append(jnp.zeros((n, h, w, kernel.shape[-1]), x.dtype))
+                phases[-1].append(jnp.zeros((n, h, w, kernel.shape[-1]), x.dtype))
                 continue
             pads = ((-row_offsets[0], row_offsets[-1]), (-col_offsets[0], col_offsets[-1]))
             # A phase's taps are every stride-th one: a strided slice of the kernel.
             phase_kernel = kernel[row_taps[0] :: stride, col_taps[0] :: stride]
-            cols.append(jax.lax.conv_general_dilated(x, phase_kernel, (1, 1), pads,
-                                                     dimension_numbers=DIMS))
-        rows.append(jnp.stack(cols, axis=3))  # [n, h, w, phase_col, c]
-    y = jnp.stack(rows, axis=2)  # [n, h, phase_row, w, phase_col, c]
-    return y.reshape(n, h * stride, w * stride, kernel.shape[-1])
+            phases[-1].append(jax.lax.conv_general_dilated(x, phase_kernel, (1, 1), pads,
+                                                           dimension_numbers=DIMS))
+    return _interleave(phases)
+
+
+def _interleave(phases: list[list[jax.Array]]) -> jax.Array:
+    """phases[pr][pc] ([n, h, w, c] each) -> [n, s*h, s*w, c] holding phases[pr][pc][r, c] at
+    (s*r + pr, s*c + pc), s = len(phases)."""
+    n, h, w, channels = phases[0][0].shape
+    stride = len(phases)
+    rows = [jnp.stack(row, axis=3) for row in phases]  # [n, h, w, phase_col, c] each
+    return jnp.stack(rows, axis=2).reshape(n, h * stride, w * stride, channels)
 
 
 def _conv_transpose_phases_fwd(x, kernel, stride):
@@ -317,14 +324,15 @@ def _add_at_taps(values: list[jax.Array], size: tuple[int, int], kernel_size: in
     """The adjoint of `tap_windows`: an array of spatial `size` with values[t][r, c] added at
     (stride * r + i, stride * c + j) for tap t = (i, j), taps in row-major order.
 
-    Built one output phase (row % stride, column % stride) at a time from shifted, unstrided
-    pads of the taps that land there, then interleaved: no tap is padded to the full size.
+    Built one phase of the result (row % stride, column % stride) at a time from shifted,
+    unstrided pads of the taps that land there, then interleaved: no tap is padded to the full
+    size.
     """
     n, oh, ow, channels = values[0].shape
     rows, cols = -(-size[0] // stride), -(-size[1] // stride)  # phase extents, padded up
     phases = []
     for pr in range(stride):
-        phase_row = []
+        phases.append([])
         for pc in range(stride):
             total = jnp.zeros((n, rows, cols, channels), values[0].dtype)
             for i in range(pr, kernel_size, stride):
@@ -332,10 +340,8 @@ def _add_at_taps(values: list[jax.Array], size: tuple[int, int], kernel_size: in
                     di, dj = i // stride, j // stride
                     total += jnp.pad(values[i * kernel_size + j],
                                      ((0, 0), (di, rows - oh - di), (dj, cols - ow - dj), (0, 0)))
-            phase_row.append(total)
-        phases.append(jnp.stack(phase_row, axis=3))  # [n, rows, cols, phase_col, c]
-    full = jnp.stack(phases, axis=2).reshape(n, rows * stride, cols * stride, channels)
-    return full[:, : size[0], : size[1]]
+            phases[-1].append(total)
+    return _interleave(phases)[:, : size[0], : size[1]]
 
 
 class SeparableConv(nnx.Module):

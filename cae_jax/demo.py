@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -105,15 +106,31 @@ def build_dataset(out_dir: Path, size: int, seed: int) -> Path:
                                      description="cae-jax demo: package face photos + SBI"))
 
 
-def export_and_predict(workdir: Path, data_dir: Path) -> dict:
-    """Exports the selected checkpoint and scores a real and a fake test frame as PNG files."""
-    from cae_jax import config as config_lib
-    from cae_jax import input_pipeline, main
+def ensure_bundle(workdir: Path, step: int) -> Path:
+    """`workdir/bundle`, exported from `workdir/train`'s selected checkpoint `step`.
+
+    A bundle from an earlier demo run in this workdir is kept if it holds `step` and replaced
+    if not: a run resumed with more steps may select another checkpoint.
+    """
+    from cae_jax import export, main
 
     bundle = workdir / "bundle"
+    if bundle.exists() and json.loads((bundle / export.MODEL_JSON).read_text())["step"] != step:
+        print(f"demo: {bundle} holds another step than the selected {step}; exporting anew")
+        shutil.rmtree(bundle)
     if not bundle.exists():
         main.main(["export", "--workdir", str(workdir / "train"), "--out", str(bundle),
                    "--formats", "jax_export"])
+    return bundle
+
+
+def export_and_predict(workdir: Path, data_dir: Path, step: int) -> dict:
+    """Exports the selected checkpoint (`step`) and scores a real and a fake test frame as
+    PNG files."""
+    from cae_jax import config as config_lib
+    from cae_jax import input_pipeline, main
+
+    bundle = ensure_bundle(workdir, step)
     samples = workdir / "predict_inputs"
     samples.mkdir(exist_ok=True)
     config = config_lib.load_config(DEMO_CONFIG)
@@ -144,7 +161,7 @@ def run_demo(workdir: Path, overrides: list[str]) -> dict:
     report = evaluate.evaluate_checkpoint(workdir / "train", [str(data_dir)], "test",
                                           workdir / "eval" / "metrics.json")
     test = report["results"][data_dir.name]["all"]
-    predictions = export_and_predict(workdir, data_dir)
+    predictions = export_and_predict(workdir, data_dir, report["step"])
     summary = {
         "test_frame_auc": test["frame"]["auc"],
         "test_frame_acc": test["frame"]["acc"],

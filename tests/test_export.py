@@ -189,15 +189,14 @@ def test_bfloat16_bundle_stores_bf16_and_stays_close(trained, images_and_referen
     np.testing.assert_allclose(prob, ref["probability"], atol=0.05, rtol=0)
 
 
-def test_cli_exports_best_checkpoint_of_a_workdir(state, tmp_path, capsys):
+def write_two_checkpoints(workdir, state) -> None:
+    """Steps 10 (val_auc 0.9, the best) and 20 (0.6, params + 1) of a tiny training run."""
     import orbax.checkpoint as ocp
 
     from cae_jax import checkpoints
-    from cae_jax import main as cli
 
     config = tiny_config()
     shifted = state.replace(params=jax.tree.map(lambda p: p + 1.0, state.params))
-    workdir = tmp_path / "run"
     checkpoints.write_config(workdir, config)
     manager = checkpoints.make_manager(workdir, config)
     for step, saved, auc in ((10, state, 0.9), (20, shifted, 0.6)):
@@ -206,6 +205,12 @@ def test_cli_exports_best_checkpoint_of_a_workdir(state, tmp_path, capsys):
     manager.wait_until_finished()
     manager.close()
 
+
+def test_cli_exports_best_checkpoint_of_a_workdir(state, tmp_path, capsys):
+    from cae_jax import main as cli
+
+    workdir = tmp_path / "run"
+    write_two_checkpoints(workdir, state)
     out = tmp_path / "bundle"
     assert cli.main(["export", "--workdir", str(workdir), "--out", str(out), "--formats="]) == 0
     assert "step 10" in capsys.readouterr().out
@@ -219,3 +224,20 @@ def test_cli_exports_best_checkpoint_of_a_workdir(state, tmp_path, capsys):
 
     with pytest.raises(SystemExit, match="nowhere: neither a training workdir"):
         cli.main(["export", "--workdir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])
+
+
+def test_demo_replaces_a_bundle_of_another_step(state, tmp_path):
+    from cae_jax import demo
+
+    write_two_checkpoints(tmp_path / "train", state)
+    bundle = demo.ensure_bundle(tmp_path, 10)
+    meta_file = bundle / export.MODEL_JSON
+    assert json.loads(meta_file.read_text())["step"] == 10
+    kept = meta_file.stat().st_mtime_ns
+    assert demo.ensure_bundle(tmp_path, 10) == bundle
+    assert meta_file.stat().st_mtime_ns == kept  # the same step: kept as is
+    meta = json.loads(meta_file.read_text())
+    meta["step"] = 4  # as left by an earlier, shorter run
+    meta_file.write_text(json.dumps(meta))
+    demo.ensure_bundle(tmp_path, 10)
+    assert json.loads(meta_file.read_text())["step"] == 10

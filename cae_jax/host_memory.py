@@ -6,17 +6,29 @@ on free, and gives each thread its own arena; so every step faults its buffers b
 by page. Measured on the full-size CAE train step (batch 8, 2 cores): 2.1 million page faults
 and 6 s of kernel time per 10.2 s step; served from one heap that never shrinks, the same
 step takes 7.5 s with no page faults. The cost is that the process keeps its peak host memory.
+
+The heap's 4 KB pages are a second cost: walking gigabytes of activations misses the TLB at
+every page. glibc puts its heap on transparent huge pages (2 MB) when started with the tunable
+`glibc.malloc.hugetlb=1`; it reads tunables only at process start, so the `cae-jax` command
+restarts itself once with it (`restart_with_huge_pages`). Measured on the same step after the
+CPU kernels: 6.1-6.5 s -> 4.9 s.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
+import platform
+import sys
+from pathlib import Path
 
 # mallopt(3) parameters, from glibc's malloc.h.
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 M_ARENA_MAX = -8
+HUGE_PAGES = "glibc.malloc.hugetlb=1"
+THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
 def retain_freed_memory() -> bool:
@@ -32,3 +44,18 @@ def retain_freed_memory() -> bool:
     # mallopt returns 1 on success; -1 for M_TRIM_THRESHOLD means "never trim".
     return all(mallopt(param, value) == 1
                for param, value in ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1)))
+
+
+def restart_with_huge_pages() -> None:
+    """Re-executes this process (same pid, argv and environment) with glibc's heap on
+    transparent huge pages; returns at once where it is on them already, where glibc or the
+    kernel's transparent huge pages are missing, or with CAE_JAX_HUGE_PAGES=0."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if (HUGE_PAGES in tunables or os.environ.get("CAE_JAX_HUGE_PAGES") == "0"
+            or platform.libc_ver()[0] != "glibc" or not THP_SETTING.is_file()
+            or "[never]" in THP_SETTING.read_text()):
+        return
+    env = {**os.environ, "GLIBC_TUNABLES": ":".join(filter(None, (tunables, HUGE_PAGES)))}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, sys.orig_argv, env)

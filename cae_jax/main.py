@@ -36,6 +36,12 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+def cli() -> int:
+    """The console script: restarts once on huge pages (see host_memory.py), then `main`."""
+    host_memory.restart_with_huge_pages()
+    return main()
+
+
 def main(argv: list[str] | None = None) -> int:
     host_memory.retain_freed_memory()  # Before JAX starts its threads; see host_memory.py.
     argv = sys.argv[1:] if argv is None else argv
@@ -50,4 +56,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

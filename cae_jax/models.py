@@ -14,6 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 from ml_collections import ConfigDict
 
+from cae_jax import cpu_kernels
+
 CONV_INIT = nnx.initializers.he_normal()
 DIMS = ("NHWC", "HWIO", "NHWC")
 
@@ -192,7 +194,7 @@ def _depthwise_shifted_fwd(x, kernel):
 
 def _depthwise_shifted_bwd(residuals, grad):
     """The gradient written out: the input gradient is the same shifted sum with the kernel
-    flipped, each tap's kernel gradient a multiply-reduce over its window.
+    flipped; the kernel gradient sums each tap's window times the gradient.
 
     Autodiff of the forward instead pads each tap's product back to full size and adds nine
     of them. Measured on XLA:CPU, half the time for a depthwise layer between BatchNorm +
@@ -200,9 +202,25 @@ def _depthwise_shifted_bwd(residuals, grad):
     """
     x, kernel = residuals
     grad_x = _shifted_sum(grad, kernel[::-1, ::-1])
-    grad_kernel = jnp.stack([jnp.sum(window * grad, axis=(0, 1, 2))
-                             for window in _shifted_windows(x)])
-    return grad_x, grad_kernel.reshape(kernel.shape).astype(kernel.dtype)
+    return grad_x, depthwise_kernel_grad(x, grad).astype(kernel.dtype)
+
+
+def depthwise_kernel_grad(x: jax.Array, grad: jax.Array) -> jax.Array:
+    """Kernel gradient [3, 3, 1, C] of the 3x3 'SAME' depthwise conv of x.
+
+    On CPU in float32, one pass of a compiled kernel (`cpu_kernels`), 8-10x faster than XLA's
+    nine windowed reductions, which stay as the fallback (no compiler, other dtypes).
+    """
+    if (x.dtype == grad.dtype == jnp.float32 and jax.default_backend() == "cpu"
+            and cpu_kernels.available()):
+        return cpu_kernels.depthwise_kernel_grad(x, grad)
+    return _kernel_grad_by_reductions(x, grad)
+
+
+def _kernel_grad_by_reductions(x: jax.Array, grad: jax.Array) -> jax.Array:
+    """One multiply-reduce per tap over its shifted window of x."""
+    return jnp.stack([jnp.sum(window * grad, axis=(0, 1, 2))
+                      for window in _shifted_windows(x)]).reshape(3, 3, 1, x.shape[-1])
 
 
 _depthwise_shifted.defvjp(_depthwise_shifted_fwd, _depthwise_shifted_bwd)

@@ -1,5 +1,6 @@
 """retain_freed_memory: a freed large buffer is reused, not faulted in again page by page."""
 
+import os
 import subprocess
 import sys
 
@@ -47,3 +48,41 @@ def test_freed_large_buffers_are_reused_without_page_faults():
 
 def test_reports_whether_it_applied():
     assert host_memory.retain_freed_memory() is sys.platform.startswith("linux")
+
+
+# Restarts on huge pages, fills a 256 MB malloc buffer, prints GLIBC_TUNABLES and the kB of
+# the process's memory on transparent huge pages.
+HUGE_PAGES_PROGRAM = """
+import ctypes, os, re
+from cae_jax import host_memory
+host_memory.restart_with_huge_pages()
+host_memory.retain_freed_memory()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+ctypes.memset(libc.malloc(256 << 20), 1, 256 << 20)
+rollup = open("/proc/self/smaps_rollup").read()
+print(os.environ.get("GLIBC_TUNABLES", "-"), re.search(r"AnonHugePages:\\s+(\\d+)", rollup)[1])
+"""
+
+
+def huge_page_kb(**env: str) -> tuple[str, int]:
+    env = {**{k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}, **env}
+    out = subprocess.run([sys.executable, "-c", HUGE_PAGES_PROGRAM], env=env,
+                         capture_output=True, text=True, check=True).stdout.split()
+    return out[0], int(out[1])
+
+
+@pytest.mark.skipif(not host_memory.THP_SETTING.is_file()
+                    or "[never]" in host_memory.THP_SETTING.read_text(),
+                    reason="no transparent huge pages")
+def test_restart_puts_the_heap_on_huge_pages():
+    tunables, kb = huge_page_kb()
+    assert tunables == host_memory.HUGE_PAGES
+    assert kb >= 128 << 10  # At least half of the 256 MB buffer.
+    tunables, kb = huge_page_kb(CAE_JAX_HUGE_PAGES="0")
+    assert tunables == "-"
+    if "[madvise]" in host_memory.THP_SETTING.read_text():  # Huge pages only where asked for.
+        assert kb == 0
+    # Tunables a user set are kept beside it.
+    tunables, kb = huge_page_kb(GLIBC_TUNABLES="glibc.malloc.tcache_count=0")
+    assert tunables == f"glibc.malloc.tcache_count=0:{host_memory.HUGE_PAGES}" and kb >= 128 << 10

@@ -182,10 +182,11 @@ def train_jax(config: ConfigDict) -> tuple[Callable[[], object], dict]:
 
 
 def infer_jax(config: ConfigDict, batch: int) -> tuple[Callable[[], object], dict]:
-    """The exported "classify" serving function (uint8 in, probability out), jitted."""
+    """The exported "classify" serving function (uint8 in, probability out), jitted as
+    `load_bundle`'s Predictor runs it."""
     model = models.build_model(config.model, config.seed)
     graphdef, params, batch_stats = train_step.split_model(model)
-    classify = jax.jit(export.serving_fns(graphdef)["classify"])
+    classify = export.jit_serving(export.serving_fns(graphdef)["classify"])
     images = jnp.asarray(random_batch(config, batch)[0])
     weights = (params, batch_stats)
     start = time.perf_counter()

@@ -39,6 +39,10 @@ PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 BUNDLE_VERSION = 1
 
 Weights = tuple[nnx.State, nnx.State]  # (params, batch_stats)
+# On the CPU, inference compiles its matrix products to XLA's own GEMM instead of YNNPACK:
+# measured (same process, in turns) classify at batch 32 2.79 -> 2.54 s, batch 1 unchanged.
+# Training keeps YNNPACK, whose reductions its BatchNorm gradients need (4.5 -> 7.6 s without).
+CPU_SERVING_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 def serving_fns(graphdef: nnx.GraphDef) -> dict[str, Callable]:
@@ -64,6 +68,12 @@ def serving_fns(graphdef: nnx.GraphDef) -> dict[str, Callable]:
         return {"probability": prob, "reconstruction": recon, "error_map": error}
 
     return {"classify": classify, "reconstruct": reconstruct}
+
+
+def jit_serving(fn: Callable) -> Callable:
+    """`jax.jit` of a serving function, with `CPU_SERVING_OPTIONS` on the CPU."""
+    on_cpu = jax.default_backend() == "cpu"
+    return jax.jit(fn, compiler_options=CPU_SERVING_OPTIONS if on_cpu else None)
 
 
 def cast_for_export(model_config: ConfigDict, params: nnx.State, dtype: str):
@@ -225,7 +235,7 @@ class Predictor:
         graphdef, _, _ = _abstract_weights(ConfigDict(meta["model"]))
         self.params = params
         self.batch_stats = batch_stats
-        self._fns = {name: jax.jit(fn) for name, fn in serving_fns(graphdef).items()}
+        self._fns = {name: jit_serving(fn) for name, fn in serving_fns(graphdef).items()}
 
     def _run(self, name: str, images) -> dict[str, np.ndarray]:
         images = check_images(images, self.image_size)

@@ -241,3 +241,16 @@ def test_demo_replaces_a_bundle_of_another_step(state, tmp_path):
     meta_file.write_text(json.dumps(meta))
     demo.ensure_bundle(tmp_path, 10)
     assert json.loads(meta_file.read_text())["step"] == 10
+
+
+def test_cpu_serving_runs_without_ynnpack_and_computes_the_same():
+    config = tiny_config()
+    graphdef, params, batch_stats = calibrated_model(config, initial_state(config))
+    weights, images = (params, batch_stats), jnp.asarray(face_batch(4, seed=3))
+    classify = export.serving_fns(graphdef)["classify"]
+    tuned, default = export.jit_serving(classify), jax.jit(classify)
+    assert "__ynn_fusion" not in tuned.lower(weights, images).compile().as_text()
+    assert "__ynn_fusion" in default.lower(weights, images).compile().as_text()
+    np.testing.assert_allclose(tuned(weights, images)["probability"],
+                               reference(graphdef, params, batch_stats, images)["probability"],
+                               rtol=1e-5, atol=1e-6)

@@ -11,7 +11,7 @@ The heap's 4 KB pages are a second cost: walking gigabytes of activations misses
 every page. glibc puts its heap on transparent huge pages (2 MB) when started with the tunable
 `glibc.malloc.hugetlb=1`; it reads tunables only at process start, so the `cae-jax` command
 restarts itself once with it (`restart_with_huge_pages`). Measured on the same step after the
-CPU kernels: 6.1-6.5 s -> 4.9 s.
+CPU kernel: 6.1-6.5 s -> 4.5-4.9 s.
 """
 
 from __future__ import annotations

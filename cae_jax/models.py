@@ -205,6 +205,9 @@ def _depthwise_shifted_bwd(residuals, grad):
     return grad_x, depthwise_kernel_grad(x, grad).astype(kernel.dtype)
 
 
+_depthwise_shifted.defvjp(_depthwise_shifted_fwd, _depthwise_shifted_bwd)
+
+
 def depthwise_kernel_grad(x: jax.Array, grad: jax.Array) -> jax.Array:
     """Kernel gradient [3, 3, 1, C] of the 3x3 'SAME' depthwise conv of x.
 
@@ -221,9 +224,6 @@ def _kernel_grad_by_reductions(x: jax.Array, grad: jax.Array) -> jax.Array:
     """One multiply-reduce per tap over its shifted window of x."""
     return jnp.stack([jnp.sum(window * grad, axis=(0, 1, 2))
                       for window in _shifted_windows(x)]).reshape(3, 3, 1, x.shape[-1])
-
-
-_depthwise_shifted.defvjp(_depthwise_shifted_fwd, _depthwise_shifted_bwd)
 
 
 def _transpose_pad(kernel_size: int, stride: int) -> int:

@@ -67,7 +67,7 @@ def test_layer_gradient_takes_the_kernel_and_matches_native():
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_build_is_cached_per_source_and_cpu(tmp_path, monkeypatch):
+def test_a_second_build_reuses_the_cached_library(tmp_path, monkeypatch):
     monkeypatch.setenv("CAE_JAX_CACHE", str(tmp_path))
     library = cpu_kernels.build()
     assert library.parent == tmp_path and library.suffix == ".so"

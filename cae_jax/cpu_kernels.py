@@ -1,6 +1,6 @@
 """CPU kernels XLA:CPU has no fast form of, as XLA FFI custom calls.
 
-`depthwise_grad.cc` is compiled on first use with the machine's C++ compiler (`$CXX`, else
+`cpu_kernels.cc` is compiled on first use with the machine's C++ compiler (`$CXX`, else
 `c++`) against the FFI headers that ship in jaxlib, for this CPU (`-march=native`), and cached
 under `$CAE_JAX_CACHE` (default `~/.cache/cae_jax`), keyed by source, flags, jaxlib version and
 CPU. Where that fails (no compiler, say) the callers keep their pure-XLA form and one warning
@@ -23,9 +23,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import jaxlib
+import numpy as np
 
-SOURCE = Path(__file__).with_name("depthwise_grad.cc")
-TARGET = "cae_jax_depthwise_kernel_grad"
+SOURCE = Path(__file__).with_name("cpu_kernels.cc")
+TARGETS = {"cae_jax_depthwise_kernel_grad": "CaeDepthwiseKernelGrad", "cae_jax_im2col": "CaeIm2col"}
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
@@ -77,21 +78,41 @@ def available() -> bool:
     try:
         library = ctypes.cdll.LoadLibrary(str(build()))
     except OSError as error:
-        warnings.warn(f"cae-jax CPU kernels unavailable, using XLA's reductions instead: {error}",
+        warnings.warn(f"cae-jax CPU kernels unavailable, using XLA's forms instead: {error}",
                       stacklevel=2)
         return False
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.CaeDepthwiseKernelGrad),
-                                platform="cpu")
+    for target, symbol in TARGETS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
+                                    platform="cpu")
     return True
+
+
+def _require() -> None:
+    if not available():
+        raise RuntimeError("cae-jax CPU kernels are unavailable (see the warning above)")
 
 
 def depthwise_kernel_grad(x: jax.Array, grad: jax.Array) -> jax.Array:
     """Kernel gradient [3, 3, 1, C] of a 3x3 'SAME' depthwise conv from its float32 input and
     output gradient [N, H, W, C]: one pass over both, instead of nine windows and reductions.
     """
-    if not available():
-        raise RuntimeError("cae-jax CPU kernels are unavailable (see the warning above)")
+    _require()
     per_example = jax.ffi.ffi_call(
-        TARGET, jax.ShapeDtypeStruct((x.shape[0], 9, x.shape[-1]), jnp.float32),
+        "cae_jax_depthwise_kernel_grad",
+        jax.ShapeDtypeStruct((x.shape[0], 9, x.shape[-1]), jnp.float32),
         vmap_method="sequential")(x, grad)
     return per_example.sum(axis=0).reshape(3, 3, 1, x.shape[-1])
+
+
+def im2col(x: jax.Array, kernel_size: tuple[int, int], strides: tuple[int, int],
+           pads_low: tuple[int, int], out_size: tuple[int, int]) -> jax.Array:
+    """[N, OH, OW, kh * kw * C] from float32 x [N, H, W, C]: output pixel (i, j) holds
+    x[sh * i + a - ph, sw * j + b - pw] for taps (a, b) in row-major order, zero outside x.
+    One pass; XLA:CPU copies each tap's window and then concatenates them."""
+    _require()
+    (kh, kw), (sh, sw), (ph, pw) = kernel_size, strides, pads_low
+    shape = (x.shape[0], *out_size, kh * kw * x.shape[-1])
+    return jax.ffi.ffi_call("cae_jax_im2col", jax.ShapeDtypeStruct(shape, jnp.float32),
+                            vmap_method="sequential")(
+        x, kh=np.int64(kh), kw=np.int64(kw), sh=np.int64(sh), sw=np.int64(sw),
+        ph=np.int64(ph), pw=np.int64(pw))

@@ -110,7 +110,11 @@ def test_drop_in_convs_refuse_what_they_do_not_compute(conv):
 
 @pytest.mark.parametrize("kernel_size", [2, 3, 4, 5])
 @pytest.mark.parametrize("stride", [2, 3])
-def test_conv_transpose_matches_flax(kernel_size, stride):
+@pytest.mark.parametrize("phases_from", ["convs", "tap products"])
+def test_conv_transpose_matches_flax(kernel_size, stride, phases_from, monkeypatch):
+    """Both forward forms of the decomposed layer (chosen by input width)."""
+    monkeypatch.setattr(models, "TAP_PRODUCT_MIN_CHANNELS", 1 if phases_from == "tap products"
+                        else 10**9)
     x = jax.random.normal(jax.random.key(kernel_size * 10 + stride), (2, 5, 7, 3))
     flax_layer = nnx.ConvTranspose(3, 4, (kernel_size, kernel_size), strides=(stride, stride),
                                    padding="SAME", use_bias=False, rngs=nnx.Rngs(0))
@@ -164,6 +168,52 @@ def test_decoder_layer_has_flax_conv_transpose_parameters():
     np.testing.assert_array_equal(ours.kernel[...], theirs.kernel[...])
     x = jax.random.normal(jax.random.key(0), (1, 3, 4, 6))
     np.testing.assert_allclose(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def _flax_batch_norm(x, scale, bias, epsilon):
+    """flax's train-mode BatchNorm (output, batch mean, batch variance) in plain jnp, for
+    autodiff to differentiate."""
+    mean = jnp.mean(x, axis=(0, 1, 2))
+    var = jnp.maximum(0.0, jnp.mean(x * x, axis=(0, 1, 2)) - mean * mean)
+    return (x - mean) * jax.lax.rsqrt(var + epsilon) * scale + bias, mean, var
+
+
+def test_batch_norm_gradient_equals_autodiff_of_flax_statistics():
+    """All three outputs carry a random cotangent; one channel is constant, where the variance
+    is clipped at zero."""
+    x = jax.random.normal(jax.random.key(0), (3, 5, 6, 4)) * 3 + 1
+    x = x.at[..., 2].set(2.0)
+    scale, bias = jnp.linspace(0.5, 2.0, 4), jnp.linspace(-1.0, 1.0, 4)
+    got, got_vjp = jax.vjp(lambda *a: models._batch_norm_train(*a, 1e-3), x, scale, bias)
+    want, want_vjp = jax.vjp(lambda *a: _flax_batch_norm(*a, 1e-3), x, scale, bias)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    cotangents = tuple(jax.random.normal(jax.random.key(k), w.shape) for k, w in enumerate(want))
+    for g, w in zip(got_vjp(cotangents), want_vjp(cotangents), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_batch_norm_layer_equals_flax_batch_norm():
+    """Output, running statistics and gradients of models.BatchNorm vs nnx.BatchNorm, in
+    training and in inference."""
+    x = jax.random.normal(jax.random.key(1), (2, 7, 7, 6)) * 2 - 0.5
+    cotangent = jax.random.normal(jax.random.key(2), x.shape)
+    results = []
+    for layer_type in (nnx.BatchNorm, models.BatchNorm):
+        layer = layer_type(6, momentum=0.9, epsilon=1e-3, rngs=nnx.Rngs(0))
+        layer.scale[...] = jnp.linspace(0.5, 2.0, 6)
+        layer.bias[...] = jnp.linspace(-1.0, 1.0, 6)
+        graphdef, params, stats = nnx.split(layer, nnx.Param, nnx.BatchStat)
+
+        def loss(params, x, stats, graphdef=graphdef):
+            layer = nnx.merge(graphdef, params, stats, copy=True)
+            y = layer(x, use_running_average=False)
+            return jnp.sum(y * cotangent), (y, nnx.state(layer, nnx.BatchStat), layer(
+                x, use_running_average=True))
+
+        results.append(jax.grad(loss, argnums=(0, 1), has_aux=True)(params, x, stats))
+    for got, want in zip(jax.tree.leaves(results[1]), jax.tree.leaves(results[0]), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_whole_model_agrees_across_impls():

@@ -1,10 +1,15 @@
-// Kernel gradient of the 3x3 depthwise convolution on the CPU, as an XLA FFI custom call.
+// CPU kernels XLA:CPU has no fast form of, as XLA FFI custom calls (see cpu_kernels.py).
 //
-// out[n, 3 * i + j, c] = sum over (h, w) of x[n, h + i - 1, w + j - 1, c] * grad[n, h, w, c],
-// taps outside x counting zero: the per-example kernel gradient of a 3x3 'SAME' depthwise
-// conv. XLA:CPU has no fused form of this: it takes one windowed copy and one reduction per
-// tap, reading both arrays nine times. Here each example's image is walked once, row by row,
-// with the nine partial sums of its channels in cache.
+// CaeDepthwiseKernelGrad: out[n, 3 * i + j, c] = sum over (h, w) of
+// x[n, h + i - 1, w + j - 1, c] * grad[n, h, w, c], taps outside x counting zero: the
+// per-example kernel gradient of a 3x3 'SAME' depthwise conv. XLA:CPU has no fused form of
+// this: it takes one windowed copy and one reduction per tap, reading both arrays nine times.
+// Here each example's image is walked once, row by row, with the nine partial sums of its
+// channels in cache.
+//
+// CaeIm2col: out[n, i, j, (a * kw + b) * C + c] = x[n, sh * i + a - ph, sw * j + b - pw, c],
+// zero outside x: the matrix whose product with a [kh * kw * C, F] kernel is a convolution.
+// XLA:CPU builds it as one strided copy per tap and then a concatenation, 3-8x slower.
 
 #include <algorithm>
 #include <atomic>
@@ -114,6 +119,45 @@ ffi::Error DepthwiseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> input
   return ffi::Error::Success();
 }
 
+ffi::Error Im2col(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> input,
+                  ffi::ResultBuffer<ffi::F32> out, int64_t kh, int64_t kw, int64_t sh,
+                  int64_t sw, int64_t ph, int64_t pw) {
+  const auto x = input.dimensions();
+  const auto o = out->dimensions();
+  if (x.size() != 4 || o.size() != 4 || o[0] != x[0] || o[3] != kh * kw * x[3]) {
+    return ffi::Error::InvalidArgument(
+        "im2col takes x [N, H, W, C] and returns [N, OH, OW, kh * kw * C]");
+  }
+  const int64_t height = x[1], width = x[2], channels = x[3], oh = o[1], ow = o[2];
+  const int64_t row = kw * channels;  // One tap row of one output pixel.
+  ParallelFor(pool, x[0] * oh, [&](int64_t item) {
+    const int64_t n = item / oh, i = item % oh;
+    const float* image = input.typed_data() + n * height * width * channels;
+    float* __restrict dst = out->typed_data() + item * ow * kh * row;
+    for (int64_t j = 0; j < ow; ++j) {
+      const int64_t w0 = sw * j - pw;
+      for (int64_t a = 0; a < kh; ++a, dst += row) {
+        const int64_t h = sh * i + a - ph;
+        if (h < 0 || h >= height) {
+          std::fill(dst, dst + row, 0.0f);
+        } else if (w0 >= 0 && w0 + kw <= width) {  // The kw taps of a row are contiguous.
+          std::copy_n(image + (h * width + w0) * channels, row, dst);
+        } else {
+          for (int64_t b = 0; b < kw; ++b) {
+            float* tap = dst + b * channels;
+            if (w0 + b < 0 || w0 + b >= width) {
+              std::fill(tap, tap + channels, 0.0f);
+            } else {
+              std::copy_n(image + (h * width + w0 + b) * channels, channels, tap);
+            }
+          }
+        }
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CaeDepthwiseKernelGrad, DepthwiseKernelGrad,
@@ -122,3 +166,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CaeDepthwiseKernelGrad, DepthwiseKernelGrad,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CaeIm2col, Im2col,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("kh")
+                                  .Attr<int64_t>("kw")
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("ph")
+                                  .Attr<int64_t>("pw"));

@@ -16,6 +16,7 @@ iterator state, no training config):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -70,10 +71,32 @@ def serving_fns(graphdef: nnx.GraphDef) -> dict[str, Callable]:
     return {"classify": classify, "reconstruct": reconstruct}
 
 
+# On the CPU a batch runs through the model this many faces at a time (`lax.map` in one
+# program): XLA's memory-bound passes (depthwise sums, BatchNorm, padding) then work on
+# activations that stay in cache. Measured in turns in one process: classify at batch 32
+# 2.55 -> 2.40 s; PyTorch gains nothing from the same split (2.37 s either way).
+CPU_SERVING_CHUNK = 8
+
+
 def jit_serving(fn: Callable) -> Callable:
-    """`jax.jit` of a serving function, with `CPU_SERVING_OPTIONS` on the CPU."""
-    on_cpu = jax.default_backend() == "cpu"
-    return jax.jit(fn, compiler_options=CPU_SERVING_OPTIONS if on_cpu else None)
+    """`jax.jit` of a serving function; on the CPU with `CPU_SERVING_OPTIONS`, in chunks of
+    `CPU_SERVING_CHUNK` faces."""
+    if jax.default_backend() != "cpu":
+        return jax.jit(fn)
+    return jax.jit(functools.partial(_in_chunks, fn, CPU_SERVING_CHUNK),
+                   compiler_options=CPU_SERVING_OPTIONS)
+
+
+def _in_chunks(fn: Callable, chunk: int, weights: Weights, images: jax.Array):
+    """fn(weights, images) computed `chunk` images at a time, the last chunk zero-padded."""
+    count = images.shape[0]
+    if count <= chunk:
+        return fn(weights, images)
+    chunks = -(-count // chunk)
+    padded = jnp.pad(images, ((0, chunks * chunk - count), (0, 0), (0, 0), (0, 0)))
+    out = jax.lax.map(lambda part: fn(weights, part),
+                      padded.reshape(chunks, chunk, *images.shape[1:]))
+    return jax.tree.map(lambda a: a.reshape(chunks * chunk, *a.shape[2:])[:count], out)
 
 
 def cast_for_export(model_config: ConfigDict, params: nnx.State, dtype: str):

@@ -254,3 +254,20 @@ def test_cpu_serving_runs_without_ynnpack_and_computes_the_same():
     np.testing.assert_allclose(tuned(weights, images)["probability"],
                                reference(graphdef, params, batch_stats, images)["probability"],
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("count", [16, 13])
+def test_cpu_serving_runs_in_chunks_with_the_same_outputs(count, monkeypatch):
+    """A batch of 16 (two chunks of 8) or 13 (the last chunk padded): one loop over chunks in
+    the program, the same probabilities and reconstructions as the whole batch at once."""
+    monkeypatch.setattr(export, "CPU_SERVING_CHUNK", 8)
+    config = tiny_config()
+    graphdef, params, batch_stats = calibrated_model(config, initial_state(config))
+    weights, images = (params, batch_stats), jnp.asarray(face_batch(count, seed=4))
+    reconstruct = export.serving_fns(graphdef)["reconstruct"]
+    chunked = export.jit_serving(reconstruct)
+    assert "while" in chunked.lower(weights, images).as_text()
+    got, want = chunked(weights, images), reference(graphdef, params, batch_stats, images)
+    for key in ("probability", "reconstruction", "error_map"):
+        assert got[key].shape == want[key].shape
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5)

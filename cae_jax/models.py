@@ -97,8 +97,9 @@ def _im2col_by_slices(x: jax.Array, kernel_size, strides, pads) -> jax.Array:
 
 
 def _im2col_fastest(x: jax.Array, kernel_size, strides, pads) -> jax.Array:
-    """`im2col`, on CPU in float32 as one pass of a compiled kernel (`cpu_kernels`), 3-8x
-    faster than XLA's copies and concatenation (a 1x1 window is one slice at most)."""
+    """`im2col`, on CPU in float32 as one pass of a compiled kernel (`cpu_kernels`): in the
+    train step 2x faster than XLA's copies and concatenation for the stem conv, ~10x for the
+    last decoder stage's output gradient. A 1x1 window is one slice at most: XLA's."""
     if kernel_size[0] * kernel_size[1] == 1 or not _cpu_kernels_take(x):
         return _im2col_by_slices(x, kernel_size, strides, pads)
     out_size = [(size + lo + hi - k) // s + 1

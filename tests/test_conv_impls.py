@@ -62,6 +62,27 @@ def test_conv_as_matmul(kernel_size, stride, padding):
     assert_same_values_and_gradients(fn, (x, kernel))
 
 
+def test_stride_1_conv_evaluates_natively_and_differentiates_as_the_im2col_product():
+    """The stem's conv2: XLA's convolution in inference, the product (and its value) in
+    training."""
+    x = jax.random.normal(jax.random.key(2), (2, 9, 9, 4))
+    kernel = jax.random.normal(jax.random.key(3), (3, 3, 4, 6))
+
+    def conv(x, kernel):
+        return models.conv_as_matmul(x, kernel, (1, 1), "VALID", dimension_numbers=models.DIMS)
+
+    def loss(x, kernel):
+        return jnp.sum(conv(x, kernel) ** 2)
+
+    assert "conv_general_dilated" in str(jax.make_jaxpr(conv)(x, kernel))
+    trained = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, kernel))
+    assert "conv_general_dilated" not in trained and "dot_general" in trained
+    product = models._conv_by_im2col(x, kernel, (1, 1), ((0, 0), (0, 0)))
+    value, _ = jax.vjp(conv, x, kernel)
+    np.testing.assert_array_equal(value, product)
+    np.testing.assert_allclose(conv(x, kernel), product, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(("kernel_size", "padding"),
                          [(1, "VALID"), (3, "VALID"), (3, "SAME"), (2, ((1, 0), (0, 1))),
                           (5, ((3, 1), (0, 2)))])

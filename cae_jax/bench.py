@@ -4,15 +4,18 @@ a peer measured in the same run on the same machine.
 Peers: PyTorch eager with timm's `legacy_xception` plus the same decoder and classifier (the
 `bench` extra; "n/a" without it), tf.data for the input pipeline, dlib's HOG detector for
 `prepare` (the `dlib` extra). Times are medians over repeats (train and inference: cae-jax and
-PyTorch taking turns, repeat by repeat); compile time is reported apart.
+PyTorch taking turns, repeat by repeat, each of these rows in a fresh process); compile time is
+reported apart.
 GFLOP/s come from XLA's cost analysis, beside a measured large float32 matmul (the peak).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import importlib.util
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -29,7 +32,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from cae_jax import config as config_lib
-from cae_jax import export, models, sharding, train_step
+from cae_jax import export, host_memory, models, sharding, train_step
 
 ACCEPTS_CONFIG_OVERRIDES = True
 TINY_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.py"
@@ -257,6 +260,29 @@ def against_peer(ours: tuple[Callable[[], object], dict], peer: Callable[[], obj
     return result, {"seconds": seconds["peer"], "images_per_s": images / seconds["peer"]}
 
 
+def in_fresh_process(fn: Callable, *args):
+    """fn(*args) run in a new interpreter, for a timed row that must not inherit the heap the
+    rows before it left. Measured in one process: classify at batch 32 ran 7-10% slower after
+    the train-step row than before it (PyTorch's 0-3%), and most of that went away once the heap
+    was trimmed. The child gets this process's environment (so its huge pages) and
+    `host_memory.retain_freed_memory`."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(
+            1, mp_context=context, initializer=host_memory.retain_freed_memory) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def train_row(config: ConfigDict, repeats: int, with_peer: bool) -> tuple[dict, dict | None]:
+    return against_peer(train_jax(config), train_torch(config) if with_peer else None,
+                        config.train.batch_size, repeats)
+
+
+def inference_row(config: ConfigDict, batch: int, repeats: int, with_peer: bool
+                  ) -> tuple[dict, dict | None]:
+    return against_peer(infer_jax(config, batch), infer_torch(config, batch) if with_peer
+                        else None, batch, repeats)
+
+
 def write_face_dataset(out_dir: Path, size: int, records: int) -> Path:
     """A prepared dataset dir of distinct real face crops (skimage's astronaut, no download)."""
     from skimage import data
@@ -354,11 +380,8 @@ def run_all(config: ConfigDict, *, repeats: int, matmul_size: int, layer_scale: 
     no_torch = torch_reason(config)
     rows = []
 
-    log("train step, compile")
-    ours = train_jax(config)
     log(f"train step, cae-jax{' alone: ' + no_torch if no_torch else ' and PyTorch in turns'}")
-    train, peer = against_peer(ours, None if no_torch else train_torch(config),
-                               config.train.batch_size, repeats)
+    train, peer = in_fresh_process(train_row, config, repeats, not no_torch)
     results["train"] = {"cae_jax": train, "torch": peer}
     rows.append(row(f"train step, batch {config.train.batch_size}", train["images_per_s"],
                     peer and peer["images_per_s"], "images/s",
@@ -370,8 +393,7 @@ def run_all(config: ConfigDict, *, repeats: int, matmul_size: int, layer_scale: 
     results["inference"] = {}
     for batch in infer_batches:
         log(f"inference, batch {batch}")
-        ours, peer = against_peer(infer_jax(config, batch),
-                                  None if no_torch else infer_torch(config, batch), batch, repeats)
+        ours, peer = in_fresh_process(inference_row, config, batch, repeats, not no_torch)
         results["inference"][str(batch)] = {"cae_jax": ours, "torch": peer}
         rows.append(row(f"inference, batch {batch}", ours["images_per_s"],
                         peer and peer["images_per_s"], "images/s",

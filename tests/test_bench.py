@@ -1,6 +1,7 @@
 """`cae-jax bench --smoke`: one tiny iteration of every benchmark (no timing asserted)."""
 
 import json
+import os
 
 import pytest
 
@@ -53,6 +54,14 @@ def test_tiny_config_has_no_torch_peer_and_says_why(smoke):
     train = results["rows"][0]
     assert train["peer"] is None and train["ratio"] is None
     assert "n/a" in table and train["note"]
+
+
+def test_timed_rows_run_in_a_fresh_process_with_this_environment(monkeypatch):
+    monkeypatch.setenv("CAE_JAX_BENCH_PROBE", "from the parent")
+    assert bench.in_fresh_process(os.getpid) != os.getpid()
+    assert bench.in_fresh_process(os.getenv, "CAE_JAX_BENCH_PROBE") == "from the parent"
+    with pytest.raises(ValueError, match="invalid literal"):
+        bench.in_fresh_process(int, "not a number")
 
 
 def test_ratio_is_ours_over_peer():

@@ -32,7 +32,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from cae_jax import config as config_lib
-from cae_jax import export, host_memory, models, sharding, train_step
+from cae_jax import export, host_memory, models, ops, sharding, train_step
 
 ACCEPTS_CONFIG_OVERRIDES = True
 TINY_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.py"
@@ -111,9 +111,10 @@ def matmul_peak(n: int, repeats: int) -> dict:
 
 
 def conv_by_impl(x: jax.Array, kernel: jax.Array, impl: str) -> jax.Array:
-    """A stride-1 "VALID" conv: `conv_as_matmul` when decomposed, else XLA's convolution."""
-    conv = models.conv_as_matmul if impl == "decomposed" else jax.lax.conv_general_dilated
-    return conv(x, kernel, (1, 1), "VALID", dimension_numbers=models.DIMS)
+    """A stride-1 "VALID" conv in the form an nnx.Conv of its shape runs."""
+    size, _, in_features, out_features = kernel.shape
+    conv = ops.conv_fn(impl, in_features, out_features, size, 1)
+    return conv(x, kernel, (1, 1), "VALID", dimension_numbers=ops.native.DIMS)
 
 
 def layer_cases(scale: int) -> list[tuple[str, list[tuple[int, ...]], Callable]]:
@@ -125,13 +126,13 @@ def layer_cases(scale: int) -> list[tuple[str, list[tuple[int, ...]], Callable]]
         c // scale for c in (32, 64, 128, 256, 512, 728, 2048))
     s10, s37, s74, s147, s149 = (max(s // scale, 1) for s in (10, 37, 74, 147, 149))
     return [
-        ("depthwise 3x3", [(8, s37, s37, c728), (3, 3, 1, c728)], models.depthwise_conv3x3),
+        ("depthwise 3x3", [(8, s37, s37, c728), (3, 3, 1, c728)], ops.depthwise_conv3x3),
         ("pointwise 1x1 conv", [(8, s74, s74, c128), (1, 1, c128, c256)], conv_by_impl),
         ("3x3 conv (stem conv2)", [(8, s149, s149, c32), (3, 3, c32, c64)], conv_by_impl),
         ("transposed conv 4x4/2", [(8, s10, s10, c2048), (4, 4, c2048, c512)],
-         lambda x, k, impl: models.conv_transpose(x, k, 2, impl)),
+         lambda x, k, impl: ops.conv_transpose(x, k, 2, impl)),
         ("max-pool 3x3/2", [(8, s147, s147, c128)],
-         lambda x, impl: models.max_pool3x3(x, 2, "torch", impl)),
+         lambda x, impl: ops.max_pool3x3(x, 2, "torch", impl)),
     ]
 
 

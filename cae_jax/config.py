@@ -29,10 +29,11 @@ def default_config() -> ConfigDict:
     # MaxPool padding in the strided blocks: "torch" (symmetric, timm/Cadene weights) or
     # "same" (TF/Keras). They differ only where the input side is even (74 -> 37 at 299).
     m.pool_padding = "torch"
-    # How convolutions and pooling run: "auto" ("decomposed" on CPU, "native" on GPU/TPU),
+    # How convolutions, pooling and BatchNorm statistics run (`cae_jax/ops`): "auto" (chosen
+    # per platform when the program is lowered: "decomposed" for the CPU, "native" for GPU/TPU),
     # "decomposed" (convs as matrix products, depthwise as nine shifted multiply-adds,
-    # transposed convs per output phase, max-pool as a max of slices) or "native" (XLA's
-    # convolution/pooling ops). Same parameters and values; XLA:CPU's native kernels are slow.
+    # transposed convs per output phase, max-pool as a max of slices, gradients written out)
+    # or "native" (XLA's ops). Same parameters and values; XLA:CPU's native kernels are slow.
     m.layer_impl = "auto"
     m.encoder = e = ConfigDict()
     e.stem_features = (32, 64)  # conv1 (3x3/2, valid) and conv2 (3x3, valid).

@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 
 from cae_jax import config as config_lib
-from cae_jax import models
+from cae_jax import models, ops
+from cae_jax.ops import cpu, native
 
 
 def assert_same_values_and_gradients(fn, args, rtol=1e-5, grad_rtol=1e-4):
@@ -31,7 +32,7 @@ def assert_same_values_and_gradients(fn, args, rtol=1e-5, grad_rtol=1e-4):
 def test_depthwise(shape):
     x = jax.random.normal(jax.random.key(sum(shape)), shape)
     kernel = jax.random.normal(jax.random.key(1), (3, 3, 1, shape[-1]))
-    assert_same_values_and_gradients(models.depthwise_conv3x3, (x, kernel))
+    assert_same_values_and_gradients(ops.depthwise_conv3x3, (x, kernel))
 
 
 def test_depthwise_matches_a_direct_numpy_loop():
@@ -44,7 +45,7 @@ def test_depthwise_matches_a_direct_numpy_loop():
         for c in range(5):
             expected[0, r, c] = np.einsum("ijc,ijc->c", padded[0, r : r + 3, c : c + 3],
                                           kernel[:, :, 0])
-    np.testing.assert_allclose(models.depthwise_conv3x3(x, kernel, "decomposed"), expected,
+    np.testing.assert_allclose(ops.depthwise_conv3x3(x, kernel, "decomposed"), expected,
                                rtol=1e-5, atol=1e-5)
 
 
@@ -56,8 +57,8 @@ def test_conv_as_matmul(kernel_size, stride, padding):
     kernel = jax.random.normal(jax.random.key(7), (kernel_size, kernel_size, 3, 4))
 
     def fn(x, kernel, impl):
-        conv = models.conv_as_matmul if impl == "decomposed" else jax.lax.conv_general_dilated
-        return conv(x, kernel, (stride, stride), padding, dimension_numbers=models.DIMS)
+        conv = cpu.conv_as_matmul if impl == "decomposed" else jax.lax.conv_general_dilated
+        return conv(x, kernel, (stride, stride), padding, dimension_numbers=native.DIMS)
 
     assert_same_values_and_gradients(fn, (x, kernel))
 
@@ -69,7 +70,7 @@ def test_stride_1_conv_evaluates_natively_and_differentiates_as_the_im2col_produ
     kernel = jax.random.normal(jax.random.key(3), (3, 3, 4, 6))
 
     def conv(x, kernel):
-        return models.conv_as_matmul(x, kernel, (1, 1), "VALID", dimension_numbers=models.DIMS)
+        return cpu.conv_as_matmul(x, kernel, (1, 1), "VALID", dimension_numbers=native.DIMS)
 
     def loss(x, kernel):
         return jnp.sum(conv(x, kernel) ** 2)
@@ -77,7 +78,7 @@ def test_stride_1_conv_evaluates_natively_and_differentiates_as_the_im2col_produ
     assert "conv_general_dilated" in str(jax.make_jaxpr(conv)(x, kernel))
     trained = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, kernel))
     assert "conv_general_dilated" not in trained and "dot_general" in trained
-    product = models._conv_by_im2col(x, kernel, (1, 1), ((0, 0), (0, 0)))
+    product = cpu._conv_by_im2col(x, kernel, (1, 1), ((0, 0), (0, 0)))
     value, _ = jax.vjp(conv, x, kernel)
     np.testing.assert_array_equal(value, product)
     np.testing.assert_allclose(conv(x, kernel), product, rtol=1e-5, atol=1e-5)
@@ -91,40 +92,51 @@ def test_conv_with_output_tap_grads(kernel_size, padding):
     kernel = jax.random.normal(jax.random.key(7), (kernel_size, kernel_size, 5, 3))
 
     def fn(x, kernel, impl):
-        conv = (models.conv_with_output_tap_grads if impl == "decomposed"
+        conv = (cpu.conv_with_output_tap_grads if impl == "decomposed"
                 else jax.lax.conv_general_dilated)
-        return conv(x, kernel, (1, 1), padding, dimension_numbers=models.DIMS)
+        return conv(x, kernel, (1, 1), padding, dimension_numbers=native.DIMS)
 
     assert_same_values_and_gradients(fn, (x, kernel))
 
 
 def test_each_conv_gets_its_cpu_form():
+    assert cpu.conv_fn(3, 4, 1, 1) is cpu.conv_as_matmul  # every 1x1 conv
+    assert cpu.conv_fn(728, 1024, 1, 2) is cpu.conv_as_matmul
+    assert cpu.conv_fn(8, 4, 1, 1) is cpu.conv_as_matmul
+    assert cpu.conv_fn(3, 32, 3, 2) is cpu.conv_as_matmul  # the stem's conv1
+    assert cpu.conv_fn(32, 64, 3, 1) is cpu.conv_as_matmul  # the stem's conv2
+    assert cpu.conv_fn(32, 3, 3, 1) is cpu.conv_with_output_tap_grads  # the decoder's RGB conv
+    assert cpu.conv_fn(32, 3, 3, 2) is jax.lax.conv_general_dilated
+
+
+@pytest.mark.parametrize(("impl", "differentiated_op"),
+                         [("decomposed", "dot_general"), ("native", "conv_general_dilated")])
+def test_model_convs_take_the_form_of_their_layer_impl(impl, differentiated_op):
+    """The conv nnx.Conv runs: the im2col product when decomposed, XLA's conv when native."""
     mc = config_lib.default_config().model
+    mc.layer_impl = impl
+    layer = models.conv(3, 8, 3, stride=2, mc=mc, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(layer)
+    x = jnp.ones((1, 9, 9, 3))
 
-    def conv_fn(*args, **kwargs):
-        return models.conv(*args, mc=mc, rngs=nnx.Rngs(0), **kwargs).conv_general_dilated
+    def loss(params):
+        return jnp.sum(nnx.merge(graphdef, params)(x) ** 2)
 
-    assert conv_fn(3, 4, 1) is models.conv_as_matmul  # every 1x1 conv
-    assert conv_fn(728, 1024, 1, stride=2) is models.conv_as_matmul
-    assert conv_fn(8, 4, 1) is models.conv_as_matmul
-    assert conv_fn(3, 32, 3, stride=2) is models.conv_as_matmul  # the stem's conv1
-    assert conv_fn(32, 64, 3) is models.conv_as_matmul  # the stem's conv2
-    # The decoder's RGB conv.
-    assert conv_fn(32, 3, 3, padding="SAME") is models.conv_with_output_tap_grads
-    assert conv_fn(32, 3, 3, stride=2) is jax.lax.conv_general_dilated
-    mc.layer_impl = "native"
-    assert conv_fn(3, 4, 1) is jax.lax.conv_general_dilated
-    assert conv_fn(32, 3, 3, padding="SAME") is jax.lax.conv_general_dilated
+    program = str(jax.make_jaxpr(jax.grad(loss))(params))
+    assert differentiated_op in program
+    assert ("conv_general_dilated" in program) == (impl == "native")
+    again = models.conv(3, 8, 3, stride=2, mc=mc, rngs=nnx.Rngs(0))
+    assert nnx.graphdef(again) == graphdef  # one conv function per shape: equal graphs
 
 
-@pytest.mark.parametrize("conv", [models.conv_as_matmul, models.conv_with_output_tap_grads])
+@pytest.mark.parametrize("conv", [cpu.conv_as_matmul, cpu.conv_with_output_tap_grads])
 def test_drop_in_convs_refuse_what_they_do_not_compute(conv):
     x, kernel = jnp.zeros((1, 5, 5, 2)), jnp.zeros((3, 3, 2, 2))
     with pytest.raises(ValueError, match="undilated, ungrouped"):
         conv(x, kernel, (1, 1), "SAME", rhs_dilation=(2, 2))
     with pytest.raises(ValueError, match="undilated, ungrouped"):
         conv(x, jnp.zeros((3, 3, 1, 2)), (1, 1), "SAME", feature_group_count=2)
-    if conv is models.conv_with_output_tap_grads:
+    if conv is cpu.conv_with_output_tap_grads:
         with pytest.raises(ValueError, match="takes stride 1"):
             conv(x, kernel, (2, 2), "SAME")
 
@@ -134,7 +146,7 @@ def test_drop_in_convs_refuse_what_they_do_not_compute(conv):
 @pytest.mark.parametrize("phases_from", ["convs", "tap products"])
 def test_conv_transpose_matches_flax(kernel_size, stride, phases_from, monkeypatch):
     """Both forward forms of the decomposed layer (chosen by input width)."""
-    monkeypatch.setattr(models, "TAP_PRODUCT_MIN_CHANNELS", 1 if phases_from == "tap products"
+    monkeypatch.setattr(cpu, "TAP_PRODUCT_MIN_CHANNELS", 1 if phases_from == "tap products"
                         else 10**9)
     x = jax.random.normal(jax.random.key(kernel_size * 10 + stride), (2, 5, 7, 3))
     flax_layer = nnx.ConvTranspose(3, 4, (kernel_size, kernel_size), strides=(stride, stride),
@@ -142,26 +154,26 @@ def test_conv_transpose_matches_flax(kernel_size, stride, phases_from, monkeypat
     kernel = flax_layer.kernel[...]
     expected = flax_layer(x)
     assert expected.shape == (2, 5 * stride, 7 * stride, 4)
-    np.testing.assert_allclose(models.conv_transpose(x, kernel, stride, "decomposed"), expected,
+    np.testing.assert_allclose(ops.conv_transpose(x, kernel, stride, "decomposed"), expected,
                                rtol=1e-5, atol=1e-5)
     assert_same_values_and_gradients(
-        lambda x, k, impl: models.conv_transpose(x, k, stride, impl), (x, kernel))
+        lambda x, k, impl: ops.conv_transpose(x, k, stride, impl), (x, kernel))
 
 
 @pytest.mark.parametrize("padding", ["torch", "same"])
 @pytest.mark.parametrize("side", [8, 9, 10])
 def test_max_pool(padding, side):
     x = jax.random.normal(jax.random.key(side), (2, side, side + 1, 3))
-    out = models.max_pool3x3(x, 2, padding, "decomposed")
+    out = ops.max_pool3x3(x, 2, padding, "decomposed")
     assert out.shape[1:3] == (-(-side // 2), -(-(side + 1) // 2))
     assert_same_values_and_gradients(
-        lambda x, impl: models.max_pool3x3(x, 2, padding, impl), (x,))
+        lambda x, impl: ops.max_pool3x3(x, 2, padding, impl), (x,))
 
 
 def test_max_pool_ties_share_the_gradient_equally():
     """A constant 4x4 input: every pixel of each 3x3/2 window ties for the max ("same" pads
     one -inf row and column at the end), so each window's gradient splits over its pixels."""
-    grad = jax.grad(lambda x: jnp.sum(models.max_pool3x3(x, 2, "same", "decomposed")))(
+    grad = jax.grad(lambda x: jnp.sum(ops.max_pool3x3(x, 2, "same", "decomposed")))(
         jnp.ones((1, 4, 4, 1)))
     expected = np.zeros((4, 4))
     for r in range(2):
@@ -175,9 +187,9 @@ def test_max_pool_ties_share_the_gradient_equally():
 def test_add_at_taps_is_the_adjoint_of_tap_windows(kernel_size, stride):
     padded = jax.random.normal(jax.random.key(stride), (2, 11, 9, 3))
     windows, adjoint = jax.vjp(
-        lambda p: models.tap_windows(p, (kernel_size, kernel_size), (stride, stride)), padded)
+        lambda p: cpu.tap_windows(p, (kernel_size, kernel_size), (stride, stride)), padded)
     values = [jax.random.normal(jax.random.key(t), w.shape) for t, w in enumerate(windows)]
-    got = models._add_at_taps(values, padded.shape[1:3], kernel_size, stride)
+    got = cpu._add_at_taps(values, padded.shape[1:3], kernel_size, stride)
     np.testing.assert_allclose(got, adjoint(values)[0], rtol=1e-6, atol=1e-6)
 
 
@@ -205,7 +217,7 @@ def test_batch_norm_gradient_equals_autodiff_of_flax_statistics():
     x = jax.random.normal(jax.random.key(0), (3, 5, 6, 4)) * 3 + 1
     x = x.at[..., 2].set(2.0)
     scale, bias = jnp.linspace(0.5, 2.0, 4), jnp.linspace(-1.0, 1.0, 4)
-    got, got_vjp = jax.vjp(lambda *a: models._batch_norm_train(*a, 1e-3), x, scale, bias)
+    got, got_vjp = jax.vjp(lambda *a: cpu.batch_norm_train(*a, 1e-3), x, scale, bias)
     want, want_vjp = jax.vjp(lambda *a: _flax_batch_norm(*a, 1e-3), x, scale, bias)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
@@ -220,8 +232,10 @@ def test_batch_norm_layer_equals_flax_batch_norm():
     x = jax.random.normal(jax.random.key(1), (2, 7, 7, 6)) * 2 - 0.5
     cotangent = jax.random.normal(jax.random.key(2), x.shape)
     results = []
-    for layer_type in (nnx.BatchNorm, models.BatchNorm):
-        layer = layer_type(6, momentum=0.9, epsilon=1e-3, rngs=nnx.Rngs(0))
+    layers = [nnx.BatchNorm(6, momentum=0.9, epsilon=1e-3, rngs=nnx.Rngs(0))]
+    layers += [models.BatchNorm(6, layer_impl=impl, momentum=0.9, epsilon=1e-3, rngs=nnx.Rngs(0))
+               for impl in ops.LAYER_IMPLS]
+    for layer in layers:
         layer.scale[...] = jnp.linspace(0.5, 2.0, 6)
         layer.bias[...] = jnp.linspace(-1.0, 1.0, 6)
         graphdef, params, stats = nnx.split(layer, nnx.Param, nnx.BatchStat)
@@ -233,8 +247,9 @@ def test_batch_norm_layer_equals_flax_batch_norm():
                 x, use_running_average=True))
 
         results.append(jax.grad(loss, argnums=(0, 1), has_aux=True)(params, x, stats))
-    for got, want in zip(jax.tree.leaves(results[1]), jax.tree.leaves(results[0]), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for ours in results[1:]:
+        for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(results[0]), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_whole_model_agrees_across_impls():
@@ -269,21 +284,19 @@ def test_whole_model_agrees_across_impls():
 def test_bfloat16_decomposed_stays_close_to_float32():
     x = jax.random.normal(jax.random.key(1), (2, 10, 10, 8))
     kernel = jax.random.normal(jax.random.key(2), (3, 3, 1, 8))
-    full = models.depthwise_conv3x3(x, kernel, "native")
-    half = models.depthwise_conv3x3(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16),
+    full = ops.depthwise_conv3x3(x, kernel, "native")
+    half = ops.depthwise_conv3x3(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16),
                                     "decomposed")
     assert half.dtype == jnp.bfloat16
     np.testing.assert_allclose(half.astype(jnp.float32), full, rtol=0.05, atol=0.1)
-    grad_kernel = jax.grad(lambda k: jnp.sum(models.depthwise_conv3x3(
+    grad_kernel = jax.grad(lambda k: jnp.sum(ops.depthwise_conv3x3(
         x.astype(jnp.bfloat16), k, "decomposed").astype(jnp.float32)))(kernel.astype(jnp.bfloat16))
-    want = jax.grad(lambda k: jnp.sum(models.depthwise_conv3x3(x, k, "native")))(kernel)
+    want = jax.grad(lambda k: jnp.sum(ops.depthwise_conv3x3(x, k, "native")))(kernel)
     assert grad_kernel.dtype == jnp.bfloat16
     np.testing.assert_allclose(grad_kernel.astype(jnp.float32), want, rtol=0.05, atol=0.5)
 
 
-def test_auto_picks_decomposed_on_cpu_and_rejects_unknown_names():
-    assert jax.default_backend() == "cpu"
-    assert models.resolve_layer_impl("auto") == "decomposed"
-    assert models.resolve_layer_impl("native") == "native"
-    with pytest.raises(ValueError, match="layer_impl must be auto, decomposed or native"):
-        models.resolve_layer_impl("shifted")
+def test_unknown_layer_impl_is_refused_by_name():
+    with pytest.raises(ValueError, match="layer_impl must be one of auto, decomposed, native, "
+                                         "got 'shifted'"):
+        ops.depthwise_conv3x3(jnp.zeros((1, 3, 3, 2)), jnp.zeros((3, 3, 1, 2)), "shifted")

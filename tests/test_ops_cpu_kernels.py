@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cae_jax import cpu_kernels, models, sharding
+from cae_jax import ops, sharding
+from cae_jax.ops import cpu, cpu_kernels, native
 
 pytestmark = pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "c++")),
                                 reason="no C++ compiler here")
@@ -41,7 +42,7 @@ def test_matches_numpy_and_xla_reductions(shape):
     assert got.shape == (3, 3, 1, shape[-1]) and got.dtype == jnp.float32
     np.testing.assert_allclose(got, numpy_kernel_grad(np.asarray(x), np.asarray(grad)),
                                rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(got, models._kernel_grad_by_reductions(x, grad), rtol=1e-5,
+    np.testing.assert_allclose(got, cpu._kernel_grad_by_reductions(x, grad), rtol=1e-5,
                                atol=1e-4)
 
 
@@ -59,7 +60,7 @@ def test_layer_gradient_takes_the_kernel_and_matches_native():
     kernel = jax.random.normal(jax.random.key(3), (3, 3, 1, 40))
 
     def loss(x, kernel, impl):
-        return jnp.sum(jnp.sin(models.depthwise_conv3x3(x, kernel, impl)))
+        return jnp.sum(jnp.sin(ops.depthwise_conv3x3(x, kernel, impl)))
 
     decomposed = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
     assert "cae_jax_depthwise_kernel_grad" in decomposed.lower(x, kernel, "decomposed").as_text()
@@ -98,16 +99,16 @@ GEOMETRIES = [((3, 3), (2, 2), ((0, 0), (0, 0)), (2, 15, 13, 3)),
 @pytest.mark.parametrize(("kernel_size", "strides", "pads", "shape"), GEOMETRIES)
 def test_im2col_matches_numpy_and_the_slicing_form(kernel_size, strides, pads, shape):
     x = jax.random.normal(jax.random.key(shape[1]), shape)
-    fastest = jax.jit(models._im2col_fastest, static_argnums=(1, 2, 3))
+    fastest = jax.jit(cpu._im2col_fastest, static_argnums=(1, 2, 3))
     got = fastest(x, kernel_size, strides, pads)
     want = numpy_im2col(np.asarray(x), kernel_size, strides, pads)
     np.testing.assert_array_equal(got, want)
-    np.testing.assert_array_equal(models.im2col(x, kernel_size, strides, pads), want)
+    np.testing.assert_array_equal(cpu.im2col(x, kernel_size, strides, pads), want)
     if kernel_size != (1, 1):
         assert "cae_jax_im2col" in fastest.lower(x, kernel_size, strides, pads).as_text()
     cotangent = jax.random.normal(jax.random.key(7), got.shape)
     grads = [jax.grad(lambda x, f=f: jnp.sum(f(x, kernel_size, strides, pads) * cotangent))(x)
-             for f in (models.im2col, models._im2col_by_slices)]
+             for f in (cpu.im2col, cpu._im2col_by_slices)]
     np.testing.assert_allclose(grads[0], grads[1], rtol=1e-6, atol=1e-6)
 
 
@@ -116,7 +117,7 @@ def test_im2col_takes_the_kernel_only_when_differentiated():
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
 
     def cols(x):
-        return models.im2col(x, (3, 3), (1, 1), ((1, 1), (1, 1)))
+        return cpu.im2col(x, (3, 3), (1, 1), ((1, 1), (1, 1)))
 
     assert "custom_call" not in jax.jit(cols).lower(x).as_text()
     assert "cae_jax_im2col" in jax.jit(jax.grad(lambda x: jnp.sum(cols(x) ** 2))).lower(
@@ -125,7 +126,7 @@ def test_im2col_takes_the_kernel_only_when_differentiated():
 
 def test_im2col_same_result_with_the_batch_sharded_over_8_devices():
     x = jax.random.normal(jax.random.key(0), (8, 9, 9, 6))
-    fn = jax.jit(lambda x: models._im2col_fastest(x, (3, 3), (2, 2), ((1, 1), (1, 1))))
+    fn = jax.jit(lambda x: cpu._im2col_fastest(x, (3, 3), (2, 2), ((1, 1), (1, 1))))
     sharded = fn(jax.device_put(x, sharding.batch_sharding(sharding.make_mesh(4, 2))))
     np.testing.assert_array_equal(sharded, fn(x))
 
@@ -136,9 +137,9 @@ def test_conv_and_transposed_conv_gradients_take_im2col_and_match_native():
     up_kernel = jax.random.normal(jax.random.key(6), (4, 4, 8, 5)) * 0.2
 
     def loss(x, conv_kernel, up_kernel, impl):
-        conv = models.conv_as_matmul if impl == "decomposed" else jax.lax.conv_general_dilated
-        y = conv(x, conv_kernel, (2, 2), "SAME", dimension_numbers=models.DIMS)
-        return jnp.sum(jnp.sin(models.conv_transpose(y, up_kernel, 2, impl)))
+        conv = cpu.conv_as_matmul if impl == "decomposed" else jax.lax.conv_general_dilated
+        y = conv(x, conv_kernel, (2, 2), "SAME", dimension_numbers=native.DIMS)
+        return jnp.sum(jnp.sin(ops.conv_transpose(y, up_kernel, 2, impl)))
 
     decomposed = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)
     program = decomposed.lower(x, conv_kernel, up_kernel, "decomposed").as_text()
@@ -176,12 +177,12 @@ def test_without_kernels_the_layer_falls_back_to_xla():
     """CAE_JAX_CPU_KERNELS=0 (or no compiler): no custom call, the same values."""
     program = (
         "import jax, jax.numpy as jnp\n"
-        "from cae_jax import models\n"
+        "from cae_jax.ops import cpu\n"
         "x = jax.random.normal(jax.random.key(0), (2, 7, 7, 20))\n"
         "g = jax.random.normal(jax.random.key(1), x.shape)\n"
-        "print(jax.jit(models.depthwise_kernel_grad).lower(x, g).as_text().count('custom_call'))\n"
-        "print(jax.numpy.abs(models.depthwise_kernel_grad(x, g)).sum())\n"
-        "cols = jax.jit(lambda x: models._im2col_fastest(x, (3, 3), (1, 1), ((1, 1), (1, 1))))\n"
+        "print(jax.jit(cpu.depthwise_kernel_grad).lower(x, g).as_text().count('custom_call'))\n"
+        "print(jax.numpy.abs(cpu.depthwise_kernel_grad(x, g)).sum())\n"
+        "cols = jax.jit(lambda x: cpu._im2col_fastest(x, (3, 3), (1, 1), ((1, 1), (1, 1))))\n"
         "print(cols.lower(x).as_text().count('custom_call'))\n"
     )
     env = {**os.environ, "CAE_JAX_CPU_KERNELS": "0"}

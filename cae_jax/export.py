@@ -10,6 +10,9 @@ iterator state, no training config):
   classify.jax       `jax.export` artifact, weights inside: uint8 faces -> probability
   reconstruct.jax    `jax.export` artifact: uint8 faces -> (probability, reconstruction, error map)
 
+The SavedModel and the `jax.export` artifacts hold programs for `DEFAULT_PLATFORMS` (cpu,
+cuda, tpu) unless narrowed; model.json lists them.
+
 `load_bundle(dir)` gives a `Predictor` for Python callers (`predict`, `evaluate`, the demo).
 """
 
@@ -37,6 +40,9 @@ JAX_EXPORTS = {"classify": "classify.jax", "reconstruct": "reconstruct.jax"}
 DTYPES = ("float32", "bfloat16")
 FORMATS = ("saved_model", "jax_export")  # Beside params/ and model.json, which are always written.
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+# Where bundles are served: each artifact holds one program per platform, each with that
+# platform's layer forms (`cae_jax.ops`), so a bundle exported on a CPU serves on GPU and TPU.
+DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
 BUNDLE_VERSION = 1
 
 Weights = tuple[nnx.State, nnx.State]  # (params, batch_stats)
@@ -180,14 +186,14 @@ def export_bundle(
     *,
     dtype: str = "float32",
     formats: tuple[str, ...] = FORMATS,
-    platforms: tuple[str, ...] | None = None,
+    platforms: tuple[str, ...] = DEFAULT_PLATFORMS,
     step: int | None = None,
     source: str = "",
 ) -> Path:
     """Writes the inference bundle of a trained model's arrays into a new directory.
 
     `formats` picks the serving artifacts; `load_bundle` needs only params/ and model.json.
-    `platforms` are those the artifacts run on (None: this machine's backend).
+    `platforms` are those the artifacts run on, each in its own layer forms.
     Written into `OUT_DIR.tmp` and renamed at the end, so a failed export leaves no bundle
     that looks complete.
     """
@@ -196,8 +202,8 @@ def export_bundle(
     unknown = set(formats) - set(FORMATS)
     if unknown:
         raise ValueError(f"unknown export formats {sorted(unknown)}; choose from {FORMATS}")
-    if platforms is not None and not set(platforms) <= set(PLATFORMS):
-        raise ValueError(f"unknown platforms in {platforms}; choose from {PLATFORMS}")
+    if not platforms or not set(platforms) <= set(PLATFORMS):
+        raise ValueError(f"unknown platforms in {platforms}; choose one or more of {PLATFORMS}")
     out = Path(out_dir).absolute()
     if out.exists():
         raise FileExistsError(f"{out} exists; choose a new --out directory")
@@ -221,7 +227,7 @@ def export_bundle(
         "model": mc.to_dict(),
         "dtype": dtype,
         "formats": list(formats),
-        "platforms": list(platforms or (jax.default_backend(),)),
+        "platforms": list(platforms),
         "image_size": size,
         "step": step,
         "source": source,
@@ -317,9 +323,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--formats", default=",".join(FORMATS),
                         help="comma-separated serving artifacts to write, from: "
                         + ", ".join(FORMATS))
-    parser.add_argument("--platforms", default="",
+    parser.add_argument("--platforms", default=",".join(DEFAULT_PLATFORMS),
                         help="comma-separated platforms the artifacts run on, from: "
-                        + ", ".join(PLATFORMS) + " (default: this machine's)")
+                        + ", ".join(PLATFORMS) + " (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -333,7 +339,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         out = export_bundle(config, params, batch_stats, args.out, dtype=args.dtype,
                             formats=tuple(f for f in args.formats.split(",") if f),
-                            platforms=tuple(p for p in args.platforms.split(",") if p) or None,
+                            platforms=tuple(p for p in args.platforms.split(",") if p),
                             step=int(step), source=os.fspath(path))
     except (FileExistsError, ValueError) as err:
         raise SystemExit(f"error: {err}") from err

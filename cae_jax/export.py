@@ -295,6 +295,9 @@ def load_bundle(export_dir: str | os.PathLike, batch_size: int = 32) -> Predicto
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path}: not found; is {root} a `cae-jax export` bundle?")
     meta = json.loads(meta_path.read_text())
+    if meta.get("bundle_version", 0) > BUNDLE_VERSION:
+        raise ValueError(f"{meta_path}: bundle_version {meta['bundle_version']} is newer than "
+                         f"this cae-jax reads ({BUNDLE_VERSION}); upgrade cae-jax to load it")
     _, abstract_params, abstract_stats = _abstract_weights(ConfigDict(meta["model"]))
     target = {
         "params": {k: jax.ShapeDtypeStruct(v.shape, v.dtype)

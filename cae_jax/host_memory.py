@@ -1,4 +1,9 @@
-"""Keep freed host memory in the process instead of handing it back to the OS (glibc).
+"""CPU runs only: keep freed host memory in the process, and glibc's heap on huge pages.
+
+Both were measured to help XLA:CPU training, where activations live in host memory; on a GPU
+or TPU they live on the device, so `cae-jax` tunes the heap only for the commands that train
+or time training (`main.HEAP_TUNED_COMMANDS`) and only where JAX will run on the CPU
+(`cpu_backend_expected`).
 
 An XLA:CPU train step allocates and frees gigabytes of activation buffers. By default glibc
 serves each allocation above its mmap threshold (at most 32 MB) with a fresh mmap, unmaps it
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.util
 import os
 import platform
 import sys
@@ -29,6 +35,18 @@ M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 HUGE_PAGES = "glibc.malloc.hugetlb=1"
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+# Packages that give JAX a GPU or TPU backend (jax[cuda12], jax[cuda13], jax[tpu], ROCm).
+ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu", "jax_rocm60_plugin",
+                       "jax_rocm7_plugin")
+
+
+def cpu_backend_expected(environ: dict[str, str] | None = None) -> bool:
+    """Whether JAX will pick the CPU, told before JAX starts: `JAX_PLATFORMS` says so, or no
+    GPU or TPU plugin is installed."""
+    environ = os.environ if environ is None else environ
+    if environ.get("JAX_PLATFORMS"):
+        return environ["JAX_PLATFORMS"].split(",")[0].strip() == "cpu"
+    return not any(importlib.util.find_spec(name) for name in ACCELERATOR_PLUGINS)
 
 
 def retain_freed_memory() -> bool:

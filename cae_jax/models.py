@@ -8,6 +8,8 @@ platform the program is lowered for.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -29,72 +31,37 @@ def normalize(images: jax.Array) -> jax.Array:
     return (images.astype(jnp.float32) - 127.5) / 127.5
 
 
-def conv(in_features: int, out_features: int, kernel_size: int, *, mc: ConfigDict,
-         rngs: nnx.Rngs, stride: int = 1, padding: str = "VALID", use_bias: bool = False
-         ) -> nnx.Conv:
-    """nnx.Conv whose convolution runs in the form `ops` picks for the platform."""
-    return nnx.Conv(
-        in_features, out_features, (kernel_size, kernel_size), strides=stride, padding=padding,
-        use_bias=use_bias, dtype=jnp.dtype(mc.dtype), kernel_init=CONV_INIT,
-        conv_general_dilated=ops.conv_fn(mc.layer_impl, in_features, out_features, kernel_size,
-                                         stride),
-        rngs=rngs,
-    )
+@dataclasses.dataclass(frozen=True)
+class Layers:
+    """How each conv and BatchNorm of the model is built: compute dtype, layer forms
+    (`cae_jax.ops`, by `model.layer_impl`) and BatchNorm conventions. The model's classes take
+    this and the widths they need, not the whole config."""
 
+    dtype: str
+    impl: str
+    bn_momentum: float
+    bn_epsilon: float
 
-class SeparableConv(nnx.Module):
-    """Depthwise 3x3 then pointwise 1x1, both without bias (Xception's SeparableConv2d)."""
+    @classmethod
+    def from_config(cls, model_config: ConfigDict) -> Layers:
+        return cls(model_config.dtype, model_config.layer_impl, model_config.bn_momentum,
+                   model_config.bn_epsilon)
 
-    def __init__(self, in_features: int, out_features: int, *, mc: ConfigDict, rngs: nnx.Rngs):
-        self.impl = mc.layer_impl
-        self.dtype = jnp.dtype(mc.dtype)
-        self.depthwise = nnx.Param(CONV_INIT(rngs.params(), (3, 3, 1, in_features)))
-        self.pointwise = conv(in_features, out_features, 1, mc=mc, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.depthwise[...].astype(self.dtype)
-        return self.pointwise(ops.depthwise_conv3x3(x.astype(self.dtype), kernel, self.impl))
-
-
-class Block(nnx.Module):
-    """Xception residual block: [ReLU, SeparableConv, BN] x len(widths), max-pool if strided.
-
-    A 1x1 strided conv + BN forms the skip path when the width or resolution changes.
-    """
-
-    def __init__(
-        self, in_features: int, widths: Sequence[int], *, stride: int, start_with_relu: bool,
-        model_config: ConfigDict, rngs: nnx.Rngs,
-    ):
-        mc = model_config
-        self.stride = stride
-        self.start_with_relu = start_with_relu
-        self.pool_padding = mc.pool_padding
-        self.impl = mc.layer_impl
-        if widths[-1] != in_features or stride != 1:
-            self.skip = conv(in_features, widths[-1], 1, stride=stride, mc=mc, rngs=rngs)
-            self.skipbn = batch_norm(widths[-1], mc, rngs)
-        else:
-            self.skip = None
-            self.skipbn = None
-        ins = [in_features, *widths[:-1]]
-        self.seps = nnx.List(
-            [SeparableConv(i, o, mc=mc, rngs=rngs) for i, o in zip(ins, widths, strict=True)]
+    def conv(self, in_features: int, out_features: int, kernel_size: int, *, rngs: nnx.Rngs,
+             stride: int = 1, padding: str = "VALID", use_bias: bool = False) -> nnx.Conv:
+        """nnx.Conv whose convolution runs in the form `ops` picks for the platform."""
+        return nnx.Conv(
+            in_features, out_features, (kernel_size, kernel_size), strides=stride,
+            padding=padding, use_bias=use_bias, dtype=jnp.dtype(self.dtype),
+            kernel_init=CONV_INIT,
+            conv_general_dilated=ops.conv_fn(self.impl, in_features, out_features, kernel_size,
+                                             stride),
+            rngs=rngs,
         )
-        self.bns = nnx.List([batch_norm(o, mc, rngs) for o in widths])
 
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        if self.skip is not None:
-            residual = self.skipbn(self.skip(x), use_running_average=not train)
-        else:
-            residual = x
-        for k, (sep, bn) in enumerate(zip(self.seps, self.bns, strict=True)):
-            if k > 0 or self.start_with_relu:
-                x = nnx.relu(x)
-            x = bn(sep(x), use_running_average=not train)
-        if self.stride != 1:
-            x = ops.max_pool3x3(x, self.stride, self.pool_padding, self.impl)
-        return x + residual
+    def batch_norm(self, features: int, *, rngs: nnx.Rngs) -> BatchNorm:
+        return BatchNorm(features, layer_impl=self.impl, momentum=self.bn_momentum,
+                         epsilon=self.bn_epsilon, dtype=jnp.dtype(self.dtype), rngs=rngs)
 
 
 class BatchNorm(nnx.BatchNorm):
@@ -115,62 +82,109 @@ class BatchNorm(nnx.BatchNorm):
         return y
 
 
-def batch_norm(features: int, mc: ConfigDict, rngs: nnx.Rngs) -> BatchNorm:
-    return BatchNorm(
-        features, layer_impl=mc.layer_impl, momentum=mc.bn_momentum, epsilon=mc.bn_epsilon,
-        dtype=jnp.dtype(mc.dtype), rngs=rngs,
-    )
+class SeparableConv(nnx.Module):
+    """Depthwise 3x3 then pointwise 1x1, both without bias (Xception's SeparableConv2d)."""
+
+    def __init__(self, in_features: int, out_features: int, *, layers: Layers, rngs: nnx.Rngs):
+        self.impl = layers.impl
+        self.dtype = jnp.dtype(layers.dtype)
+        self.depthwise = nnx.Param(CONV_INIT(rngs.params(), (3, 3, 1, in_features)))
+        self.pointwise = layers.conv(in_features, out_features, 1, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.depthwise[...].astype(self.dtype)
+        return self.pointwise(ops.depthwise_conv3x3(x.astype(self.dtype), kernel, self.impl))
+
+
+class Block(nnx.Module):
+    """Xception residual block: [ReLU, SeparableConv, BN] x len(widths), max-pool if strided.
+
+    A 1x1 strided conv + BN forms the skip path when the width or resolution changes.
+    """
+
+    def __init__(
+        self, in_features: int, widths: Sequence[int], *, stride: int, start_with_relu: bool,
+        pool_padding: str, layers: Layers, rngs: nnx.Rngs,
+    ):
+        self.stride = stride
+        self.start_with_relu = start_with_relu
+        self.pool_padding = pool_padding
+        self.impl = layers.impl
+        if widths[-1] != in_features or stride != 1:
+            self.skip = layers.conv(in_features, widths[-1], 1, stride=stride, rngs=rngs)
+            self.skipbn = layers.batch_norm(widths[-1], rngs=rngs)
+        else:
+            self.skip = None
+            self.skipbn = None
+        ins = [in_features, *widths[:-1]]
+        self.seps = nnx.List([SeparableConv(i, o, layers=layers, rngs=rngs)
+                              for i, o in zip(ins, widths, strict=True)])
+        self.bns = nnx.List([layers.batch_norm(o, rngs=rngs) for o in widths])
+
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        if self.skip is not None:
+            residual = self.skipbn(self.skip(x), use_running_average=not train)
+        else:
+            residual = x
+        for k, (sep, bn) in enumerate(zip(self.seps, self.bns, strict=True)):
+            if k > 0 or self.start_with_relu:
+                x = nnx.relu(x)
+            x = bn(sep(x), use_running_average=not train)
+        if self.stride != 1:
+            x = ops.max_pool3x3(x, self.stride, self.pool_padding, self.impl)
+        return x + residual
 
 
 class Xception(nnx.Module):
-    """Chollet's Xception without its classifier: 299x299x3 -> 10x10x2048 at full size."""
+    """Chollet's Xception without its classifier: 299x299x3 -> 10x10x2048 at full size.
 
-    def __init__(self, mc: ConfigDict, rngs: nnx.Rngs):
-        ec = mc.encoder
-        stem1, stem2 = ec.stem_features
-        self.conv1 = conv(3, stem1, 3, stride=2, mc=mc, rngs=rngs)
-        self.bn1 = batch_norm(stem1, mc, rngs)
-        self.conv2 = conv(stem1, stem2, 3, mc=mc, rngs=rngs)
-        self.bn2 = batch_norm(stem2, mc, rngs)
+    `widths` is `model.encoder`: stem, entry, middle and exit flows and the two head convs.
+    """
+
+    def __init__(self, widths: ConfigDict, *, pool_padding: str, layers: Layers,
+                 rngs: nnx.Rngs):
+        stem1, stem2 = widths.stem_features
+        self.conv1 = layers.conv(3, stem1, 3, stride=2, rngs=rngs)
+        self.bn1 = layers.batch_norm(stem1, rngs=rngs)
+        self.conv2 = layers.conv(stem1, stem2, 3, rngs=rngs)
+        self.bn2 = layers.batch_norm(stem2, rngs=rngs)
+        block = functools.partial(Block, pool_padding=pool_padding, layers=layers, rngs=rngs)
         blocks = []
         width = stem2
-        for k, out in enumerate(ec.entry_features):
-            blocks.append(Block(width, (out, out), stride=2, start_with_relu=k > 0,
-                                model_config=mc, rngs=rngs))
+        for k, out in enumerate(widths.entry_features):
+            blocks.append(block(width, (out, out), stride=2, start_with_relu=k > 0))
             width = out
-        for _ in range(ec.middle_blocks):
-            blocks.append(Block(width, (width,) * 3, stride=1, start_with_relu=True,
-                                model_config=mc, rngs=rngs))
-        blocks.append(Block(width, tuple(ec.exit_features), stride=2, start_with_relu=True,
-                            model_config=mc, rngs=rngs))
+        for _ in range(widths.middle_blocks):
+            blocks.append(block(width, (width,) * 3, stride=1, start_with_relu=True))
+        blocks.append(block(width, tuple(widths.exit_features), stride=2, start_with_relu=True))
         self.blocks = nnx.List(blocks)
-        head1, head2 = ec.head_features
-        self.conv3 = SeparableConv(ec.exit_features[-1], head1, mc=mc, rngs=rngs)
-        self.bn3 = batch_norm(head1, mc, rngs)
-        self.conv4 = SeparableConv(head1, head2, mc=mc, rngs=rngs)
-        self.bn4 = batch_norm(head2, mc, rngs)
+        head1, head2 = widths.head_features
+        self.conv3 = SeparableConv(widths.exit_features[-1], head1, layers=layers, rngs=rngs)
+        self.bn3 = layers.batch_norm(head1, rngs=rngs)
+        self.conv4 = SeparableConv(head1, head2, layers=layers, rngs=rngs)
+        self.bn4 = layers.batch_norm(head2, rngs=rngs)
         self.features = head2
 
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        ura = not train
-        x = nnx.relu(self.bn1(self.conv1(x), use_running_average=ura))
-        x = nnx.relu(self.bn2(self.conv2(x), use_running_average=ura))
+        running = not train  # BatchNorm: running statistics in inference.
+        x = nnx.relu(self.bn1(self.conv1(x), use_running_average=running))
+        x = nnx.relu(self.bn2(self.conv2(x), use_running_average=running))
         for block in self.blocks:
             x = block(x, train=train)
-        x = nnx.relu(self.bn3(self.conv3(x), use_running_average=ura))
-        return nnx.relu(self.bn4(self.conv4(x), use_running_average=ura))
+        x = nnx.relu(self.bn3(self.conv3(x), use_running_average=running))
+        return nnx.relu(self.bn4(self.conv4(x), use_running_average=running))
 
 
 class ConvTranspose(nnx.Module):
-    """nnx.ConvTranspose ("SAME", no bias) with a selectable implementation; same parameters."""
+    """nnx.ConvTranspose ("SAME", no bias) in the form `ops` picks; same parameters."""
 
     def __init__(self, in_features: int, out_features: int, kernel_size: int, *, stride: int,
-                 mc: ConfigDict, rngs: nnx.Rngs):
+                 layers: Layers, rngs: nnx.Rngs):
         shape = (kernel_size, kernel_size, in_features, out_features)
         self.kernel = nnx.Param(CONV_INIT(rngs.params(), shape))
         self.stride = stride
-        self.impl = mc.layer_impl
-        self.dtype = jnp.dtype(mc.dtype)
+        self.impl = layers.impl
+        self.dtype = jnp.dtype(layers.dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...].astype(self.dtype)
@@ -178,19 +192,21 @@ class ConvTranspose(nnx.Module):
 
 
 class Decoder(nnx.Module):
-    """Latent -> image: ConvTranspose(stride 2) + BN + ReLU stages, a 3x3 conv to RGB."""
+    """Latent -> image: ConvTranspose(stride 2) + BN + ReLU stages, a 3x3 conv to RGB, resized
+    to `image_size` where the stages overshoot it, then `output_activation`."""
 
-    def __init__(self, in_features: int, mc: ConfigDict, rngs: nnx.Rngs):
-        dc = mc.decoder
-        ins = [in_features, *dc.features[:-1]]
-        self.ups = nnx.List([
-            ConvTranspose(i, o, dc.kernel_size, stride=2, mc=mc, rngs=rngs)
-            for i, o in zip(ins, dc.features, strict=True)
-        ])
-        self.bns = nnx.List([batch_norm(o, mc, rngs) for o in dc.features])
-        self.to_rgb = conv(dc.features[-1], 3, 3, padding="SAME", use_bias=True, mc=mc, rngs=rngs)
-        self.output_activation = dc.output_activation
-        self.image_size = mc.image_size
+    def __init__(self, in_features: int, features: Sequence[int], *, kernel_size: int,
+                 output_activation: str, image_size: int, layers: Layers, rngs: nnx.Rngs):
+        if output_activation not in ("tanh", "sigmoid"):
+            raise ValueError(f"decoder.output_activation must be tanh or sigmoid, "
+                             f"got {output_activation!r}")
+        ins = [in_features, *features[:-1]]
+        self.ups = nnx.List([ConvTranspose(i, o, kernel_size, stride=2, layers=layers, rngs=rngs)
+                             for i, o in zip(ins, features, strict=True)])
+        self.bns = nnx.List([layers.batch_norm(o, rngs=rngs) for o in features])
+        self.to_rgb = layers.conv(features[-1], 3, 3, padding="SAME", use_bias=True, rngs=rngs)
+        self.output_activation = output_activation
+        self.image_size = image_size
 
     def __call__(self, z: jax.Array, *, train: bool) -> jax.Array:
         x = z
@@ -199,25 +215,19 @@ class Decoder(nnx.Module):
         x = self.to_rgb(x).astype(jnp.float32)
         if x.shape[1:3] != (self.image_size, self.image_size):
             x = jax.image.resize(x, (x.shape[0], self.image_size, self.image_size, 3), "bilinear")
-        if self.output_activation == "tanh":
-            return jnp.tanh(x)
-        if self.output_activation == "sigmoid":
-            return jax.nn.sigmoid(x)
-        raise ValueError(f"decoder.output_activation must be tanh or sigmoid, "
-                         f"got {self.output_activation!r}")
+        return jnp.tanh(x) if self.output_activation == "tanh" else jax.nn.sigmoid(x)
 
 
 class Classifier(nnx.Module):
     """Global average pooling, Dense + ReLU + Dropout layers, one logit."""
 
-    def __init__(self, in_features: int, mc: ConfigDict, rngs: nnx.Rngs):
-        kc = mc.classifier
-        dtype = jnp.dtype(mc.dtype)
-        ins = [in_features, *kc.hidden]
-        self.hidden = nnx.List([nnx.Linear(i, o, dtype=dtype, rngs=rngs)
-                                for i, o in zip(ins, kc.hidden, strict=False)])
-        self.dropout = nnx.Dropout(kc.dropout)
-        self.out = nnx.Linear(ins[-1], 1, dtype=dtype, rngs=rngs)
+    def __init__(self, in_features: int, hidden: Sequence[int], *, dropout: float, dtype: str,
+                 rngs: nnx.Rngs):
+        ins = [in_features, *hidden]
+        self.hidden = nnx.List([nnx.Linear(i, o, dtype=jnp.dtype(dtype), rngs=rngs)
+                                for i, o in zip(ins, hidden, strict=False)])
+        self.dropout = nnx.Dropout(dropout)
+        self.out = nnx.Linear(ins[-1], 1, dtype=jnp.dtype(dtype), rngs=rngs)
 
     def __call__(self, z: jax.Array, *, train: bool, dropout_key: jax.Array | None) -> jax.Array:
         x = jnp.mean(z, axis=(1, 2))
@@ -229,10 +239,18 @@ class Classifier(nnx.Module):
 class CAE(nnx.Module):
     """Shared Xception encoder feeding a reconstruction decoder and a real/fake classifier."""
 
-    def __init__(self, mc: ConfigDict, rngs: nnx.Rngs):
-        self.encoder = Xception(mc, rngs)
-        self.decoder = Decoder(self.encoder.features, mc, rngs)
-        self.classifier = Classifier(self.encoder.features, mc, rngs)
+    def __init__(self, model_config: ConfigDict, rngs: nnx.Rngs):
+        layers = Layers.from_config(model_config)
+        decoder, classifier = model_config.decoder, model_config.classifier
+        self.encoder = Xception(model_config.encoder, pool_padding=model_config.pool_padding,
+                                layers=layers, rngs=rngs)
+        self.decoder = Decoder(
+            self.encoder.features, decoder.features, kernel_size=decoder.kernel_size,
+            output_activation=decoder.output_activation, image_size=model_config.image_size,
+            layers=layers, rngs=rngs)
+        self.classifier = Classifier(self.encoder.features, classifier.hidden,
+                                     dropout=classifier.dropout, dtype=model_config.dtype,
+                                     rngs=rngs)
 
     def __call__(
         self, x: jax.Array, *, train: bool, dropout_key: jax.Array | None = None
@@ -245,4 +263,3 @@ class CAE(nnx.Module):
 
 def build_model(model_config: ConfigDict, seed: int = 0) -> CAE:
     return CAE(model_config, nnx.Rngs(params=seed))
-

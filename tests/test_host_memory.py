@@ -86,3 +86,40 @@ def test_restart_puts_the_heap_on_huge_pages():
     # Tunables a user set are kept beside it.
     tunables, kb = huge_page_kb(GLIBC_TUNABLES="glibc.malloc.tcache_count=0")
     assert tunables == f"glibc.malloc.tcache_count=0:{host_memory.HUGE_PAGES}" and kb >= 128 << 10
+
+
+def test_cpu_backend_expected_from_jax_platforms_or_installed_plugins(monkeypatch):
+    assert host_memory.cpu_backend_expected({"JAX_PLATFORMS": "cpu"})
+    assert not host_memory.cpu_backend_expected({"JAX_PLATFORMS": "cuda,cpu"})
+    assert not host_memory.cpu_backend_expected({"JAX_PLATFORMS": "tpu"})
+    assert host_memory.cpu_backend_expected({})  # No GPU/TPU plugin in this environment.
+    monkeypatch.setattr(host_memory, "ACCELERATOR_PLUGINS", ("json",))  # An installed name.
+    assert not host_memory.cpu_backend_expected({})
+
+
+# Prints the heap tuning the `cae-jax` console script chose for a command, then stops.
+CLI_PROGRAM = """
+import os, sys
+from cae_jax import host_memory, main
+host_memory.os.execve = lambda *a: print("restart", flush=True) or sys.exit(0)
+sys.argv = ["cae-jax", *sys.argv[1:], "--help"]
+main.cli()
+"""
+
+
+@pytest.mark.parametrize(("command", "jax_platforms", "restarts"),
+                         [("train", "cpu", True), ("bench", "cpu", True), ("demo", "cpu", True),
+                          ("train", "cuda", False), ("export", "cpu", False),
+                          ("predict", "cpu", False)])
+def test_only_cpu_training_commands_tune_the_heap(command, jax_platforms, restarts):
+    env = {**{k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES",
+                                                               "CAE_JAX_HUGE_PAGES")},
+           "JAX_PLATFORMS": jax_platforms}
+    out = subprocess.run([sys.executable, "-c", CLI_PROGRAM, command], env=env,
+                         capture_output=True, text=True)
+    thp = host_memory.THP_SETTING.is_file() and "[never]" not in host_memory.THP_SETTING.read_text()
+    assert (out.stdout.startswith("restart")) == (restarts and thp), out.stderr[-2000:]
+    out = subprocess.run([sys.executable, "-c", CLI_PROGRAM, command],
+                         env={**env, "CAE_JAX_HUGE_PAGES": "0"}, capture_output=True, text=True)
+    assert "restart" not in out.stdout
+    assert (f"cae-jax {command}: CPU run, freed host memory kept" in out.stderr) == restarts

@@ -113,9 +113,8 @@ def test_each_conv_gets_its_cpu_form():
                          [("decomposed", "dot_general"), ("native", "conv_general_dilated")])
 def test_model_convs_take_the_form_of_their_layer_impl(impl, differentiated_op):
     """The conv nnx.Conv runs: the im2col product when decomposed, XLA's conv when native."""
-    mc = config_lib.default_config().model
-    mc.layer_impl = impl
-    layer = models.conv(3, 8, 3, stride=2, mc=mc, rngs=nnx.Rngs(0))
+    layers = models.Layers("float32", impl, 0.99, 1e-3)
+    layer = layers.conv(3, 8, 3, stride=2, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(layer)
     x = jnp.ones((1, 9, 9, 3))
 
@@ -125,7 +124,7 @@ def test_model_convs_take_the_form_of_their_layer_impl(impl, differentiated_op):
     program = str(jax.make_jaxpr(jax.grad(loss))(params))
     assert differentiated_op in program
     assert ("conv_general_dilated" in program) == (impl == "native")
-    again = models.conv(3, 8, 3, stride=2, mc=mc, rngs=nnx.Rngs(0))
+    again = layers.conv(3, 8, 3, stride=2, rngs=nnx.Rngs(0))
     assert nnx.graphdef(again) == graphdef  # one conv function per shape: equal graphs
 
 
@@ -194,8 +193,8 @@ def test_add_at_taps_is_the_adjoint_of_tap_windows(kernel_size, stride):
 
 
 def test_decoder_layer_has_flax_conv_transpose_parameters():
-    mc = config_lib.default_config().model
-    ours = models.ConvTranspose(6, 5, 4, stride=2, mc=mc, rngs=nnx.Rngs(params=3))
+    layers = models.Layers.from_config(config_lib.default_config().model)
+    ours = models.ConvTranspose(6, 5, 4, stride=2, layers=layers, rngs=nnx.Rngs(params=3))
     theirs = nnx.ConvTranspose(6, 5, (4, 4), strides=(2, 2), padding="SAME", use_bias=False,
                                kernel_init=models.CONV_INIT, rngs=nnx.Rngs(params=3))
     np.testing.assert_array_equal(ours.kernel[...], theirs.kernel[...])

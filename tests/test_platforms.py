@@ -138,3 +138,18 @@ def test_bundle_holds_cpu_cuda_and_tpu_and_scores_like_a_cpu_only_bundle(tmp_pat
     saved = tf.saved_model.load(str(every / "saved_model"))
     served = saved.signatures["serving_default"](images=tf.constant(images))["probability"]
     np.testing.assert_allclose(served.numpy(), scores["cpu"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_bundle_newer_than_this_reader_is_refused_by_name(tmp_path):
+    config = config_lib.load_config("configs/tiny.py")
+    state = train_step.init_state(config)
+    bundle = export.export_bundle(config, state.params, state.batch_stats, tmp_path / "b",
+                                  formats=(), platforms=("cpu",))
+    meta = json.loads((bundle / export.MODEL_JSON).read_text())
+    assert meta["bundle_version"] == export.BUNDLE_VERSION
+    export.load_bundle(bundle)  # This reader's own version loads.
+    meta["bundle_version"] = export.BUNDLE_VERSION + 1
+    (bundle / export.MODEL_JSON).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"model.json: bundle_version 2 is newer than this "
+                                         r"cae-jax reads \(1\)"):
+        export.load_bundle(bundle)

@@ -1,13 +1,16 @@
 """`import-weights --format deepfakebench`: DeepfakeBench's Xception detector checkpoint (their
 state dict layout) scores 256x256 faces in cae-jax with the probabilities it gives in torch."""
 
+import json
 import sys
 
 import jax
 import numpy as np
 import pytest
+from sklearn import metrics as skm
 
 from cae_jax import main, sharding, train_step, weights
+from data_prep import writer
 
 SIDE = 256  # DeepfakeBench's resolution.
 
@@ -166,6 +169,29 @@ def test_detector_import_gives_their_probabilities(tmp_path):
         state.params, state.batch_stats, images)
     ours = np.asarray(jax.nn.sigmoid(logits))
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+    # The same faces as a prepared test set, scored by `evaluate --protocol deepfakebench`.
+    labels = [1, 0, 0, 1]
+    data = tmp_path / "Celeb-DF-v2"
+    writer.write_dataset(data, "deepfakebench", {"test": [
+        {"image": np.round((im + 1) * 127.5).astype(np.uint8), "label": label,
+         "dataset": "deepfakebench", "method": "CelebDFv2_fake" if label else "CelebDFv2_real",
+         "compression": "c23", "video_id": f"v{i}", "frame_index": 0,
+         "face_box": np.zeros(4, np.float32), "fps": 0.0}
+        for i, (im, label) in enumerate(zip(images, labels, strict=True))]})
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["deepfakebench"] = {"name": "Celeb-DF-v2", "compression": "c23"}
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    report_path = tmp_path / "metrics.json"
+    assert main.main(["evaluate", "--checkpoint", str(out), "--data", str(data),
+                      "--out", str(report_path), "--batch-size", "8",
+                      "--protocol", "deepfakebench"]) == 0
+    [row] = json.loads(report_path.read_text())["deepfakebench"]
+    assert row["dataset"] == "Celeb-DF-v2" and row["published_frame_auc"] == 0.7365
+    assert row["frame_auc"] == pytest.approx(skm.roc_auc_score(labels, theirs))
+    assert row["acc"] == pytest.approx(np.mean((theirs > 0.5) == np.array(labels, bool)))
+    table = (tmp_path / "metrics_deepfakebench.md").read_text()
+    assert f"| Celeb-DF-v2 | {row['frame_auc']:.4f} | 0.7365 |" in table
 
 
 def test_pickled_objects_are_refused(tmp_path):

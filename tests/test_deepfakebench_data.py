@@ -221,3 +221,30 @@ def test_cli_with_detection(dfb_tree, tmp_path, capsys):
     manifest = json.loads((tmp_path / "detect" / "manifest.json").read_text())
     assert {s["reason"] for s in manifest["skipped"]} == {"no face found in 2 sampled frames",
                                                           "no face found in 1 sampled frames"}
+
+
+def test_detect_recentres_frames_on_the_face(tmp_path):
+    """--detect: frames with a face off-centre are cropped around it (box in frame pixels)."""
+    from skimage import data
+
+    face = cv2.resize(data.astronaut()[30:200, 140:310], (96, 96), interpolation=cv2.INTER_AREA)
+    rgb, positions = tmp_path / "rgb", {0: (20, 30), 7: (110, 60)}
+    listed = []
+    for n, (x, y) in positions.items():
+        frame = np.full((180, 240, 3), (70, 110, 90), np.uint8)
+        frame[y : y + 96, x : x + 96] = face
+        path = rgb / "UADFV/real/frames/0000" / f"{n}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(path), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+        listed.append(f"UADFV/real/frames/0000/{n}.png")
+    table = {"UADFV": {"UADFV_Real": {"test": {"0000": {"label": "UADFV_Real", "frames": listed}}}}}
+    (tmp_path / "UADFV.json").write_text(json.dumps(table))
+    entries = datasets.list_entries("deepfakebench", rgb, options(tmp_path, "UADFV"))
+    settings = work.Settings(frames_per_video=32, image_size=48, detector="haar")
+    out = prepare.prepare(entries, "deepfakebench", tmp_path / "out", settings)
+    rows = sorted(load(out)["test"], key=lambda r: r["frame_index"])
+    assert [int(r["frame_index"]) for r in rows] == [0, 7]
+    for row, (x, y) in zip(rows, positions.values(), strict=True):
+        centre = (row["face_box"][:2] + row["face_box"][2:]) / 2
+        np.testing.assert_allclose(centre, (x + 48, y + 48), atol=0.15 * 96)
+        assert row["image"].shape == (48, 48, 3)

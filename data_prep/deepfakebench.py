@@ -85,8 +85,12 @@ def _videos(split_info: dict, compression: str, json_path: Path, where: str,
 
 def entries(root: Path, opts: Options) -> list[Entry]:
     """Every video of the dataset `opts.dfb_name` in `opts.dfb_json` (a folder or the file)."""
+    if not opts.dfb_json:
+        raise DatasetLayoutError("deepfakebench needs --json (their dataset_json folder or file)")
     json_path = Path(opts.dfb_json)
     if json_path.is_dir():
+        if not opts.dfb_name:
+            raise DatasetLayoutError(f"{json_path}: a JSON folder needs --name (the dataset)")
         json_path = json_path / f"{opts.dfb_name}.json"
     if not json_path.is_file():
         raise DatasetLayoutError(f"{json_path}: DeepfakeBench dataset JSON not found")

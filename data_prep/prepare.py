@@ -248,9 +248,10 @@ def extra_manifest(
 ) -> dict:
     """Manifest fields beside counts and skips: settings, and frames left out of kept videos."""
     fields = {"settings": dataclasses.asdict(settings)}
-    frames = deepfakebench.skipped_frames([summaries[e.video_id] for e in entries])
     if any(e.frames for e in entries):
-        fields["skipped_frames"] = frames
+        fields["skipped_frames"] = deepfakebench.skipped_frames(
+            [summaries[e.video_id] for e in entries]
+        )
     return fields
 
 

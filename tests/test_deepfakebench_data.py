@@ -141,6 +141,8 @@ def test_bad_json_names_the_file_and_problem(dfb_tree, tmp_path):
         datasets.list_entries("deepfakebench", rgb, options(json_dir / "Celeb-DF-v2.json", "DFDC"))
     with pytest.raises(datasets.DatasetLayoutError, match=r"'raw' \(it has \['c23', 'c40'\]"):
         datasets.list_entries("deepfakebench", rgb, options(json_dir, "FaceForensics++", "c0"))
+    with pytest.raises(datasets.DatasetLayoutError, match="a JSON folder needs --name"):
+        datasets.list_entries("deepfakebench", rgb, options(json_dir, ""))
     bad = tmp_path / "X.json"
     bad.write_text(json.dumps({"X": {"Mystery": {"train": {"v": {"frames": []}}}}}))
     with pytest.raises(datasets.DatasetLayoutError, match="X.json: label 'Mystery'"):

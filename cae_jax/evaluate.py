@@ -161,25 +161,41 @@ def markdown_table(results: dict[str, dict]) -> str:
 
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike, data_dirs: list[str], split: str, out: str | os.PathLike,
-    *, batch_size: int = 0,
+    *, batch_size: int = 0, protocol: str = "cae-jax",
 ) -> dict:
-    """Scores `checkpoint` on each dir's split; writes metrics JSON, table and ROC PNGs."""
-    from cae_jax import checkpoints, sharding, train_step
+    """Scores `checkpoint` on each dir's split; writes metrics JSON, table and ROC PNGs.
 
-    config, step_dir = checkpoints.resolve_config_and_step(checkpoint)
+    `checkpoint` may also be an `import-weights` output holding a trained detector
+    (`--format deepfakebench`), scored as imported. `protocol="deepfakebench"` adds their
+    metrics beside their published numbers (cae_jax/deepfakebench.py).
+    """
+    from cae_jax import checkpoints, deepfakebench, sharding, train_step, weights
+
+    imported = weights.is_import(checkpoint)
+    if imported:
+        config, step_dir = weights.detector_config(checkpoint), checkpoint
+    else:
+        config, step_dir = checkpoints.resolve_config_and_step(checkpoint)
     if batch_size:
         config.input.eval_batch_size = batch_size
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, jax.devices())
-    state = checkpoints.restore_state(step_dir, config, mesh)
+    if imported:
+        state = train_step.create_train_state(config, mesh)
+    else:
+        state = checkpoints.restore_state(step_dir, config, mesh)
     eval_step = train_step.make_eval_step(config, mesh)
-    results, curves = {}, {}
+    results, curves, protocol_rows = {}, {}, []
     for data_dir in data_dirs:
         scores = score_split(config, eval_step, state, mesh, data_dir, split)
         name = Path(data_dir.rstrip("/")).name
         results[name] = summarize(scores)
         curves[name] = {"labels": scores["label"], "probs": scores["prob"]}
+        if protocol == "deepfakebench":
+            protocol_rows.append(deepfakebench.report(scores, video_keys(scores), data_dir))
     report = {"checkpoint": str(step_dir), "step": int(state.step), "split": split,
               "data": {Path(d.rstrip("/")).name: d for d in data_dirs}, "results": results}
+    if protocol == "deepfakebench":
+        report["deepfakebench"] = protocol_rows
     if jax.process_index() == 0:
         out = checkpoints.as_path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -188,6 +204,9 @@ def evaluate_checkpoint(
                      for s, r in subsets.items()} for d, subsets in results.items()}
         out.with_name(out.stem + "_table.json").write_text(json.dumps(table, indent=2))
         out.with_name(out.stem + "_table.md").write_text(markdown_table(results))
+        if protocol_rows:
+            table_md = deepfakebench.markdown_table(protocol_rows)
+            out.with_name(out.stem + "_deepfakebench.md").write_text(table_md)
         for name, c in curves.items():
             save_roc_plot({name: c}, out.with_name(f"{out.stem}_roc_{name}.png"),
                           f"{name} / {split} (step {report['step']})")
@@ -205,17 +224,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="metrics JSON; OUT_table.md/.json and OUT_roc_DATA.png go beside it")
     parser.add_argument("--batch-size", type=int, default=0,
                         help="global evaluation batch (default: the run's eval batch)")
+    parser.add_argument("--protocol", choices=("cae-jax", "deepfakebench"), default="cae-jax",
+                        help="deepfakebench: also their metrics beside their published numbers "
+                        "(OUT_deepfakebench.md)")
 
 
 def run(args: argparse.Namespace) -> int:
     data_dirs = [d for d in args.data.split(",") if d]
     try:
         report = evaluate_checkpoint(args.checkpoint, data_dirs, args.split, args.out,
-                                     batch_size=args.batch_size)
+                                     batch_size=args.batch_size, protocol=args.protocol)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from err
     if jax.process_index() == 0:
         print(markdown_table(report["results"]), end="")
+        if "deepfakebench" in report:
+            from cae_jax import deepfakebench
+
+            print(deepfakebench.markdown_table(report["deepfakebench"]), end="")
         print(f"wrote {args.out}")
     return 0
 

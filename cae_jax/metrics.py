@@ -23,14 +23,23 @@ def _both_classes(labels: np.ndarray) -> bool:
     return 0 < labels.sum() < labels.size
 
 
-def roc_curve(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(false positive rate, true positive rate, thresholds), from (0, 0) upwards."""
+def roc_curve(
+    labels, scores, *, corners_only: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate, thresholds), from (0, 0) upwards.
+
+    `corners_only` drops the points inside straight runs of the curve, as scikit-learn's
+    `roc_curve(drop_intermediate=True)` does (the curve and its AUC stay the same).
+    """
     labels, scores = _check(labels, scores)
     order = np.argsort(-scores, kind="mergesort")
     scores, labels = scores[order], labels[order]
     last_of_tie = np.r_[np.flatnonzero(np.diff(scores)), labels.size - 1]
     tps = np.cumsum(labels)[last_of_tie]
     fps = last_of_tie + 1 - tps
+    if corners_only and tps.size > 2:
+        corner = np.r_[True, np.diff(fps, 2) != 0, True] | np.r_[True, np.diff(tps, 2) != 0, True]
+        last_of_tie, tps, fps = last_of_tie[corner], tps[corner], fps[corner]
     tpr = np.r_[0.0, tps / max(tps[-1], 1)]
     fpr = np.r_[0.0, fps / max(fps[-1], 1)]
     return fpr, tpr, np.r_[np.inf, scores[last_of_tie]]
@@ -73,6 +82,16 @@ def eer(labels, scores) -> float:
     d0, d1 = fnr[i - 1] - fpr[i - 1], fnr[i] - fpr[i]
     t = d0 / (d0 - d1) if d0 != d1 else 0.0
     return float(fpr[i - 1] + t * (fpr[i] - fpr[i - 1]))
+
+
+def eer_nearest_point(labels, scores) -> float:
+    """DeepfakeBench's EER: the false positive rate at the corner of the ROC curve where
+    |fnr - fpr| is smallest (no interpolation, unlike `eer`)."""
+    labels, scores = _check(labels, scores)
+    if not _both_classes(labels):
+        return float("nan")
+    fpr, tpr, _ = roc_curve(labels, scores, corners_only=True)
+    return float(fpr[np.argmin(np.abs(1.0 - tpr - fpr))])
 
 
 def accuracy(labels, scores, threshold: float = 0.5) -> float:

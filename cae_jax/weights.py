@@ -1,8 +1,11 @@
 """ImageNet Xception weights from local files -> an Orbax checkpoint the encoder starts from.
 
-Two sources, nothing downloaded:
+Three sources, nothing downloaded:
 - `timm`: a timm/Cadene `legacy_xception` state dict saved as safetensors (PyTorch layout).
 - `keras`: Keras's `xception_weights_tf_dim_ordering_tf_kernels_notop.h5` (legacy HDF5 layout).
+- `deepfakebench`: DeepfakeBench's trained Xception detector (`xception_best.pth`, or the same
+  state dict as safetensors): a Cadene Xception under `backbone.` (timm's keys) and a 2-way
+  `last_linear`, which becomes our one-logit classifier head (`model.classifier.hidden=()`).
 
 One walk over the encoder (`encoder_layout`) names every layer in our tree, in timm and in Keras;
 both importers follow it, so the mapping is written once. The checkpoint stores flat
@@ -27,10 +30,12 @@ from ml_collections import ConfigDict
 from cae_jax import config as config_lib
 
 IMPORT_META = "import.json"
-# The conventions each source was trained with.
+CLASSIFIER_ITEM = "classifier"  # The imported classifier head, where the source has one.
+# The conventions each source was trained with (image_size: the input it was trained at).
 CONVENTIONS = {
     "timm": {"pool_padding": "torch", "bn_epsilon": 1e-5},
     "keras": {"pool_padding": "same", "bn_epsilon": 1e-3},
+    "deepfakebench": {"pool_padding": "torch", "bn_epsilon": 1e-5, "image_size": 256},
 }
 
 
@@ -119,6 +124,62 @@ def from_timm(state_dict: dict[str, np.ndarray], mc: ConfigDict) -> tuple[Flat, 
     return params, stats
 
 
+def from_deepfakebench(
+    state_dict: dict[str, np.ndarray], mc: ConfigDict
+) -> tuple[Flat, Flat, Flat]:
+    """DeepfakeBench `XceptionDetector` state dict -> our encoder params, batch stats and head.
+
+    Their backbone is the Cadene Xception timm ports as `legacy_xception`, so below
+    `backbone.` the keys are timm's and `from_timm` maps them. Their head is
+    `last_linear` (2048 -> 2; `last_linear.1` with dropout), scored as softmax(z)[1] =
+    sigmoid(z1 - z0): our single logit takes w1 - w0 and b1 - b0, exactly. `adjust_channel`
+    (used only by their "adjust_channel" mode) is left out.
+    """
+    prefix = "module.backbone." if any(k.startswith("module.") for k in state_dict) else "backbone."
+    outside = sorted(k for k in state_dict if not k.startswith(prefix))
+    if outside:
+        raise ValueError(f"not a DeepfakeBench Xception detector: keys outside {prefix}: "
+                         f"{outside[:5]}")
+    backbone = {k.removeprefix(prefix): v for k, v in state_dict.items()}
+    head = next((h for h in ("last_linear", "last_linear.1") if f"{h}.weight" in backbone), None)
+    if head is None:
+        raise KeyError(f"no {prefix}last_linear.weight: not a DeepfakeBench Xception detector")
+    weight = np.asarray(backbone.pop(f"{head}.weight"), np.float64)
+    bias = np.asarray(backbone.pop(f"{head}.bias"), np.float64)
+    if weight.shape[0] != 2:
+        raise ValueError(f"last_linear has {weight.shape[0]} outputs, not 2 (real, fake)")
+    backbone = {k: v for k, v in backbone.items() if not k.startswith("adjust_channel.")}
+    params, stats = from_timm(backbone, mc)
+    classifier = {"out.kernel": (weight[1] - weight[0])[:, None].astype(np.float32),
+                  "out.bias": np.array([bias[1] - bias[0]], np.float32)}
+    return params, stats, classifier
+
+
+def read_torch_state_dict(path: Path) -> dict[str, np.ndarray]:
+    """A PyTorch state dict from .safetensors, or from a .pth/.pt file through
+    `torch.load(weights_only=True)`, which refuses anything but tensors and plain containers
+    (no arbitrary unpickling). torch is needed only for the latter."""
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        return load_file(str(path))
+    try:
+        import torch
+    except ImportError as err:
+        raise SystemExit(f"error: {path}: reading a PyTorch checkpoint needs torch "
+                         "(pip install torch), or convert it to .safetensors") from err
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises several kinds for a refused file.
+        raise SystemExit(f"error: {path}: not loadable as tensors only (weights_only=True): "
+                         f"{type(err).__name__}: {err}") from err
+    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+        loaded = loaded["state_dict"]  # Their trainer's {"state_dict": ...} variant.
+    if not isinstance(loaded, dict):
+        raise SystemExit(f"error: {path}: holds a {type(loaded).__name__}, not a state dict")
+    return {k: v.detach().float().numpy() for k, v in loaded.items() if torch.is_tensor(v)}
+
+
 def _read_legacy_h5(path: Path) -> list[tuple[str, dict[str, np.ndarray]]]:
     """(layer name, {weight name: array}) in model order, from a legacy Keras HDF5 file."""
     import h5py
@@ -175,10 +236,11 @@ def from_keras(path: str | Path, mc: ConfigDict) -> tuple[Flat, Flat]:
 
 def flat_encoder_state(state: nnx.State) -> dict[str, jax.Array]:
     """`encoder` subtree of a model state as {"a.b.c": leaf}."""
-    return {".".join(map(str, path)): leaf for path, leaf in nnx.to_flat_state(state["encoder"])}
+    return _flat(state, "encoder")
 
 
-def save(out_dir: str | Path, params: Flat, stats: Flat, source_format: str, source: str) -> None:
+def save(out_dir: str | Path, params: Flat, stats: Flat, source_format: str, source: str,
+         classifier: Flat | None = None) -> None:
     import orbax.checkpoint as ocp
 
     out_dir = Path(out_dir).absolute()
@@ -186,8 +248,31 @@ def save(out_dir: str | Path, params: Flat, stats: Flat, source_format: str, sou
         raise FileExistsError(f"{out_dir} exists; choose a new --output directory")
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(out_dir / "weights", {"params": params, "batch_stats": stats})
-    meta = {"format": source_format, "source": str(source), **CONVENTIONS[source_format]}
+        if classifier:
+            ckptr.save(out_dir / CLASSIFIER_ITEM, classifier)
+    meta = {"format": source_format, "source": str(source), **CONVENTIONS[source_format],
+            "classifier": bool(classifier)}
     (out_dir / IMPORT_META).write_text(json.dumps(meta, indent=2))
+
+
+def is_import(path: str | Path) -> bool:
+    """Whether `path` is an `import-weights` output (rather than a training workdir)."""
+    return (Path(path) / IMPORT_META).is_file()
+
+
+def detector_config(import_dir: str | Path, base: ConfigDict | None = None) -> ConfigDict:
+    """The config that runs an imported detector as it was trained: `base` (default: the
+    default config) with the source's conventions, the one-logit head, and init_from."""
+    import_dir = Path(import_dir).absolute()
+    meta = json.loads((import_dir / IMPORT_META).read_text())
+    config = base if base is not None else config_lib.default_config()
+    config.init_from = str(import_dir)
+    for key in ("pool_padding", "bn_epsilon", "image_size"):
+        if key in meta:
+            config.model[key] = meta[key]
+    if meta.get("classifier"):
+        config.model.classifier.hidden = ()
+    return config
 
 
 def load_encoder(state, config: ConfigDict, mesh: Mesh):
@@ -215,22 +300,35 @@ def load_encoder(state, config: ConfigDict, mesh: Mesh):
     }
     with ocp.StandardCheckpointer() as ckptr:
         loaded = ckptr.restore(src / "weights", target)
+        # The source's own head (a trained detector), where our head has its shape.
+        head = None
+        if meta.get("classifier") and not config.model.classifier.hidden:
+            head_flat = _flat(state.params, "classifier")
+            head = ckptr.restore(src / CLASSIFIER_ITEM, {
+                k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
+                for k, v in head_flat.items()})
 
-    def replace(tree: nnx.State, flat: dict[str, jax.Array]) -> nnx.State:
+    def replace(tree: nnx.State, flat: dict[str, jax.Array], part: str = "encoder") -> nnx.State:
         tree = jax.tree.map(lambda x: x, tree)  # A copy: the input state stays as it was.
-        for path, leaf in nnx.to_flat_state(tree["encoder"]):
+        for path, leaf in nnx.to_flat_state(tree[part]):
             leaf[...] = flat[".".join(map(str, path))]
         return tree
 
-    return state.replace(
-        params=replace(state.params, loaded["params"]),
-        batch_stats=replace(state.batch_stats, loaded["batch_stats"]),
-    )
+    params = replace(state.params, loaded["params"])
+    if head is not None:
+        params = replace(params, head, "classifier")
+    return state.replace(params=params,
+                         batch_stats=replace(state.batch_stats, loaded["batch_stats"]))
+
+
+def _flat(state: nnx.State, part: str) -> dict[str, jax.Array]:
+    return {".".join(map(str, path)): leaf for path, leaf in nnx.to_flat_state(state[part])}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", required=True, choices=sorted(CONVENTIONS),
-                        help="timm: legacy_xception state dict (.safetensors); keras: notop .h5")
+                        help="timm: legacy_xception state dict (.safetensors); keras: notop .h5; "
+                        "deepfakebench: their Xception detector (.pth or .safetensors)")
     parser.add_argument("--input", required=True, type=Path, help="the weights file")
     parser.add_argument("--output", required=True, type=Path, help="new Orbax checkpoint dir")
     parser.add_argument("--config", type=Path, default=None,
@@ -241,16 +339,22 @@ def run(args: argparse.Namespace) -> int:
     mc = (config_lib.load_config(args.config) if args.config else config_lib.default_config()).model
     if not args.input.is_file():
         raise SystemExit(f"error: {args.input}: no such file")
+    classifier = None
     if args.format == "timm":
         from safetensors.numpy import load_file
 
         params, stats = from_timm(load_file(str(args.input)), mc)
+    elif args.format == "deepfakebench":
+        params, stats, classifier = from_deepfakebench(read_torch_state_dict(args.input), mc)
     else:
         params, stats = from_keras(args.input, mc)
-    save(args.output, params, stats, args.format, args.input)
-    conv = CONVENTIONS[args.format]
+    save(args.output, params, stats, args.format, args.input, classifier)
+    overrides = " ".join(f"--config.model.{k}={v}" for k, v in CONVENTIONS[args.format].items())
+    if classifier:
+        overrides += " --config.model.classifier.hidden=()"
     print(f"wrote {args.output} ({len(params)} parameter arrays, "
           f"{sum(v.size for v in params.values()):,} values); train with "
-          f"--config.init_from={args.output} --config.model.pool_padding={conv['pool_padding']} "
-          f"--config.model.bn_epsilon={conv['bn_epsilon']}")
+          f"--config.init_from={args.output} {overrides}")
+    if classifier:
+        print(f"evaluate it as it is: cae-jax evaluate --checkpoint {args.output} ...")
     return 0

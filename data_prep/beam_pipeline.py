@@ -9,7 +9,6 @@ manifest and TFDS metadata, exactly as `writer.write_dataset` does locally.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -104,12 +103,14 @@ def run(
             stats.setdefault(entry.split, writer.SplitStats()).add(
                 entry.video_id, entry.label, entry.method, summary["frames"]
             )
+    from data_prep import prepare  # It imports this module lazily.
+
     manifest = {
         "splits": {split: st.to_dict() for split, st in sorted(stats.items())},
         "skipped": [
             summaries[e.video_id] for e in entries if summaries[e.video_id]["status"] != "ok"
         ],
-        "settings": dataclasses.asdict(settings),
+        **prepare.extra_manifest(entries, summaries, settings),
     }
     return writer.commit(out_dir, name, shards, manifest)
 

@@ -40,6 +40,7 @@ class Entry:
     method: str  # "real" for pristine media, else the manipulation's name.
     split: str  # "train", "validation" or "test".
     compression: str = ""
+    frames: tuple[str, ...] = ()  # A video as frame files (DeepfakeBench); path: their folder.
 
     @property
     def is_image(self) -> bool:
@@ -55,6 +56,8 @@ class Options:
     val_fraction: float = 0.1  # Identities moved to validation where no official split exists.
     test_fraction: float = 0.1  # Identities moved to test where no official test split exists.
     seed: int = 0  # Seed of those carve-outs.
+    dfb_json: str = ""  # DeepfakeBench: the dataset JSON, or the folder holding NAME.json.
+    dfb_name: str = ""  # DeepfakeBench: the dataset's name (the JSON's top-level key).
 
 
 def _relative(root: Path, path: Path) -> str:
@@ -320,12 +323,20 @@ def _carve_unsplit(entries: list[Entry], opts: Options) -> list[Entry]:
     return carve(entries, group, fractions, opts.seed)
 
 
+def deepfakebench(root: Path, opts: Options) -> list[Entry]:
+    """DeepfakeBench's preprocessed frames, indexed by its dataset JSON (deepfakebench.py)."""
+    from data_prep import deepfakebench as dfb  # It imports this module.
+
+    return dfb.entries(root, opts)
+
+
 BUILDERS: dict[str, Callable[[Path, Options], list[Entry]]] = {
     "ffpp": ffpp,
     "celebdf": celebdf,
     "dfdc": dfdc,
     "dfd": dfd,
     "folder": folder,
+    "deepfakebench": deepfakebench,
 }
 
 

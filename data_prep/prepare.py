@@ -23,12 +23,13 @@ import numpy as np
 import tqdm
 from etils import epath
 
-from data_prep import datasets, faces, work, writer
+from data_prep import datasets, deepfakebench, faces, work, writer
 
 WORK_DIR = ".work"
 PREVIEW = "preview.png"
 PREVIEW_PER_SPLIT = 8  # Videos shown per split (half real, half fake where there are both).
 PREVIEW_SIZE = 128  # Side of each crop in the preview.
+DFB_IMAGE_SIZE = 256  # DeepfakeBench's resolution: its frames are 256x256 crops.
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", required=True, help="raw dataset folder (folder: or a CSV)")
     parser.add_argument("--out", required=True, help="output TFDS dataset directory")
     parser.add_argument("--frames-per-video", type=int, default=32, help="sampled uniformly")
-    parser.add_argument("--image-size", type=int, default=299, help="side of the square crops")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="side of the square crops (299; deepfakebench: 256, theirs)")
     parser.add_argument("--margin", type=float, default=1.3, help="crop side / face box side")
     parser.add_argument(
         "--detector", choices=sorted(faces.DETECTORS), default=faces.DEFAULT_DETECTOR
@@ -50,6 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=",".join(datasets.FFPP_METHODS),
         help="comma-separated FF++ manipulations",
     )
+    parser.add_argument("--json", default="", help="deepfakebench: dataset JSON or its folder")
+    parser.add_argument("--name", default="", help="deepfakebench: dataset name, e.g. Celeb-DF-v2")
+    parser.add_argument("--detect", action="store_true",
+                        help="deepfakebench: re-centre frames on the detected face (else as is)")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="see docs/prepare.md")
     parser.add_argument("--test-fraction", type=float, default=0.1, help="see docs/prepare.md")
     parser.add_argument("--seed", type=int, default=0, help="seed of carved splits and subsets")
@@ -63,11 +69,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    dfb = args.dataset == "deepfakebench"
     settings = work.Settings(
         frames_per_video=args.frames_per_video,
-        image_size=args.image_size,
+        image_size=args.image_size or (DFB_IMAGE_SIZE if dfb else 299),
         margin=args.margin,
-        detector=args.detector,
+        detector=args.detector if args.detect or not dfb else deepfakebench.NO_DETECTION,
         align=args.align,
     )
     options = datasets.Options(
@@ -76,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         test_fraction=args.test_fraction,
         seed=args.seed,
+        dfb_json=args.json,
+        dfb_name=args.name,
     )
     try:
         entries = datasets.list_entries(args.dataset, epath.Path(args.root), options)
@@ -97,6 +106,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"cae-jax prepare: {err}", file=sys.stderr)
         return 2
     manifest = json.loads((epath.Path(out) / writer.MANIFEST).read_text())
+    if dfb:  # Which of their datasets this is: `evaluate --protocol deepfakebench` reads it.
+        source = {"name": options.dfb_name, "compression": options.compression}
+        manifest["deepfakebench"] = source
+        writer.write_json_atomic(epath.Path(out) / writer.MANIFEST, manifest)
     for split, counts in manifest["splits"].items():
         print(f"{split}: {counts['videos']} videos, {counts['frames']} frames")
     print(f"skipped: {len(manifest['skipped'])} (reasons in {out}/{writer.MANIFEST})")
@@ -226,8 +239,20 @@ def write_from_cache(
         splits,
         num_shards,
         skipped=skipped_list(entries, summaries),
-        extra_manifest={"settings": dataclasses.asdict(settings)},
+        extra_manifest=extra_manifest(entries, summaries, settings),
     )
+
+
+def extra_manifest(
+    entries: Sequence[datasets.Entry], summaries: dict[str, dict], settings: work.Settings
+) -> dict:
+    """Manifest fields beside counts and skips: settings, and frames left out of kept videos."""
+    fields = {"settings": dataclasses.asdict(settings)}
+    if any(e.frames for e in entries):
+        fields["skipped_frames"] = deepfakebench.skipped_frames(
+            [summaries[e.video_id] for e in entries]
+        )
+    return fields
 
 
 def frame_count(entries: Iterable[datasets.Entry], summaries: dict[str, dict]) -> int:

@@ -131,10 +131,20 @@ def _crop_and_cache(entry: Entry, settings: Settings, crops_path: epath.Path) ->
             entry, "skipped", reason=f"no face found in {result.num_sampled} sampled frames"
         )
     _write_atomic(crops_path, _encode(result))
-    return _summary(entry, "ok", frames=len(result.crops), sampled=result.num_sampled)
+    fields = {"frames": len(result.crops), "sampled": result.num_sampled}
+    if getattr(result, "skipped_frames", ()):  # Frames of a frame-list video left out.
+        fields["skipped_frames"] = list(result.skipped_frames)
+    return _summary(entry, "ok", **fields)
 
 
 def _crop(entry: Entry, settings: Settings) -> faces.VideoFaces:
+    if entry.frames:
+        from data_prep import deepfakebench
+
+        return deepfakebench.crop_frames(
+            entry, settings.frames_per_video, settings.image_size, settings.detector,
+            settings.margin, settings.align,
+        )
     if entry.is_image:
         image = video.read_image(entry.path)
         found = faces.detect_and_crop(

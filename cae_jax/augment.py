@@ -84,8 +84,10 @@ def jpeg(image: np.ndarray, quality: int) -> np.ndarray:
     return cv2.cvtColor(cv2.imdecode(encoded, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 
-def draw(rng: np.random.Generator, cfg: ConfigDict) -> dict:
+def draw(rng: np.random.Generator, cfg) -> dict:
     """The random choices of `augment` for one image, drawn in its order from `rng`.
+
+    `cfg`: `config.input.augment`, or any object with its fields as attributes.
 
     {"flip": bool, "blur_kernel": odd size or 0 (none), "alpha", "beta": the brightness/
     contrast scale and shift (1, 0: none), "jpeg_quality": int or 0 (none)}. With

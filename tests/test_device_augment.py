@@ -60,6 +60,19 @@ def test_default_on_cpu_keeps_augmenting_on_the_host():
     assert jax.default_backend() == "cpu" and sorted(example) == ["dataset_id", "image", "label"]
 
 
+def test_train_iterator_sends_uint8_images_and_the_choices(tmp_path):
+    data_dir = datasets.write(tmp_path / "toy", {"train": (4, 4)}, size=SIZE)
+    config = config_with("on")
+    config.train.batch_size = 8
+    mesh = sharding.make_mesh(-1, 1, jax.devices()[:1])
+    iterator = input_pipeline.make_train_iterator(config, mesh, [str(data_dir)])
+    batch = next(iterator)
+    iterator.close()
+    assert batch["image"].dtype == jnp.uint8 and batch["image"].shape == (8, SIZE, SIZE, 3)
+    for name, dtype in device_augment.PARAM_DTYPES.items():
+        assert batch[f"aug_{name}"].dtype == dtype and batch[f"aug_{name}"].shape == (8,)
+
+
 def test_on_device_draws_the_configured_operations_and_ranges():
     fields = examples(config_with("on", jpeg_prob=0.0), range(DRAWS))
     flip = np.array([e["aug_flip"] for e in fields])

@@ -104,6 +104,18 @@ def test_device_applies_each_example_as_the_host_would():
     assert np.mean(changed) > 0.8  # The comparison covers augmented images, not identities.
 
 
+def test_jpeg_stays_on_the_host_with_the_same_draws():
+    only_jpeg = {"flip_prob": 0.0, "blur_prob": 0.0, "brightness_contrast_prob": 0.0,
+                 "jpeg_prob": 0.5}
+    host = examples(config_with("off", **only_jpeg), range(40))
+    device = examples(config_with("on", **only_jpeg), range(40))
+    for h, d in zip(host, device, strict=True):
+        np.testing.assert_array_equal(h["image"], d["image"])
+    recompressed = [not np.array_equal(h["image"], datasets.face_crop(s % 7, SIZE))
+                    for s, h in enumerate(host)]
+    assert 0.2 < np.mean(recompressed) < 0.8
+
+
 def test_device_flip_is_exactly_a_mirror():
     fields = examples(config_with("on", flip_prob=1.0, blur_prob=0.0, brightness_contrast_prob=0.0,
                                   jpeg_prob=0.0), range(4))

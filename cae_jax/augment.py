@@ -44,11 +44,25 @@ def random_resize(image: np.ndarray, size: int, rng: np.random.Generator, prob: 
     return isotropic_resize(image, size)
 
 
+def blur_sizes(kernel_range: tuple[int, int]) -> list[int]:
+    """The odd kernel sizes `gaussian_blur` draws from."""
+    return list(range(kernel_range[0] | 1, kernel_range[1] + 1, 2))
+
+
+def blur(image: np.ndarray, kernel: int) -> np.ndarray:
+    """OpenCV's Gaussian blur with a `kernel` x `kernel` window; sigma follows from the size."""
+    return cv2.GaussianBlur(image, (kernel, kernel), 0)
+
+
 def gaussian_blur(image: np.ndarray, rng: np.random.Generator, kernel_range: tuple[int, int]):
-    """Blur with an odd kernel size drawn from `kernel_range`; sigma follows from the size."""
-    sizes = list(range(kernel_range[0] | 1, kernel_range[1] + 1, 2))
-    k = int(rng.choice(sizes))
-    return cv2.GaussianBlur(image, (k, k), 0)
+    """Blur with an odd kernel size drawn from `kernel_range`."""
+    return blur(image, int(rng.choice(blur_sizes(kernel_range))))
+
+
+def scale_shift(image: np.ndarray, alpha: float, beta: float) -> np.ndarray:
+    """round(clip(x * alpha + beta, 0, 255)) through a lookup table."""
+    lut = np.clip(np.arange(256) * alpha + beta, 0, 255).round().astype(np.uint8)
+    return cv2.LUT(image, lut)
 
 
 def brightness_contrast(
@@ -57,8 +71,7 @@ def brightness_contrast(
     """x * (1 + c) + 255 * b with c, b uniform in +-limit (albumentations' convention)."""
     alpha = 1.0 + rng.uniform(-contrast_limit, contrast_limit)
     beta = 255.0 * rng.uniform(-brightness_limit, brightness_limit)
-    lut = np.clip(np.arange(256) * alpha + beta, 0, 255).round().astype(np.uint8)
-    return cv2.LUT(image, lut)
+    return scale_shift(image, alpha, beta)
 
 
 def jpeg(image: np.ndarray, quality: int) -> np.ndarray:
@@ -71,19 +84,56 @@ def jpeg(image: np.ndarray, quality: int) -> np.ndarray:
     return cv2.cvtColor(cv2.imdecode(encoded, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 
+def draw(rng: np.random.Generator, cfg) -> dict:
+    """The random choices of `augment` for one image, drawn in its order from `rng`.
+
+    `cfg`: `config.input.augment`, or any object with its fields as attributes.
+
+    {"flip": bool, "blur_kernel": odd size or 0 (none), "alpha", "beta": the brightness/
+    contrast scale and shift (1, 0: none), "jpeg_quality": int or 0 (none)}. With
+    `input.augment.on_device` the host draws them so and the train step applies all but the
+    JPEG: the same rng stream gives the same choices wherever they are applied.
+    """
+    params = {"flip": bool(rng.random() < cfg.flip_prob), "blur_kernel": 0, "alpha": 1.0,
+              "beta": 0.0, "jpeg_quality": 0}
+    if rng.random() < cfg.blur_prob:
+        params["blur_kernel"] = int(rng.choice(blur_sizes(cfg.blur_kernel)))
+    if rng.random() < cfg.brightness_contrast_prob:
+        params["alpha"] = 1.0 + rng.uniform(-cfg.contrast_limit, cfg.contrast_limit)
+        params["beta"] = 255.0 * rng.uniform(-cfg.brightness_limit, cfg.brightness_limit)
+    if rng.random() < cfg.jpeg_prob:
+        low, high = cfg.jpeg_quality
+        params["jpeg_quality"] = int(rng.integers(low, high + 1))
+    return params
+
+
+def apply(image: np.ndarray, params: dict, *, geometric_and_colour: bool = True) -> np.ndarray:
+    """Applies `draw`'s choices: flip, blur, brightness/contrast (unless the device does them
+    after the host, `geometric_and_colour=False`), then JPEG."""
+    if geometric_and_colour:
+        if params["flip"]:
+            image = cv2.flip(image, 1)
+        if params["blur_kernel"]:
+            image = blur(image, params["blur_kernel"])
+        if params["alpha"] != 1.0 or params["beta"] != 0.0:
+            image = scale_shift(image, params["alpha"], params["beta"])
+    if params["jpeg_quality"]:
+        image = jpeg(image, params["jpeg_quality"])
+    return image
+
+
 def augment(image: np.ndarray, rng: np.random.Generator, cfg: ConfigDict) -> np.ndarray:
     """Flip, blur, brightness/contrast and JPEG, each applied with its probability in `cfg`.
 
     `cfg` is `config.input.augment`. The input is already at its final size (the resize runs
     first so every later step costs the same per image).
     """
-    if rng.random() < cfg.flip_prob:
-        image = cv2.flip(image, 1)
-    if rng.random() < cfg.blur_prob:
-        image = gaussian_blur(image, rng, cfg.blur_kernel)
-    if rng.random() < cfg.brightness_contrast_prob:
-        image = brightness_contrast(image, rng, cfg.brightness_limit, cfg.contrast_limit)
-    if rng.random() < cfg.jpeg_prob:
-        low, high = cfg.jpeg_quality
-        image = jpeg(image, rng.integers(low, high + 1))
-    return image
+    return apply(image, draw(rng, cfg))
+
+
+def on_device(cfg: ConfigDict, backend: str) -> bool:
+    """Whether flip, blur and brightness/contrast run in the train step (`cfg.on_device`:
+    "auto" = on GPU and TPU, where host cores are the scarce resource; "on"; "off")."""
+    if cfg.on_device not in ("auto", "on", "off"):
+        raise ValueError(f"input.augment.on_device must be auto, on or off, got {cfg.on_device!r}")
+    return cfg.on_device == "on" or (cfg.on_device == "auto" and backend in ("gpu", "tpu"))

@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
+from cae_jax import augment, device_augment, export, host_memory, models, ops, sharding, train_step
 from cae_jax import config as config_lib
-from cae_jax import export, host_memory, models, ops, sharding, train_step
 
 ACCEPTS_CONFIG_OVERRIDES = True
 TINY_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.py"
@@ -163,6 +163,19 @@ def random_batch(config: ConfigDict, batch: int) -> tuple[np.ndarray, np.ndarray
     return images, (np.arange(batch) % 2).astype(np.int32)
 
 
+def train_batch(config: ConfigDict, images: np.ndarray, labels: np.ndarray) -> dict:
+    """The train step's batch: normalized images, or with `input.augment.on_device` (the
+    default on GPU/TPU) uint8 images and augmentation choices drawn as the pipeline draws
+    them, so the timed step includes the on-device augmentation."""
+    if not augment.on_device(config.input.augment, jax.default_backend()):
+        return {"image": models.normalize(jnp.asarray(images)), "label": jnp.asarray(labels)}
+    rng = np.random.default_rng(config.seed)
+    draws = [device_augment.param_fields(augment.draw(rng, config.input.augment))
+             for _ in images]
+    return {"image": jnp.asarray(images), "label": jnp.asarray(labels),
+            **{k: jnp.asarray(np.stack([d[k] for d in draws])) for k in draws[0]}}
+
+
 def train_jax(config: ConfigDict) -> tuple[Callable[[], object], dict]:
     """One full CAE train step (encoder, decoder, classifier, AdamW) on a 1-device mesh.
 
@@ -172,7 +185,7 @@ def train_jax(config: ConfigDict) -> tuple[Callable[[], object], dict]:
     state = train_step.create_train_state(config, mesh)
     step = train_step.make_train_step(config, mesh)
     images, labels = random_batch(config, config.train.batch_size)
-    batch = {"image": models.normalize(jnp.asarray(images)), "label": jnp.asarray(labels)}
+    batch = train_batch(config, images, labels)
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
@@ -310,6 +323,7 @@ def input_pipeline(config: ConfigDict, data_dir: Path, batches: int, repeats: in
 
     config = ConfigDict(config.to_dict())
     config.input.sbi.prob = 0.0  # tf.data has no self-blending; both do the same work.
+    config.input.augment.on_device = "off"  # tf.data augments on the host.
     batch = config.train.batch_size
     result = {}
     for name, make in (("grain", lambda: iter(pipeline.train_dataset(config, [str(data_dir)]))),
@@ -322,6 +336,62 @@ def input_pipeline(config: ConfigDict, data_dir: Path, batches: int, repeats: in
         close = getattr(it, "close", None)
         if close:
             close()
+    return result
+
+
+def host_seconds_per_image(config: ConfigDict, data_dir: Path, batches: int, on_device: bool
+                           ) -> float:
+    """Host CPU seconds per training image of `train_dataset` (decode, augment, batch).
+
+    Process CPU time (every thread) over `batches` batches after a warm-up batch, one reader
+    thread, so read-ahead adds no work outside the window beyond its few buffered records.
+    `on_device`: the host only decodes, resizes and JPEG-recompresses; the train step does
+    the rest.
+    """
+    from cae_jax import input_pipeline as pipeline
+
+    config = ConfigDict(config.to_dict())
+    config.input.augment.on_device = "on" if on_device else "off"
+    config.input.update(threads=1, buffer=2, prefetch_batches=1, workers=0)
+    it = iter(pipeline.train_dataset(config, [str(data_dir)]))
+    next(it)
+    start = time.process_time()
+    for _ in range(batches):
+        next(it)
+    seconds = time.process_time() - start
+    it.close()
+    return seconds / (batches * config.train.batch_size)
+
+
+def host_cores(seconds_per_image: float, images_per_s: float = 2000.0) -> float:
+    """Host cores one accelerator needs to be fed `images_per_s` training images."""
+    return seconds_per_image * images_per_s
+
+
+def host_cost(config: ConfigDict, data_dir: Path, batches: int, repeats: int) -> dict:
+    """`host_seconds_per_image` with host and with on-device augmentation, taking turns."""
+    runs = {"host": [], "on_device": []}
+    for _ in range(repeats):
+        for mode, values in runs.items():
+            values.append(host_seconds_per_image(config, data_dir, batches, mode == "on_device"))
+    return {mode: {"cpu_s_per_image": statistics.median(v)} for mode, v in runs.items()}
+
+
+def input_workers(config: ConfigDict, data_dir: Path, batches: int, repeats: int,
+                  counts: tuple[int, ...]) -> dict:
+    """Training images/s of `train_dataset` with each grain worker-process count."""
+    from cae_jax import input_pipeline as pipeline
+
+    result = {}
+    for workers in counts:
+        config = ConfigDict(config.to_dict())
+        config.input.workers = workers
+        config.input.augment.on_device = "off"
+        it = iter(pipeline.train_dataset(config, [str(data_dir)]))
+        next(it)  # Workers started.
+        seconds = median_seconds(lambda it=it: [next(it) for _ in range(batches)], repeats, 0)
+        result[str(workers)] = {"images_per_s": batches * config.train.batch_size / seconds}
+        it.close()
     return result
 
 
@@ -367,7 +437,8 @@ def row(name: str, ours: float | None, peer: float | None, unit: str, note: str 
 
 
 def run_all(config: ConfigDict, *, repeats: int, matmul_size: int, layer_scale: int, batches: int,
-            infer_batches: tuple[int, ...], clip_frames: int, workdir: Path) -> dict:
+            infer_batches: tuple[int, ...], clip_frames: int, workdir: Path,
+            worker_counts: tuple[int, ...] = (0, 1, 2)) -> dict:
     results = {"machine": machine(), "config": {"image_size": config.model.image_size,
                                                   "train_batch": config.train.batch_size,
                                                   "dtype": config.model.dtype,
@@ -410,6 +481,27 @@ def run_all(config: ConfigDict, *, repeats: int, matmul_size: int, layer_scale: 
     rows.append(row("input pipeline", pipe["grain"]["images_per_s_per_core"],
                     pipe["tf.data"]["images_per_s_per_core"], "images/s/core",
                     "grain vs tf.data, same augmentations"))
+
+    log("host cost per training image, host and on-device augmentation")
+    cost = host_cost(config, data_dir, batches, repeats)
+    # A GPU/TPU train step's own rate where this run has one, else 2,000 images/s.
+    rate = train["images_per_s"] if jax.default_backend() != "cpu" else 2000.0
+    for mode in cost:
+        cost[mode]["host_cores"] = host_cores(cost[mode]["cpu_s_per_image"], rate)
+    results["host_cost"] = {**cost, "images_per_s": rate}
+    rows.append(row("host CPU per training image", cost["on_device"]["cpu_s_per_image"] * 1e3,
+                    cost["host"]["cpu_s_per_image"] * 1e3, "ms/image",
+                    "on-device augmentation vs on the host (decode + augment + batch)"))
+    rows.append(row(f"host cores per accelerator at {rate:.0f} images/s",
+                    cost["on_device"]["host_cores"], cost["host"]["host_cores"], "cores",
+                    "on-device augmentation vs on the host"))
+
+    log(f"input pipeline, {worker_counts} grain workers")
+    workers = input_workers(config, data_dir, batches, repeats, worker_counts)
+    results["input_workers"] = workers
+    for count, result in workers.items():
+        rows.append(row(f"input pipeline, {count} workers", result["images_per_s"], None,
+                        "images/s", "grain worker processes (input.workers), host augmentation"))
 
     log("prepare, mtcnn and dlib")
     clip = write_face_clip(workdir / "clip.avi", clip_frames)
@@ -497,6 +589,7 @@ def run(args: argparse.Namespace) -> int:
             batches=1 if smoke else 8,
             infer_batches=(1, 4) if smoke else (1, 32),
             clip_frames=2 if smoke else 16,
+            worker_counts=(0, 1) if smoke else (0, 1, 2),
             workdir=Path(workdir),
         )
     table = markdown(results)

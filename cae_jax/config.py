@@ -105,6 +105,9 @@ def default_config() -> ConfigDict:
     a.contrast_limit = 0.1
     a.jpeg_prob = 0.5  # JPEG re-compression at a quality drawn from jpeg_quality.
     a.jpeg_quality = (40, 100)
+    # Where flip, blur and brightness/contrast run: "auto" (in the train step on GPU/TPU, on
+    # the host on CPU), "on" or "off". Decode, resize, SBI and JPEG stay on the host.
+    a.on_device = "auto"
     # Self-blended images: real training faces turned into fakes on the fly (cae_jax/sbi.py).
     i.sbi = s = ConfigDict()
     s.prob = 0.0  # Chance a real training face becomes an SBI fake (label 1); 0 = off.

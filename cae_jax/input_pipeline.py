@@ -22,6 +22,7 @@ import itertools
 import json
 import math
 import os
+import types
 import weakref
 from collections.abc import Iterator, Sequence
 
@@ -36,7 +37,7 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 from tensorflow.core.example import example_pb2
 
-from cae_jax import augment, sbi, sharding, tfrecord
+from cae_jax import augment, device_augment, sbi, sharding, tfrecord
 from cae_jax.models import normalize
 
 METADATA_FIELDS = ("video_id", "method", "dataset")  # Text features kept for video metrics.
@@ -163,28 +164,38 @@ class LabelIs(grain.transforms.Filter):
 
 
 class TrainTransform(grain.transforms.RandomMap):
-    """Decode, resize, maybe self-blend a real face, augment: one training example."""
+    """Decode, resize, maybe self-blend a real face, augment: one training example.
+
+    With `input.augment.on_device` only the JPEG step runs here; the other augmentation
+    choices, drawn from the same generator in the same order, travel as `aug_*` fields for
+    the train step to apply.
+    """
 
     def __init__(self, config: ConfigDict, dataset_id: int):
         self.image_size = config.model.image_size
-        self.input = config.input
+        self.skip_corrupt = config.input.skip_corrupt
+        self.sbi_prob = config.input.sbi.prob
+        # A plain copy: a ConfigDict field read costs ~4 us, a dozen of them per record.
+        self.augment = types.SimpleNamespace(**config.input.augment.to_dict())
         self.dataset_id = dataset_id
+        self.on_device = augment.on_device(config.input.augment, jax.default_backend())
 
     def random_map(self, record: dict, rng: np.random.Generator) -> dict | None:
-        image = _decode_or_skip(record, self.input.skip_corrupt)
+        image = _decode_or_skip(record, self.skip_corrupt)
         if image is None:
             return None
-        image = augment.random_resize(image, self.image_size, rng, self.input.augment.resize_prob)
+        image = augment.random_resize(image, self.image_size, rng, self.augment.resize_prob)
         label = record["label"]
-        if label == 0 and rng.random() < self.input.sbi.prob:
+        if label == 0 and rng.random() < self.sbi_prob:
             image, _ = sbi.self_blend(image, rng)
             label = 1
-        image = augment.augment(image, rng, self.input.augment)
-        return {
-            "image": image,
-            "label": np.int32(label),
-            "dataset_id": np.int32(self.dataset_id),
-        }
+        params = augment.draw(rng, self.augment)
+        image = augment.apply(image, params, geometric_and_colour=not self.on_device)
+        example = {"image": image, "label": np.int32(label),
+                   "dataset_id": np.int32(self.dataset_id)}
+        if self.on_device:
+            example.update(device_augment.param_fields(params))
+        return example
 
 
 class EvalTransform(grain.transforms.Map):
@@ -279,7 +290,8 @@ def train_dataset(
 
     Batches hold `image` uint8 [b, H, W, 3] (H = W = config.model.image_size), `label` int32
     [b] (0 real, 1 fake) and `dataset_id` int32 [b] (index into `data_dirs`), with
-    b = config.train.batch_size / process_count. `data_dirs` defaults to
+    b = config.train.batch_size / process_count; with on-device augmentation also the
+    `aug_*` fields of `device_augment.PARAM_DTYPES`. `data_dirs` defaults to
     config.input.train_dirs; they are mixed by config.input.weights.
     """
     inp = config.input
@@ -331,12 +343,17 @@ def sample_grid(images: np.ndarray, labels: np.ndarray, columns: int = 8) -> np.
     return grid
 
 
-def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Host-local numpy batch -> global arrays split over the mesh's batch axes."""
+def to_global(batch: dict[str, np.ndarray], mesh: Mesh, normalized: bool = True
+              ) -> dict[str, jax.Array]:
+    """Host-local numpy batch -> global arrays split over the mesh's batch axes.
+
+    Images cross to the device as uint8, a quarter of the bytes of float32, and are
+    normalized there (`normalized=False` leaves them uint8: the train step augments first).
+    """
     batch_sharding = sharding.batch_sharding(mesh)
     out = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
-    # Images cross to the device as uint8, a quarter of the bytes of float32.
-    out["image"] = normalize(out["image"])
+    if normalized:
+        out["image"] = normalize(out["image"])
     return out
 
 
@@ -349,15 +366,17 @@ class TrainIterator:
     """Global training batches; `get_state()`/`set_state()` resume exactly.
 
     Yields dicts of global `jax.Array`s: `image` float32 [B, H, W, 3] in [-1, 1], `label`
-    int32 [B], `dataset_id` int32 [B], B = config.train.batch_size. Each host has its own
+    int32 [B], `dataset_id` int32 [B], B = config.train.batch_size (with on-device
+    augmentation: `image` uint8 and the `aug_*` fields, for the train step). Each host has its own
     state; `grain.checkpoint.CheckpointSave(iterator)` / `CheckpointRestore(iterator)` store
     it in an Orbax checkpoint (one JSON file per process). Restore into a fresh iterator
     built with the same config and data: the next batch is the one the saved run was due.
     """
 
-    def __init__(self, dataset: grain.IterDataset, mesh: Mesh):
+    def __init__(self, dataset: grain.IterDataset, mesh: Mesh, normalized: bool = True):
         self._holder = [iter(dataset)]
         self._mesh = mesh
+        self._normalized = normalized
         # Closes and drops the grain iterator at exit too, while the interpreter is whole
         # (grain's own cleanup fails once modules are being torn down).
         self._close = weakref.finalize(self, _close_and_drop, self._holder)
@@ -372,7 +391,7 @@ class TrainIterator:
         return self
 
     def __next__(self) -> dict[str, jax.Array]:
-        return to_global(next(self._iterator), self._mesh)
+        return to_global(next(self._iterator), self._mesh, self._normalized)
 
     def get_state(self) -> bytes:
         """This host's position as JSON bytes (the `grain.DataLoaderIterator` convention)."""
@@ -405,7 +424,8 @@ def make_train_iterator(
     dataset = train_dataset(
         config, data_dirs, process_index=process_index, process_count=process_count
     )
-    return TrainIterator(dataset, mesh)
+    on_device = augment.on_device(config.input.augment, jax.default_backend())
+    return TrainIterator(dataset, mesh, normalized=not on_device)
 
 
 # ----------------------------------------------------------------------------- eval

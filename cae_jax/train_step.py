@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
-from cae_jax import losses, models, sharding
+from cae_jax import augment, device_augment, losses, models, sharding
 
 
 @flax.struct.dataclass
@@ -97,7 +97,9 @@ def forward(graphdef: nnx.GraphDef, params, batch_stats, images, *, train, dropo
 def make_train_step(config: ConfigDict, mesh: Mesh) -> Callable:
     """`train_step(state, batch) -> (state, metrics)`, jitted with donated state.
 
-    `batch` holds "image" (float [B, H, W, 3] in [-1, 1]) and "label" (int [B]). A step whose
+    `batch` holds "image" (float [B, H, W, 3] in [-1, 1]) and "label" (int [B]); with
+    `input.augment.on_device`, "image" is uint8 and the `aug_*` fields of the input pipeline
+    are augmented and normalized here, on the device. A step whose
     loss or gradient norm is not finite leaves parameters, statistics and optimizer untouched
     (`metrics["finite"]` is 0): the trainer then stops or goes on, per `train.nan_policy`.
     """
@@ -105,18 +107,20 @@ def make_train_step(config: ConfigDict, mesh: Mesh) -> Callable:
     tx = make_optimizer(config)
     schedule = learning_rate_schedule(config)
     base_key = jax.random.key(config.seed)
+    aug = config.input.augment
+    on_device = augment.on_device(aug, jax.default_backend())
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         dropout_key = jax.random.fold_in(base_key, state.step)
+        images = batch["image"]
+        if on_device:
+            images = models.normalize(device_augment.augment_batch(batch, aug.blur_kernel[1]))
 
         def loss_fn(params, batch_stats):
             logits, recon, new_stats = forward(
-                graphdef, params, batch_stats, batch["image"], train=True,
-                dropout_key=dropout_key,
+                graphdef, params, batch_stats, images, train=True, dropout_key=dropout_key,
             )
-            loss, terms = losses.joint_loss(
-                logits, recon, batch["image"], batch["label"], config.loss
-            )
+            loss, terms = losses.joint_loss(logits, recon, images, batch["label"], config.loss)
             return loss, (terms, new_stats)
 
         (loss, (terms, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(

@@ -2,10 +2,13 @@
 
 import json
 import os
+import time
 
+import numpy as np
 import pytest
 
 from cae_jax import bench, main
+from cae_jax import config as config_lib
 
 ROWS = [
     "train step, batch 8",
@@ -16,6 +19,10 @@ ROWS = [
     "inference, batch 4",
     "inference compile, batch 4",
     "input pipeline",
+    "host CPU per training image",
+    "host cores per accelerator at 2000 images/s",
+    "input pipeline, 0 workers",
+    "input pipeline, 1 workers",
     "prepare (decode + detect + crop)",
 ]
 
@@ -44,6 +51,11 @@ def test_smoke_runs_every_benchmark_and_writes_json_and_table(smoke):
         assert f"| {r['layer']} |" in table
     assert results["train"]["cae_jax"]["gflop"] > 0
     assert results["input_pipeline"]["tf.data"]["images_per_s_per_core"] > 0
+    cost = results["host_cost"]
+    assert cost["images_per_s"] == 2000.0  # No accelerator train-step rate on CPU.
+    for mode in ("host", "on_device"):
+        assert cost[mode]["host_cores"] == pytest.approx(cost[mode]["cpu_s_per_image"] * 2000)
+    assert sorted(results["input_workers"]) == ["0", "1"]
     assert results["prepare"]["mtcnn"]["faces"] == 2  # Both frames of the clip show the face.
     for r in results["rows"]:
         assert f"| {r['benchmark']} |" in table
@@ -85,3 +97,38 @@ def test_ours_and_peer_take_turns_and_each_gets_its_own_median(monkeypatch):
          "fast": lambda: calls.append(("fast",))}, repeats=3, warmup=1)
     assert [c[0] for c in calls] == ["slow", "fast"] * 4
     assert medians == {"slow": 3, "fast": 1}
+
+
+def test_interleaved_medians_order_a_slow_and_a_fast_function():
+    medians = bench.interleaved_medians({"slow": lambda: time.sleep(0.03), "fast": lambda: None},
+                                        repeats=3, warmup=0)
+    assert medians["slow"] >= 0.03 > medians["fast"]
+
+
+def test_against_peer_runs_the_peer_in_turn_and_reports_both():
+    calls = []
+    ours = (lambda: calls.append("ours"), {"gflop": 2.0})
+    result, peer = bench.against_peer(ours, lambda: calls.append("peer"), images=8, repeats=2)
+    assert calls == ["ours", "peer"] * 3  # One warm-up, two timed repeats each.
+    assert peer["images_per_s"] == pytest.approx(8 / peer["seconds"])
+    assert result["gflops_per_s"] == pytest.approx(2.0 / result["seconds"])
+    assert bench.against_peer(ours, None, images=8, repeats=1)[1] is None
+
+
+def test_host_cores_scale_with_the_rate():
+    assert bench.host_cores(0.005) == pytest.approx(10.0)  # 5 ms per image at 2,000 images/s.
+    assert bench.host_cores(0.005, 10_000) == pytest.approx(50.0)
+
+
+def test_torch_peer_runs_a_train_step_and_inference():
+    """Where torch and timm are installed: the peer rows execute (full widths, small input)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("timm")
+    config = config_lib.default_config()
+    config.model.image_size = 64
+    config.train.batch_size = 2
+    assert bench.torch_reason(config) == ""
+    loss = bench.train_torch(config)()
+    assert np.isfinite(loss) and loss > 0
+    probs = bench.infer_torch(config, 2)()
+    assert probs.shape == (2,) and np.all((probs >= 0) & (probs <= 1))

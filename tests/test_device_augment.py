@@ -1,0 +1,190 @@
+"""On-device augmentation: the host's choices applied in the train step as the host would."""
+
+import shutil
+from pathlib import Path
+
+import cv2
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cae_jax import augment, checkpoints, device_augment, input_pipeline, models, sharding, train
+from cae_jax import train_step as train_step_lib
+from cae_jax.config import default_config, load_config
+from tests import datasets
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZE = 32
+DRAWS = 3000
+
+
+def config_with(on_device: str, **augment_fields):
+    config = default_config()
+    config.model.image_size = SIZE
+    config.input.augment.on_device = on_device
+    config.input.augment.update(augment_fields)
+    return config
+
+
+def record(index: int) -> dict:
+    png = cv2.imencode(".png", cv2.cvtColor(datasets.face_crop(index, SIZE), cv2.COLOR_RGB2BGR))[1]
+    return {"png": png.tobytes(), "label": 1, "path": "mem", "offset": index}
+
+
+def examples(config, seeds) -> list[dict]:
+    transform = input_pipeline.TrainTransform(config, dataset_id=0)
+    return [transform.random_map(record(s % 7), np.random.default_rng(s)) for s in seeds]
+
+
+def on_device(examples_: list[dict]) -> np.ndarray:
+    """The device's augmentation of the host's on-device examples, as uint8."""
+    batch = {k: jnp.asarray(np.stack([e[k] for e in examples_])) for k in examples_[0]}
+    out = jax.jit(device_augment.augment_batch, static_argnums=1)(batch, 7)
+    return np.asarray(out).astype(np.uint8)
+
+
+def test_on_by_default_on_gpu_and_tpu_only():
+    cfg = default_config().input.augment
+    assert cfg.on_device == "auto"
+    assert [augment.on_device(cfg, b) for b in ("cpu", "gpu", "tpu")] == [False, True, True]
+    cfg.on_device = "on"
+    assert augment.on_device(cfg, "cpu")
+    cfg.on_device = "yes"
+    with pytest.raises(ValueError, match="auto, on or off"):
+        augment.on_device(cfg, "cpu")
+
+
+def test_default_on_cpu_keeps_augmenting_on_the_host():
+    (example,) = examples(config_with("auto"), [0])
+    assert jax.default_backend() == "cpu" and sorted(example) == ["dataset_id", "image", "label"]
+
+
+def test_train_iterator_sends_uint8_images_and_the_choices(tmp_path):
+    data_dir = datasets.write(tmp_path / "toy", {"train": (4, 4)}, size=SIZE)
+    config = config_with("on")
+    config.train.batch_size = 8
+    mesh = sharding.make_mesh(-1, 1, jax.devices()[:1])
+    iterator = input_pipeline.make_train_iterator(config, mesh, [str(data_dir)])
+    batch = next(iterator)
+    iterator.close()
+    assert batch["image"].dtype == jnp.uint8 and batch["image"].shape == (8, SIZE, SIZE, 3)
+    for name, dtype in device_augment.PARAM_DTYPES.items():
+        assert batch[f"aug_{name}"].dtype == dtype and batch[f"aug_{name}"].shape == (8,)
+
+
+def test_on_device_draws_the_configured_operations_and_ranges():
+    fields = examples(config_with("on", jpeg_prob=0.0), range(DRAWS))
+    flip = np.array([e["aug_flip"] for e in fields])
+    kernel = np.array([e["aug_blur_kernel"] for e in fields])
+    alpha = np.array([e["aug_alpha"] for e in fields])
+    beta = np.array([e["aug_beta"] for e in fields])
+    bound = 4 * np.sqrt(0.25 / DRAWS)  # Four binomial standard deviations at p = 0.5.
+    for drawn in (flip, kernel > 0, alpha != 1.0):
+        assert abs(drawn.mean() - 0.5) < bound
+    for k in (3, 5, 7):  # Blur sizes uniform over the odd sizes of (3, 7).
+        assert abs(np.mean(kernel[kernel > 0] == k) - 1 / 3) < 4 * np.sqrt(2 / 9 / (DRAWS / 2))
+    assert set(np.unique(kernel)) == {0, 3, 5, 7}
+    adjusted = alpha != 1.0
+    assert 0.9 <= alpha[adjusted].min() < 0.91 and 1.09 < alpha[adjusted].max() <= 1.1
+    assert -25.5 <= beta[adjusted].min() < -24 and 24 < beta[adjusted].max() <= 25.5
+    assert np.all(beta[~adjusted] == 0.0)
+
+
+def test_device_applies_each_example_as_the_host_would():
+    """Same seeds: host augmentation vs host-drawn choices applied on the device (no JPEG)."""
+    seeds = range(300)
+    host = examples(config_with("off", jpeg_prob=0.0), seeds)
+    device = on_device(examples(config_with("on", jpeg_prob=0.0), seeds))
+    diffs = [np.abs(d.astype(int) - h["image"]).max() for d, h in zip(device, host, strict=True)]
+    assert max(diffs) <= 2  # Rounding: OpenCV's fixed-point blur vs float, a LUT vs float32.
+    assert np.mean(np.array(diffs) == 0) > 0.4
+    changed = [not np.array_equal(h["image"], datasets.face_crop(s % 7, SIZE))
+               for s, h in zip(seeds, host, strict=True)]
+    assert np.mean(changed) > 0.8  # The comparison covers augmented images, not identities.
+
+
+def test_jpeg_stays_on_the_host_with_the_same_draws():
+    only_jpeg = {"flip_prob": 0.0, "blur_prob": 0.0, "brightness_contrast_prob": 0.0,
+                 "jpeg_prob": 0.5}
+    host = examples(config_with("off", **only_jpeg), range(40))
+    device = examples(config_with("on", **only_jpeg), range(40))
+    for h, d in zip(host, device, strict=True):
+        np.testing.assert_array_equal(h["image"], d["image"])
+    recompressed = [not np.array_equal(h["image"], datasets.face_crop(s % 7, SIZE))
+                    for s, h in enumerate(host)]
+    assert 0.2 < np.mean(recompressed) < 0.8
+
+
+def test_device_flip_is_exactly_a_mirror():
+    fields = examples(config_with("on", flip_prob=1.0, blur_prob=0.0, brightness_contrast_prob=0.0,
+                                  jpeg_prob=0.0), range(4))
+    for example, out in zip(fields, on_device(fields), strict=True):
+        np.testing.assert_array_equal(out, np.flip(example["image"], axis=1))
+
+
+def test_device_blur_and_brightness_match_opencv():
+    image = datasets.face_crop(3, SIZE)
+    for k in (3, 5, 7):
+        example = {"image": image, **device_augment.param_fields(
+            {"flip": False, "blur_kernel": k, "alpha": 1.0, "beta": 0.0})}
+        diff = on_device([example])[0].astype(int) - augment.blur(image, k)
+        assert np.abs(diff).max() <= 1 and np.mean(diff == 0) > 0.95
+    example = {"image": image, **device_augment.param_fields(
+        {"flip": False, "blur_kernel": 0, "alpha": 1.07, "beta": -12.3})}
+    diff = on_device([example])[0].astype(int) - augment.scale_shift(image, 1.07, -12.3)
+    # Off by one only where x * alpha + beta is a half in float64 but not in float32.
+    assert np.abs(diff).max() <= 1 and np.mean(diff == 0) > 0.99
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_device_augmentation_lowers_for_accelerators_without_custom_calls(platform):
+    batch = {"image": jax.ShapeDtypeStruct((4, 299, 299, 3), jnp.uint8),
+             **{f"aug_{k}": jax.ShapeDtypeStruct((4,), v)
+                for k, v in device_augment.PARAM_DTYPES.items()}}
+    lowered = jax.jit(device_augment.augment_batch, static_argnums=1).trace(batch, 7).lower(
+        lowering_platforms=(platform,))
+    assert "custom_call" not in lowered.as_text()
+
+
+def test_train_step_augments_on_device_before_the_model():
+    """A step on uint8 images with every flip drawn equals a host-flipped step."""
+    config = load_config(ROOT / "configs" / "tiny.py")
+    mesh = sharding.make_mesh(-1, 1, jax.devices()[:1])
+    images = np.stack([datasets.face_crop(i, 64) for i in range(8)])
+    labels = jnp.asarray(np.arange(8) % 2, jnp.int32)
+    results = []
+    for mode, batch in (
+        ("off", {"image": models.normalize(jnp.asarray(images[:, :, ::-1])), "label": labels}),
+        ("on", {"image": jnp.asarray(images), "label": labels, **{
+            k: jnp.asarray(np.stack([v] * 8)) for k, v in device_augment.param_fields(
+                {"flip": True, "blur_kernel": 0, "alpha": 1.0, "beta": 0.0}).items()}}),
+    ):
+        config.input.augment.on_device = mode
+        step = train_step_lib.make_train_step(config, mesh)
+        state, metrics = step(train_step_lib.create_train_state(config, mesh), batch)
+        results.append((jax.device_get(state.params), float(metrics["loss"])))
+    # The same computation up to XLA's fusion of the normalization (float32 rounding).
+    assert results[0][1] == pytest.approx(results[1][1], rel=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 results[0][0], results[1][0])
+
+
+def params_at(workdir: Path, step: int) -> list[np.ndarray]:
+    _, params, stats, _ = checkpoints.restore_inference(workdir / "checkpoints" / str(step))
+    return [np.asarray(x) for x in jax.tree.leaves((params, stats))]
+
+
+def test_resume_with_on_device_augmentation_is_exact(tmp_path):
+    data_dir = datasets.write(tmp_path / "toy", {"train": (8, 8)})
+    config = load_config(ROOT / "configs" / "tiny.py", [
+        f"--config.input.train_dirs=('{data_dir}',)", "--config.input.augment.on_device=on",
+        "--config.train.steps=4", "--config.train.checkpoint_every=2"])
+    straight = tmp_path / "straight"
+    train.train(config, straight)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "4")  # As if stopped right after step 2's save.
+    train.train(config, resumed)
+    for got, want in zip(params_at(resumed, 4), params_at(straight, 4), strict=True):
+        np.testing.assert_array_equal(got, want)

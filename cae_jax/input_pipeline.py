@@ -171,14 +171,14 @@ class TrainTransform(grain.transforms.RandomMap):
     the train step to apply.
     """
 
-    def __init__(self, config: ConfigDict, dataset_id: int):
+    def __init__(self, config: ConfigDict, dataset_id: int, on_device: bool):
         self.image_size = config.model.image_size
         self.skip_corrupt = config.input.skip_corrupt
         self.sbi_prob = config.input.sbi.prob
         # A plain copy: a ConfigDict field read costs ~4 us, a dozen of them per record.
         self.augment = types.SimpleNamespace(**config.input.augment.to_dict())
         self.dataset_id = dataset_id
-        self.on_device = augment.on_device(config.input.augment, jax.default_backend())
+        self.on_device = on_device
 
     def random_map(self, record: dict, rng: np.random.Generator) -> dict | None:
         image = _decode_or_skip(record, self.skip_corrupt)
@@ -244,7 +244,8 @@ def _class_counts(data_dir: str, split: str) -> tuple[int, int]:
 
 
 def _dataset_stream(
-    config: ConfigDict, data_dir: str, dataset_id: int, process_index: int, process_count: int
+    config: ConfigDict, data_dir: str, dataset_id: int, process_index: int, process_count: int,
+    on_device: bool,
 ) -> tuple[grain.IterDataset, int]:
     """An endless stream of training examples of one dataset on one host, and its size."""
     inp = config.input
@@ -263,7 +264,7 @@ def _dataset_stream(
         .repeat()
         .map(ParseRecord(inp.skip_corrupt))
     )
-    transform = TrainTransform(config, dataset_id)
+    transform = TrainTransform(config, dataset_id, on_device)
     if not inp.class_balance:
         return records.random_map(transform).to_iter_dataset(_read_options(config)), len(source)
     real, fake = _class_counts(data_dir, inp.train_split)
@@ -285,6 +286,7 @@ def train_dataset(
     *,
     process_index: int = 0,
     process_count: int = 1,
+    platform: str | None = None,
 ) -> grain.IterDataset:
     """This host's endless stream of training batches as numpy (the benchmarked pipeline).
 
@@ -292,9 +294,12 @@ def train_dataset(
     [b] (0 real, 1 fake) and `dataset_id` int32 [b] (index into `data_dirs`), with
     b = config.train.batch_size / process_count; with on-device augmentation also the
     `aug_*` fields of `device_augment.PARAM_DTYPES`. `data_dirs` defaults to
-    config.input.train_dirs; they are mixed by config.input.weights.
+    config.input.train_dirs; they are mixed by config.input.weights. `platform` is that of
+    the devices the batches feed (default: JAX's default backend): with
+    `input.augment.on_device` "auto" it decides where flip, blur and brightness/contrast run.
     """
     inp = config.input
+    on_device = augment.on_device(inp.augment, platform or jax.default_backend())
     data_dirs = list(data_dirs or inp.train_dirs)
     if not data_dirs:
         raise ValueError("no training data: pass data_dirs or set config.input.train_dirs")
@@ -306,7 +311,7 @@ def train_dataset(
     local_batch = per_host_batch(config.train.batch_size, process_count)
     streams, sizes = zip(
         *(
-            _dataset_stream(config, d, k, process_index, process_count)
+            _dataset_stream(config, d, k, process_index, process_count, on_device)
             for k, d in enumerate(data_dirs)
         ),
         strict=True,
@@ -421,10 +426,10 @@ def make_train_iterator(
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     _check_divides(config.train.batch_size, mesh)
-    dataset = train_dataset(
-        config, data_dirs, process_index=process_index, process_count=process_count
-    )
-    on_device = augment.on_device(config.input.augment, jax.default_backend())
+    platform = sharding.platform(mesh)
+    dataset = train_dataset(config, data_dirs, process_index=process_index,
+                            process_count=process_count, platform=platform)
+    on_device = augment.on_device(config.input.augment, platform)
     return TrainIterator(dataset, mesh, normalized=not on_device)
 
 

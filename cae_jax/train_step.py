@@ -108,7 +108,7 @@ def make_train_step(config: ConfigDict, mesh: Mesh) -> Callable:
     schedule = learning_rate_schedule(config)
     base_key = jax.random.key(config.seed)
     aug = config.input.augment
-    on_device = augment.on_device(aug, jax.default_backend())
+    on_device = augment.on_device(aug, sharding.platform(mesh))
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         dropout_key = jax.random.fold_in(base_key, state.step)

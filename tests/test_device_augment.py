@@ -33,7 +33,8 @@ def record(index: int) -> dict:
 
 
 def examples(config, seeds) -> list[dict]:
-    transform = input_pipeline.TrainTransform(config, dataset_id=0)
+    on = augment.on_device(config.input.augment, "cpu")
+    transform = input_pipeline.TrainTransform(config, dataset_id=0, on_device=on)
     return [transform.random_map(record(s % 7), np.random.default_rng(s)) for s in seeds]
 
 

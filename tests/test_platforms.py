@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cae_jax import config as config_lib
-from cae_jax import export, sharding, train_step
+from cae_jax import device_augment, export, sharding, train_step
 from cae_jax.ops import cpu_kernels
 
 BATCH = 32
@@ -43,19 +43,25 @@ def full_size_config(dtype: str, layer_impl: str = "auto"):
 
 def traced_programs(config) -> dict:
     """The train step, eval step and both serving functions at 299 and batch 32, traced (not
-    lowered) from shapes alone."""
+    lowered) from shapes alone. The train step augments on the device, as it does on GPU/TPU
+    (`input.augment.on_device` "auto"), from a uint8 batch and the host's choices."""
     mesh = sharding.make_mesh(-1, 1)
     size = config.model.image_size
     state = jax.eval_shape(lambda: train_step.init_state(config))
     batch = {"image": jax.ShapeDtypeStruct((BATCH, size, size, 3), jnp.float32),
              "label": jax.ShapeDtypeStruct((BATCH,), jnp.int32)}
+    train_config = config.copy_and_resolve_references()
+    train_config.input.augment.on_device = "on"
+    train_batch = {**batch, "image": jax.ShapeDtypeStruct((BATCH, size, size, 3), jnp.uint8),
+                   **{f"aug_{name}": jax.ShapeDtypeStruct((BATCH,), dtype)
+                      for name, dtype in device_augment.PARAM_DTYPES.items()}}
     graphdef, params, batch_stats = train_step.abstract_model(config)
     params = jax.eval_shape(
         lambda p: export.cast_for_export(config.model, p, config.model.dtype)[1], params)
     weights = (params, batch_stats)
     images = jax.ShapeDtypeStruct((BATCH, size, size, 3), jnp.uint8)
     programs = {
-        "train step": train_step.make_train_step(config, mesh).trace(state, batch),
+        "train step": train_step.make_train_step(train_config, mesh).trace(state, train_batch),
         "eval step": train_step.make_eval_step(config, mesh).trace(state, batch),
     }
     for name, fn in export.serving_fns(graphdef).items():

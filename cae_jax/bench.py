@@ -472,7 +472,7 @@ def run(args: argparse.Namespace) -> int:
     config = (config_lib.load_config(path, args.overrides) if path
               else config_lib.default_config())
     if not path:
-        config_lib.apply_overrides(config, args.overrides)
+        config_lib.validate(config_lib.apply_overrides(config, args.overrides))
     config.train.batch_size = args.batch_size
     config.input.workers = 0
     smoke = args.smoke

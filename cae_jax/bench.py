@@ -6,7 +6,7 @@ Peers: PyTorch eager with timm's `legacy_xception` plus the same decoder and cla
 `prepare` (the `dlib` extra). Times are medians over repeats (train and inference: cae-jax and
 PyTorch taking turns, repeat by repeat, each of these rows in a fresh process); compile time is
 reported apart. The peer's `legacy_xception` is timm's module written in plain torch
-(`torch_peer.LegacyXception`: timm needs torchvision, which the pinned CPU torch lacks).
+(`torch_peer.LegacyXception`: timm needs torchvision, absent beside the pinned CPU torch).
 GFLOP/s come from XLA's cost analysis, beside a measured large float32 matmul (the peak).
 """
 

@@ -2,12 +2,12 @@
 
 `LegacyXception` is the Cadene/timm Xception module written out with torch.nn alone (same
 modules, same order, same state-dict keys and ops as `timm.create_model("legacy_xception",
-num_classes=0)`), because timm imports torchvision, and no torchvision build loads beside the
-CPU torch this project pins. It is the reference of the timm import parity test and the
-encoder of the peer. The peer adds the same decoder and classifier as the JAX CAE (decoder
-widths, kernel, classifier head, BN epsilon/momentum), trained with the same loss (BCE +
-lambda * MSE) and AdamW after global-norm clipping. Needs torch (the `bench` and `test`
-extras); nothing else in cae-jax imports it.
+num_classes=0)`), because timm imports torchvision, and PyPI's torchvision for torch 2.13
+(0.28.0) does not load beside the CPU torch this project pins. It is the reference of the
+timm import parity test and the encoder of the peer. The peer adds the same decoder and
+classifier as the JAX CAE (decoder widths, kernel, classifier head, BN epsilon/momentum),
+trained with the same loss (BCE + lambda * MSE) and AdamW after global-norm clipping. Needs
+torch (the `bench` and `test` extras); nothing else in cae-jax imports it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """timm `legacy_xception` weights imported into our encoder give timm's features at 299x299.
 
 The reference is `torch_peer.LegacyXception`, timm's module written in plain torch (timm
-itself needs torchvision, which does not load beside the pinned CPU torch); where timm does
+itself needs torchvision, and PyPI's does not load beside the pinned CPU torch); where timm does
 import, the last test checks that module against timm's own.
 """
 

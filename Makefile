@@ -8,10 +8,11 @@ WORKDIR ?= runs/demo
 
 install: $(VENV)/.installed
 
+# bench: torch, the PyTorch peer of `make bench` (the test extra takes it too: timm parity).
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,bench]'
 	touch $@
 
 test: install

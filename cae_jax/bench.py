@@ -5,7 +5,8 @@ Peers: PyTorch eager with timm's `legacy_xception` plus the same decoder and cla
 `bench` extra; "n/a" without it), tf.data for the input pipeline, dlib's HOG detector for
 `prepare` (the `dlib` extra). Times are medians over repeats (train and inference: cae-jax and
 PyTorch taking turns, repeat by repeat, each of these rows in a fresh process); compile time is
-reported apart.
+reported apart. The peer's `legacy_xception` is timm's module written in plain torch
+(`torch_peer.LegacyXception`: timm needs torchvision, absent beside the pinned CPU torch).
 GFLOP/s come from XLA's cost analysis, beside a measured large float32 matmul (the peak).
 """
 
@@ -217,8 +218,8 @@ def infer_jax(config: ConfigDict, batch: int) -> tuple[Callable[[], object], dic
 
 def torch_reason(config: ConfigDict) -> str:
     """Why the PyTorch peer cannot run here ("" when it can)."""
-    if not (importlib.util.find_spec("torch") and importlib.util.find_spec("timm")):
-        return "torch/timm not installed (pip install 'cae-jax[bench]')"
+    if not importlib.util.find_spec("torch"):
+        return "torch not installed (pip install 'cae-jax[bench]')"
     from cae_jax import torch_peer
 
     return torch_peer.unsupported_reason(config.model)
@@ -570,7 +571,7 @@ def run(args: argparse.Namespace) -> int:
     config = (config_lib.load_config(path, args.overrides) if path
               else config_lib.default_config())
     if not path:
-        config_lib.apply_overrides(config, args.overrides)
+        config_lib.validate(config_lib.apply_overrides(config, args.overrides))
     smoke = args.smoke
     if args.accelerator or jax.default_backend() != "cpu":
         from cae_jax import bench_accelerator

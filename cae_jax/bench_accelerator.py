@@ -7,7 +7,7 @@ compute and in float32, and the exported classify function, each against PyTorch
 its time) against a measured bfloat16 matmul peak; compile times; and peak device memory per
 image at the largest train batch that fits (256, 128, 64, 32 tried in that order).
 
-Needs only jax, flax, optax, orbax, ml_collections and, for the peer, torch and timm: nothing
+Needs only jax, flax, optax, orbax, ml_collections and, for the peer, torch: nothing
 here imports TensorFlow or grain. The rows stop at a time budget and the results are written
 after each row, so a run cut short still reports what it measured. `launch/gpu_bench.sh` runs
 it; `--accelerator --smoke` runs the same code at a tiny size on the CPU (tests).

@@ -1,7 +1,8 @@
 """Workdir layout and Orbax checkpoints: resumable training state and inference restores.
 
 A training workdir holds:
-  WORKDIR/config.json          the run's full config (`config.to_json`), written once
+  WORKDIR/config.json          the run's full config (`config.to_json`); a resume may change
+                               only the RESUMABLE fields in it (`check_resumable`)
   WORKDIR/checkpoints/<step>/  one Orbax Composite per saved step:
       state/                   the `TrainState` pytree (step, params, batch_stats, opt_state)
       data/                    the grain iterator position of each host (JSON per process)
@@ -14,7 +15,9 @@ steps and the best one by validation AUC (model selection never looks at the tes
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 from typing import Any
 
@@ -30,6 +33,21 @@ CHECKPOINT_DIR = "checkpoints"
 STATE_ITEM = "state"
 DATA_ITEM = "data"
 BEST_METRIC = "val_auc"  # Validation frame-level AUC; higher is better.
+# Config fields a resumed run may change: how long, how often it logs, validates and saves, how
+# the input is read and how the same arrays are laid out and computed. Every other field
+# (model shapes, loss, optimizer, schedule warmup, seed, data, batch size) is the run's meaning;
+# so is input.workers: each worker count gives other batches and another saved data position.
+RESUMABLE = frozenset({
+    "train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
+    "train.keep_checkpoints", "train.nan_policy", "train.recon_images",
+    "input.threads", "input.buffer", "input.prefetch_batches",
+    "input.eval_batch_size", "input.skip_corrupt",
+    "model.layer_impl", "mesh.data", "mesh.fsdp",
+})
+
+
+class ConfigMismatchError(ValueError):
+    """A workdir's checkpoints were written under a config that differs in fixed fields."""
 
 
 def as_path(path: str | os.PathLike) -> epath.Path:
@@ -57,13 +75,50 @@ def read_config(workdir: str | os.PathLike) -> ConfigDict:
     path = as_path(workdir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no config.json; is {workdir} a training workdir?")
-    return config_lib.from_json(path.read_text())
+    try:
+        return config_lib.from_json(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not a config written by cae-jax train ({err})") from err
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: JSON value} of a config dict (tuples as lists, as config.json holds them)."""
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: json.loads(json.dumps(node))}
+
+
+def check_resumable(workdir: str | os.PathLike, config: ConfigDict) -> None:
+    """Raises ConfigMismatchError naming each fixed field where `config` differs from the
+    workdir's config.json, which is left as it is; see RESUMABLE."""
+    saved = _flat(read_config(workdir).to_dict())
+    given = _flat(config.to_dict())
+    missing = object()
+    differ = sorted(key for key in saved.keys() | given.keys()
+                    if key not in RESUMABLE and saved.get(key, missing) != given.get(key, missing))
+    if differ:
+        show = lambda d, k: json.dumps(d[k]) if k in d else "(absent)"  # noqa: E731
+        fields = "; ".join(f"{k}: {show(saved, k)} in config.json, {show(given, k)} now"
+                           for k in differ)
+        raise ConfigMismatchError(
+            f"{as_path(workdir) / CONFIG_FILE}: its checkpoints were trained with another config "
+            f"({fields}). A resume may change only {', '.join(sorted(RESUMABLE))}; "
+            "train the new config in a new --workdir."
+        )
+
+
+def validation_auc(metrics: dict[str, float]) -> float:
+    """A step's selection score: its validation AUC, -inf where that is NaN (one class)."""
+    value = float(metrics[BEST_METRIC])
+    return value if math.isfinite(value) else -math.inf
 
 
 def make_manager(workdir: str | os.PathLike, config: ConfigDict) -> ocp.CheckpointManager:
     """Asynchronous manager keeping the last K steps plus the best by validation AUC."""
     policy = ocp.checkpoint_managers
-    validation_auc = lambda metrics: metrics[BEST_METRIC]  # noqa: E731
     preservation = policy.AnyPreservationPolicy([
         policy.LatestN(n=config.train.keep_checkpoints),
         policy.BestN(get_metric_fn=validation_auc, n=1, keep_checkpoints_without_metrics=False),
@@ -129,12 +184,23 @@ def restore_train(
 
 
 def validation_scores(manager: ocp.CheckpointManager) -> dict[int, float]:
-    """{step: validation AUC} of the kept steps that were validated."""
-    scores = {}
+    """{step: validation AUC} of the kept steps validated with a finite AUC.
+
+    A NaN AUC (a validation split with one class) ranks nothing, so such steps are left out,
+    with one warning naming them.
+    """
+    scores, undefined = {}, []
     for step in manager.all_steps():
         metrics = manager.metrics(step)
         if metrics and BEST_METRIC in metrics:
-            scores[step] = float(metrics[BEST_METRIC])
+            value = float(metrics[BEST_METRIC])
+            if math.isfinite(value):
+                scores[step] = value
+            else:
+                undefined.append(step)
+    if undefined:
+        logging.warning("%s: steps %s have no finite validation AUC; not selected by it.",
+                        manager.directory, undefined)
     return scores
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import math
+from collections.abc import Callable
 from pathlib import Path
 
 import ml_collections
@@ -129,10 +131,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> ConfigD
     spec.loader.exec_module(module)
     config = module.get_config()
     apply_overrides(config, overrides or [])
+    validate(config)
     return config
 
 
-def apply_overrides(config: ConfigDict, overrides: list[str]) -> None:
+def apply_overrides(config: ConfigDict, overrides: list[str]) -> ConfigDict:
     """Applies absl-style `--config.a.b=value` (or `--config.a.b value`) items in place."""
     items = list(overrides)
     while items:
@@ -145,6 +148,7 @@ def apply_overrides(config: ConfigDict, overrides: list[str]) -> None:
                 raise ValueError(f"override {item!r} has no value")
             value = items.pop(0)
         set_field(config, key, value)
+    return config
 
 
 def set_field(config: ConfigDict, dotted_key: str, text: str) -> None:
@@ -181,6 +185,116 @@ def _parse_like(old, text: str, key: str):
     if old is not None and not isinstance(value, type(old)):
         raise ValueError(f"--config.{key} is {type(old).__name__}, got {text!r}")
     return value
+
+
+def _integer(low: int) -> tuple[Callable, str]:
+    ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low  # noqa: E731
+    return ok, f"an integer >= {low}"
+
+
+def _number(low: float, high: float = math.inf, *, open_low=False, open_high=False):
+    def ok(v) -> bool:
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            return False
+        return (v > low if open_low else v >= low) and (v < high if open_high else v <= high)
+
+    return ok, (f"a number in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+                if math.isfinite(high) else f"a number {'>' if open_low else '>='} {low}")
+
+
+def _widths(min_len: int, max_len: float = math.inf) -> tuple[Callable, str]:
+    ok = lambda v: (isinstance(v, tuple | list) and min_len <= len(v) <= max_len  # noqa: E731
+                    and all(_integer(1)[0](w) for w in v))
+    count = f"{min_len}" if max_len == min_len else f"{min_len} or more"
+    return ok, f"{count} positive integers"
+
+
+def _range(low: int, high: int) -> tuple[Callable, str]:
+    ok = lambda v: (isinstance(v, tuple | list) and len(v) == 2  # noqa: E731
+                    and all(_integer(low)[0](x) and x <= high for x in v) and v[0] <= v[1])
+    return ok, f"(low, high) integers with {low} <= low <= high <= {high}"
+
+
+def _one_of(*choices: str) -> tuple[Callable, str]:
+    return (lambda v: v in choices), "one of " + ", ".join(repr(c) for c in choices)
+
+
+_PROBABILITY = _number(0.0, 1.0)
+# Every numeric or enumerated field whose bad value would divide by zero, loop forever, or
+# fail only later (after compiling, or hours into a run): (dotted key, (check, requirement)).
+RULES: tuple[tuple[str, tuple[Callable, str]], ...] = (
+    ("seed", _integer(0)),
+    ("model.image_size", _integer(1)),
+    ("model.dtype", _one_of("float32", "bfloat16")),
+    ("model.bn_momentum", _PROBABILITY),
+    ("model.bn_epsilon", _number(0.0, open_low=True)),
+    ("model.pool_padding", _one_of("torch", "same")),
+    ("model.layer_impl", _one_of("auto", "decomposed", "native")),
+    ("model.encoder.stem_features", _widths(2, 2)),
+    ("model.encoder.entry_features", _widths(3, 3)),
+    ("model.encoder.middle_blocks", _integer(0)),
+    ("model.encoder.exit_features", _widths(2, 2)),
+    ("model.encoder.head_features", _widths(2, 2)),
+    ("model.decoder.features", _widths(1)),
+    ("model.decoder.kernel_size", _integer(1)),
+    ("model.decoder.output_activation", _one_of("tanh", "sigmoid")),
+    ("model.classifier.hidden", _widths(0)),
+    ("model.classifier.dropout", _number(0.0, 1.0, open_high=True)),
+    ("loss.recon_weight", _number(0.0)),
+    ("loss.recon", _one_of("mse", "l1")),
+    ("optim.learning_rate", _number(0.0, open_low=True)),
+    ("optim.warmup_steps", _integer(0)),
+    ("optim.end_learning_rate_factor", _number(0.0)),
+    ("optim.weight_decay", _number(0.0)),
+    ("optim.b1", _number(0.0, 1.0, open_high=True)),
+    ("optim.b2", _number(0.0, 1.0, open_high=True)),
+    ("optim.eps", _number(0.0, open_low=True)),
+    ("optim.clip_grad_norm", _number(0.0)),
+    ("mesh.data", ((lambda v: v == -1 or _integer(1)[0](v)), "-1 or an integer >= 1")),
+    ("mesh.fsdp", _integer(1)),
+    ("train.steps", _integer(1)),
+    ("train.batch_size", _integer(1)),
+    ("train.log_every", _integer(1)),
+    ("train.eval_every", _integer(1)),
+    ("train.checkpoint_every", _integer(1)),
+    ("train.keep_checkpoints", _integer(1)),
+    ("train.nan_policy", _one_of("stop", "skip")),
+    ("train.recon_images", _integer(0)),
+    ("input.weights", ((lambda v: all(_number(0.0, open_low=True)[0](w) for w in v)),
+                       "positive numbers")),
+    ("input.eval_batch_size", _integer(0)),
+    ("input.workers", _integer(0)),
+    ("input.threads", _integer(1)),
+    ("input.buffer", _integer(1)),
+    ("input.prefetch_batches", _integer(0)),
+    ("input.augment.resize_prob", _PROBABILITY),
+    ("input.augment.flip_prob", _PROBABILITY),
+    ("input.augment.blur_prob", _PROBABILITY),
+    ("input.augment.blur_kernel", _range(1, 99)),
+    ("input.augment.brightness_contrast_prob", _PROBABILITY),
+    ("input.augment.brightness_limit", _number(0.0, 1.0)),
+    ("input.augment.contrast_limit", _number(0.0, 1.0)),
+    ("input.augment.jpeg_prob", _PROBABILITY),
+    ("input.augment.jpeg_quality", _range(0, 100)),
+    ("input.sbi.prob", _PROBABILITY),
+)
+
+
+def validate(config: ConfigDict) -> None:
+    """Raises ValueError naming every field whose value no run could use (see RULES).
+
+    Called by `load_config` (so by every command that reads a config file) and by `train`,
+    before anything is compiled or written.
+    """
+    problems = []
+    for key, (ok, requirement) in RULES:
+        node = config
+        for part in key.split("."):
+            node = node[part]
+        if not ok(node):
+            problems.append(f"{key}={node!r} (must be {requirement})")
+    if problems:
+        raise ValueError("invalid config: " + "; ".join(problems))
 
 
 def to_json(config: ConfigDict) -> str:

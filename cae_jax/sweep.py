@@ -153,7 +153,7 @@ def expand(
     for index, point in enumerate(points):
         flags = [override_flag(key, value) for key, value in point.items()]
         try:
-            config_lib.apply_overrides(copy.deepcopy(base), flags)
+            config_lib.validate(config_lib.apply_overrides(copy.deepcopy(base), flags))
         except (KeyError, ValueError) as err:
             raise ValueError(f"sweep point {index} {point!r}: {err}") from err
         name = run_name(index, point)

@@ -1,10 +1,15 @@
-"""The PyTorch peer of the benchmark: timm's `legacy_xception` plus the same decoder and classifier.
+"""PyTorch: timm's `legacy_xception` in plain torch, and the benchmark's peer CAE around it.
 
-Built from the same model config as the JAX CAE (decoder widths, kernel, classifier head, BN
-epsilon/momentum), trained with the same loss (BCE + lambda * MSE) and AdamW after global-norm
-clipping. On a GPU it runs as PyTorch users run it fast: channels_last, `torch.autocast`
-bfloat16 where cae-jax computes in bfloat16, optionally `torch.compile`. Needs the `bench`
-extra (torch, timm); nothing else in cae-jax imports it.
+`LegacyXception` is the Cadene/timm Xception module written out with torch.nn alone (same
+modules, same order, same state-dict keys and ops as `timm.create_model("legacy_xception",
+num_classes=0)`), because timm imports torchvision, and PyPI's torchvision for torch 2.13
+(0.28.0) does not load beside the CPU torch this project pins. It is the reference of the
+timm import parity test and the encoder of the peer. The peer adds the same decoder and
+classifier as the JAX CAE (decoder widths, kernel, classifier head, BN epsilon/momentum),
+trained with the same loss (BCE + lambda * MSE) and AdamW after global-norm clipping. On a
+GPU it runs as PyTorch users run it fast: channels_last, `torch.autocast` bfloat16 where
+cae-jax computes in bfloat16, optionally `torch.compile`. Needs torch (the `bench` and
+`test` extras); nothing else in cae-jax imports it.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch.nn.functional as F
 from ml_collections import ConfigDict
 from torch import nn
 
-# timm's legacy_xception has these widths only; other configs have no PyTorch peer.
+# legacy_xception has these widths only; other configs have no PyTorch peer.
 XCEPTION_WIDTHS = {
     "stem_features": (32, 64),
     "entry_features": (128, 256, 728),
@@ -32,18 +37,93 @@ def unsupported_reason(model_config: ConfigDict) -> str:
     for name, value in XCEPTION_WIDTHS.items():
         ours = tuple(enc[name]) if isinstance(value, tuple) else enc[name]
         if ours != value:
-            return f"timm legacy_xception has fixed widths; encoder.{name}={ours}"
+            return f"legacy_xception has fixed widths; encoder.{name}={ours}"
     return ""
 
 
+class SeparableConv2d(nn.Module):
+    """3x3 depthwise (`conv1`) then 1x1 (`pointwise`), no biases."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cin, 3, 1, 1, groups=cin, bias=False)
+        self.pointwise = nn.Conv2d(cin, cout, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pointwise(self.conv1(x))
+
+
+class Block(nn.Module):
+    """`reps` x (ReLU, separable conv, BN) [+ 3x3/stride max-pool], plus the (projected) input."""
+
+    def __init__(self, cin: int, cout: int, reps: int, stride: int,
+                 start_with_relu: bool = True, grow_first: bool = True):
+        super().__init__()
+        if cout != cin or stride != 1:
+            self.skip = nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
+            self.skipbn = nn.BatchNorm2d(cout)
+        else:
+            self.skip = None
+        rep = []
+        for i in range(reps):
+            if grow_first:
+                inc, outc = (cin if i == 0 else cout), cout
+            else:
+                inc, outc = cin, (cin if i < reps - 1 else cout)
+            # The first ReLU must not overwrite the block's input, which the skip still reads.
+            rep += [nn.ReLU(inplace=i > 0), SeparableConv2d(inc, outc), nn.BatchNorm2d(outc)]
+        if not start_with_relu:
+            rep = rep[1:]
+        if stride != 1:
+            rep.append(nn.MaxPool2d(3, stride, 1))
+        self.rep = nn.Sequential(*rep)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = self.skipbn(self.skip(x)) if self.skip is not None else x
+        return self.rep(x) + skip
+
+
+class LegacyXception(nn.Module):
+    """timm's `legacy_xception` without its classifier: `forward_features` -> [N, 2048, h, w]."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 32, 3, 2, 0, bias=False)
+        self.bn1 = nn.BatchNorm2d(32)
+        self.act1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(32, 64, 3, bias=False)
+        self.bn2 = nn.BatchNorm2d(64)
+        self.act2 = nn.ReLU(inplace=True)
+        self.block1 = Block(64, 128, 2, 2, start_with_relu=False)
+        self.block2 = Block(128, 256, 2, 2)
+        self.block3 = Block(256, 728, 2, 2)
+        for i in range(4, 12):
+            setattr(self, f"block{i}", Block(728, 728, 3, 1))
+        self.block12 = Block(728, 1024, 2, 2, grow_first=False)
+        self.conv3 = SeparableConv2d(1024, 1536)
+        self.bn3 = nn.BatchNorm2d(1536)
+        self.act3 = nn.ReLU(inplace=True)
+        self.conv4 = SeparableConv2d(1536, 2048)
+        self.bn4 = nn.BatchNorm2d(2048)
+        self.act4 = nn.ReLU(inplace=True)
+        for m in self.modules():  # timm's initialization.
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act2(self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x))))))
+        for i in range(1, 13):
+            x = getattr(self, f"block{i}")(x)
+        x = self.act3(self.bn3(self.conv3(x)))
+        return self.act4(self.bn4(self.conv4(x)))
+
+
 class TorchCAE(nn.Module):
-    """timm legacy_xception features -> (classifier logit [N], decoder reconstruction)."""
+    """legacy_xception features -> (classifier logit [N], decoder reconstruction)."""
 
     def __init__(self, mc: ConfigDict):
         super().__init__()
-        import timm
-
-        self.encoder = timm.create_model("legacy_xception", pretrained=False, num_classes=0)
+        self.encoder = LegacyXception()
         momentum = 1.0 - mc.bn_momentum  # PyTorch counts momentum from the other side.
         layers = []
         ins = [XCEPTION_WIDTHS["head_features"][-1], *mc.decoder.features[:-1]]

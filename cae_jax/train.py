@@ -6,7 +6,9 @@ jitted train step, log, validate every `train.eval_every` steps, and checkpoint 
 SIGTERM. Model selection uses the validation split only. Only process 0 writes logs.
 
 Workdir: config.json and checkpoints/ (see checkpoints.py), metrics.jsonl (one JSON object
-per logged step and per validation), tensorboard/ (scalars and reconstruction grids).
+per logged step and per validation; on resume cut back to the restored step, so no step is
+there twice), tensorboard/ (scalars and reconstruction grids). A resume whose config differs
+from config.json in a field that fixes the run's meaning stops before touching anything.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -35,16 +38,22 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Logger:
-    """metrics.jsonl + TensorBoard, written by process 0 only."""
+    """metrics.jsonl + TensorBoard, written by process 0 only.
 
-    def __init__(self, workdir: epath.Path):
+    metrics.jsonl first loses the records after `step` (those a killed run logged past its
+    last checkpoint), so the resumed run's records for those steps are the only ones.
+    """
+
+    def __init__(self, workdir: epath.Path, step: int):
         self.active = jax.process_index() == 0
         if not self.active:
             return
         import tensorflow as tf
 
         self._tf = tf
-        self._jsonl = (workdir / "metrics.jsonl").open("a")
+        path = workdir / "metrics.jsonl"
+        truncate_records(path, step)
+        self._jsonl = path.open("a")
         self._writer = tf.summary.create_file_writer(str(workdir / "tensorboard"))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
@@ -65,6 +74,24 @@ class Logger:
         if self.active:
             self._jsonl.close()
             self._writer.close()
+
+
+def truncate_records(path: epath.Path, step: int) -> None:
+    """Keeps the records of `path` up to `step` (and drops a line torn by a kill), atomically."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            logging.warning("%s: dropped an unreadable line (a write cut short): %r", path, line)
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
 
 
 class Preemption:
@@ -128,14 +155,19 @@ def _has_validation(config: ConfigDict) -> bool:
 def train(config: ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
     """Trains (or resumes) to `config.train.steps`; returns the last logged metrics."""
     workdir = checkpoints.as_path(workdir)
+    config_lib.validate(config)
     if not config.input.train_dirs:
         raise ValueError("config.input.train_dirs is empty: nothing to train on")
-    if config.train.nan_policy not in ("stop", "skip"):
-        raise ValueError(f"train.nan_policy must be 'stop' or 'skip', got "
-                         f"{config.train.nan_policy!r}")
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, jax.devices())
-    checkpoints.write_config(workdir, config)
     manager = checkpoints.make_manager(workdir, config)
+    latest = manager.latest_step()
+    if latest is not None:
+        try:
+            checkpoints.check_resumable(workdir, config)
+        except (ValueError, FileNotFoundError):
+            manager.close()
+            raise
+    checkpoints.write_config(workdir, config)
     data = input_pipeline.make_train_iterator(config, mesh)
     step_fn = train_step.make_train_step(config, mesh)
     eval_step = train_step.make_eval_step(config, mesh)
@@ -144,7 +176,6 @@ def train(config: ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
         graphdef, state.params, state.batch_stats, images, train=False)[1])
     with_validation = _has_validation(config)
 
-    latest = manager.latest_step()
     if latest is None:
         state = train_step.create_train_state(config, mesh)
     else:
@@ -158,11 +189,12 @@ def train(config: ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
             tqdm.write(f"resumed from {workdir / checkpoints.CHECKPOINT_DIR} at step {latest}")
     step = int(state.step)
     total = config.train.steps
-    logger = Logger(workdir)
+    logger = Logger(workdir, step)
     preemption = Preemption()
     bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True,
                disable=jax.process_index() != 0)
     pending, last = [], {}
+    warned_undefined_auc = False
     tick, tick_step = time.perf_counter(), step
     try:
         while step < total:
@@ -199,9 +231,16 @@ def train(config: ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
             if val:
                 last.update(val)
                 tqdm.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in val.items()))
+            selection = None
+            if val and math.isfinite(val["val_auc"]):
+                selection = {checkpoints.BEST_METRIC: val["val_auc"]}
+            elif val and not warned_undefined_auc:
+                warned_undefined_auc = True
+                logging.warning("Validation AUC is NaN at step %d (one class in the split?): "
+                                "such steps are saved without a score and never selected as "
+                                "best.", step)
             if save_now:
-                checkpoints.save(manager, step, state, data,
-                                 metrics={checkpoints.BEST_METRIC: val["val_auc"]} if val else None)
+                checkpoints.save(manager, step, state, data, metrics=selection)
             if preemption.requested or manager.reached_preemption(step):
                 logging.warning("Preempted at step %d: checkpoint saved, exiting.", step)
                 break
@@ -231,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {err}") from err
     try:
         final = train(config, args.workdir)
-    except NonFiniteLossError as err:
+    except (NonFiniteLossError, FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from err
     if jax.process_index() == 0:
         print(json.dumps({"workdir": str(args.workdir), **final}))

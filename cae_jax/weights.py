@@ -336,7 +336,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    mc = (config_lib.load_config(args.config) if args.config else config_lib.default_config()).model
+    try:
+        config = config_lib.load_config(args.config) if args.config else config_lib.default_config()
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from err
+    mc = config.model
     if not args.input.is_file():
         raise SystemExit(f"error: {args.input}: no such file")
     classifier = None

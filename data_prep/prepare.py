@@ -32,20 +32,36 @@ PREVIEW_SIZE = 128  # Side of each crop in the preview.
 DFB_IMAGE_SIZE = 256  # DeepfakeBench's resolution: its frames are 256x256 crops.
 
 
+def int_at_least(low: int):
+    """An argparse type: an integer >= `low`, else a usage error naming the flag."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+        return value
+
+    return parse
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    positive, natural = int_at_least(1), int_at_least(0)
     parser.add_argument("dataset", choices=sorted(datasets.BUILDERS), help="raw dataset layout")
     parser.add_argument("--root", required=True, help="raw dataset folder (folder: or a CSV)")
     parser.add_argument("--out", required=True, help="output TFDS dataset directory")
-    parser.add_argument("--frames-per-video", type=int, default=32, help="sampled uniformly")
-    parser.add_argument("--image-size", type=int, default=None,
+    parser.add_argument("--frames-per-video", type=positive, default=32, help="sampled uniformly")
+    parser.add_argument("--image-size", type=positive, default=None,
                         help="side of the square crops (299; deepfakebench: 256, theirs)")
     parser.add_argument("--margin", type=float, default=1.3, help="crop side / face box side")
     parser.add_argument(
         "--detector", choices=sorted(faces.DETECTORS), default=faces.DEFAULT_DETECTOR
     )
     parser.add_argument("--align", action="store_true", help="rotate crops so eyes are level")
-    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="local processes")
-    parser.add_argument("--limit-videos", type=int, default=0, help="a seeded subset (0: all)")
+    parser.add_argument("--workers", type=positive, default=os.cpu_count(), help="local processes")
+    parser.add_argument("--limit-videos", type=natural, default=0, help="a seeded subset (0: all)")
     parser.add_argument("--compression", choices=datasets.COMPRESSIONS, default="c23")
     parser.add_argument(
         "--methods",
@@ -59,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-fraction", type=float, default=0.1, help="see docs/prepare.md")
     parser.add_argument("--test-fraction", type=float, default=0.1, help="see docs/prepare.md")
     parser.add_argument("--seed", type=int, default=0, help="seed of carved splits and subsets")
-    parser.add_argument("--examples-per-shard", type=int, default=1024)
+    parser.add_argument("--examples-per-shard", type=positive, default=1024)
     parser.add_argument("--runner", choices=("local", "beam"), default="local")
     parser.add_argument(
         "--beam-options",

@@ -2,7 +2,7 @@
 # The accelerator benchmark on one GPU, in under 8 minutes: the full CAE at 299 (train step in
 # bfloat16 and float32, inference, largest batch and its memory) beside PyTorch eager and
 # torch.compile on the same GPU. Writes DIR/gpu_bench.json and DIR/gpu_bench.md.
-# Needs jax (with CUDA), flax, optax, orbax, ml_collections, and torch + timm for the peer;
+# Needs jax (with CUDA), flax, optax, orbax, ml_collections, and torch for the peer;
 # not TensorFlow or grain. Wheels missing on the machine can travel in WHEELS (see --help).
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR

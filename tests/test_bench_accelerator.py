@@ -15,7 +15,7 @@ from cae_jax import bench, bench_accelerator
 from cae_jax import config as config_lib
 
 SCRIPT = Path(__file__).parents[1] / "launch" / "gpu_bench.sh"
-HAS_PEER = bool(importlib.util.find_spec("torch") and importlib.util.find_spec("timm"))
+HAS_PEER = bool(importlib.util.find_spec("torch"))
 
 
 def test_gpu_bench_script_runs_every_row_and_writes_json_and_table(tmp_path):
@@ -34,7 +34,7 @@ def test_gpu_bench_script_runs_every_row_and_writes_json_and_table(tmp_path):
         assert math.isclose(ours["tflops_per_s"], ours["gflop"] / ours["seconds"] / 1e3)
     table = (tmp_path / "gpu_bench.md").read_text()
     assert "| train step bfloat16 |" in table and "| inference bfloat16 |" in table
-    # The tiny config has no timm peer (fixed widths): the table says so instead of a ratio.
+    # The tiny config has no legacy_xception peer (fixed widths): the table says why.
     assert results["peer_note"] and f"No PyTorch peer: {results['peer_note']}" in table
 
 
@@ -76,7 +76,7 @@ def test_largest_batch_search_steps_down_past_out_of_memory(tmp_path, monkeypatc
         bench_accelerator.memory_row(config, 1)
 
 
-@pytest.mark.skipif(not HAS_PEER, reason="torch/timm not installed")
+@pytest.mark.skipif(not HAS_PEER, reason="torch not installed")
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_torch_peer_trains_and_classifies_eager_and_compiled(dtype):
     """The peer's code paths at the smallest Xception input; "eager" is torch.compile's

@@ -48,6 +48,29 @@ def test_keeps_last_k_and_best_by_validation_and_restores_it(setup):
     assert int(full.step) == 5
 
 
+def test_nan_validation_auc_is_never_selected(setup, caplog):
+    root, config, mesh, state = setup
+    workdir = root / "nan_auc"
+    checkpoints.write_config(workdir, config)
+    config = config.copy_and_resolve_references()
+    config.train.keep_checkpoints = 3
+    data = input_pipeline.make_train_iterator(config, mesh)
+    # As saved by a run from before NaN AUCs were left out: NaN at the earliest step.
+    with checkpoints.make_manager(workdir, config) as manager:
+        for step, auc in ((1, float("nan")), (2, 0.6), (3, 0.7)):
+            checkpoints.save(manager, step, state, data, {checkpoints.BEST_METRIC: auc})
+        manager.wait_until_finished()
+        assert manager.all_steps() == [1, 2, 3]
+        with caplog.at_level("WARNING"):
+            assert checkpoints.validation_scores(manager) == {2: 0.6, 3: 0.7}
+        warned = [r.getMessage() for r in caplog.records if "validation AUC" in r.getMessage()]
+        assert warned == [f"{manager.directory}: steps [1] have no finite validation AUC; "
+                          "not selected by it."]
+        assert checkpoints.best_step(manager) == 3
+    data.close()
+    assert checkpoints.restore_inference(workdir)[3] == 3
+
+
 def test_without_validation_the_latest_is_selected(setup):
     root, config, mesh, state = setup
     workdir = root / "noval"

@@ -18,15 +18,64 @@ def test_overrides_parse_to_the_field_type():
     assert c.train.steps == 7
 
 
-@pytest.mark.parametrize("item, error", [
-    ("--config.loss.nope=1", KeyError),
-    ("--config.train.steps=ten", ValueError),
-    ("--config.loss.recon_real_only=maybe", ValueError),
-    ("--steps=1", ValueError),
+@pytest.mark.parametrize("item, error, named", [
+    ("--config.loss.nope=1", KeyError, r"'loss\.nope'"),
+    ("--config.train.steps=ten", ValueError, r"--config\.train\.steps: cannot parse 'ten'"),
+    ("--config.loss.recon_real_only=maybe", ValueError, r"--config\.loss\.recon_real_only "),
+    ("--steps=1", ValueError, r"'--steps=1'"),
 ])
-def test_bad_overrides_are_named(item, error):
-    with pytest.raises(error):
+def test_bad_overrides_are_named(item, error, named):
+    with pytest.raises(error, match=named):
         config_lib.load_config("configs/tiny.py", [item])
+
+
+@pytest.mark.parametrize("item, named", [
+    ("--config.train.eval_every=0", r"train\.eval_every=0 \(must be an integer >= 1\)"),
+    ("--config.train.checkpoint_every=-5", r"train\.checkpoint_every=-5 "),
+    ("--config.train.log_every=0", r"train\.log_every=0 "),
+    ("--config.train.batch_size=0", r"train\.batch_size=0 "),
+    ("--config.train.steps=0", r"train\.steps=0 "),
+    ("--config.train.keep_checkpoints=0", r"train\.keep_checkpoints=0 "),
+    ("--config.train.nan_policy=ignore", r"train\.nan_policy='ignore' \(must be one of 'stop'"),
+    ("--config.optim.learning_rate=-0.1", r"optim\.learning_rate=-0\.1 "),
+    ("--config.optim.b2=1.0", r"optim\.b2=1\.0 \(must be a number in \[0\.0, 1\.0\)\)"),
+    ("--config.input.threads=0", r"input\.threads=0 "),
+    ("--config.input.augment.jpeg_quality=(90,40)", r"input\.augment\.jpeg_quality="),
+    ("--config.input.sbi.prob=1.5", r"input\.sbi\.prob=1\.5 "),
+    ("--config.model.encoder.entry_features=(8,16)", r"model\.encoder\.entry_features="),
+    ("--config.model.dtype=float16", r"model\.dtype='float16' "),
+    ("--config.mesh.data=0", r"mesh\.data=0 \(must be -1 or an integer >= 1\)"),
+])
+def test_values_no_run_can_use_are_refused_at_load_naming_the_field(item, named):
+    with pytest.raises(ValueError, match=named):
+        config_lib.load_config("configs/tiny.py", [item])
+
+
+def test_validation_names_every_bad_field_and_passes_the_shipped_configs():
+    from pathlib import Path
+
+    for path in sorted(Path("configs").glob("*.py")):
+        config_lib.load_config(path)  # Each shipped config is valid.
+    config = config_lib.default_config()
+    config.train.eval_every = 0
+    config.train.log_every = True  # A bool is no step count.
+    with pytest.raises(ValueError) as err:
+        config_lib.validate(config)
+    assert "train.eval_every=0" in str(err.value) and "train.log_every=True" in str(err.value)
+
+
+def test_cli_refuses_a_bad_config_without_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "cae_jax.main", "train", "--config", "configs/tiny.py",
+         "--workdir", str(tmp_path / "run"), "--config.train.eval_every=0"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "error: invalid config: train.eval_every=0" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_missing_config_file_is_named(tmp_path):

@@ -697,3 +697,19 @@ def test_ffpp_mini_lands_in_official_splits_with_faces(ffpp_mini, tmp_path):
             assert np.all(np.abs((box[:2] + box[2:]) / 2 - 96) < 30)
     on_disk = {p.relative_to(ffpp_mini).as_posix() for p in ffpp_mini.rglob("*.mp4")}
     assert seen == on_disk
+
+
+@pytest.mark.parametrize("flag, value, low", [
+    ("--examples-per-shard", "0", 1), ("--examples-per-shard", "-3", 1),
+    ("--frames-per-video", "0", 1), ("--image-size", "x", 1), ("--workers", "0", 1),
+    ("--limit-videos", "-1", 0),
+])
+def test_count_flags_out_of_range_are_refused_before_any_work(flag, value, low, tmp_path,
+                                                              capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["prepare", "folder", "--root", str(tmp_path / "absent"),
+                  "--out", str(tmp_path / "out"), flag, value])
+    assert exit_info.value.code == 2
+    assert (f"argument {flag}: must be an integer >= {low}, got {value!r}"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()

@@ -1,16 +1,20 @@
-"""timm `legacy_xception` weights imported into our encoder give timm's features at 299x299."""
+"""timm `legacy_xception` weights imported into our encoder give timm's features at 299x299.
+
+The reference is `torch_peer.LegacyXception`, timm's module written in plain torch (timm
+itself needs torchvision, and PyPI's does not load beside the pinned CPU torch); where timm does
+import, the last test checks that module against timm's own.
+"""
 
 import jax
 import numpy as np
 import pytest
+import safetensors.torch as safetensors_torch
+import torch
 from flax import nnx
 
 from cae_jax import config as config_lib
 from cae_jax import main, sharding, train_step
-
-torch = pytest.importorskip("torch")
-timm = pytest.importorskip("timm")
-safetensors_torch = pytest.importorskip("safetensors.torch")
+from cae_jax.torch_peer import LegacyXception
 
 
 def randomize_batch_norm(model, generator):
@@ -28,8 +32,9 @@ def randomize_batch_norm(model, generator):
 def test_timm_import_gives_timm_features(tmp_path):
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    model = timm.create_model("legacy_xception", pretrained=False, num_classes=0).eval()
+    model = LegacyXception().eval()
     randomize_batch_norm(model, generator)
+    assert sum(p.numel() for p in model.parameters()) == 20_806_952
     weights = tmp_path / "legacy_xception.safetensors"
     safetensors_torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()},
                                 str(weights))
@@ -57,3 +62,22 @@ def test_timm_import_gives_timm_features(tmp_path):
     theirs = theirs.permute(0, 2, 3, 1).numpy()
     assert ours.shape == theirs.shape == (2, 10, 10, 2048)
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())
+
+
+def test_plain_torch_module_is_timms():
+    try:
+        import timm
+    except (ImportError, RuntimeError) as err:  # A torchvision built for another torch.
+        pytest.skip(f"timm does not import here (it needs torchvision): {err}")
+    torch.manual_seed(0)
+    theirs = timm.create_model("legacy_xception", pretrained=False, num_classes=0).eval()
+    randomize_batch_norm(theirs, torch.Generator().manual_seed(0))
+    state = theirs.state_dict()
+    ours = LegacyXception().eval()
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {
+        k: v.shape for k, v in state.items()}
+    ours.load_state_dict(state, strict=True)
+    x = torch.rand(2, 3, 299, 299, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.inference_mode():
+        torch.testing.assert_close(ours.forward_features(x), theirs.forward_features(x),
+                                   rtol=0, atol=0)

@@ -1,7 +1,10 @@
-"""Trainer: SIGKILL + restart equals an uninterrupted run; NaN policies; train then evaluate."""
+"""Trainer: SIGKILL or SIGTERM + resume equals an uninterrupted run; resume refuses another
+config; NaN policies and NaN validation AUCs; train then evaluate."""
 
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,6 +12,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -27,6 +31,7 @@ def overrides(data_dir: Path) -> list[str]:
         "--config.train.checkpoint_every=4",
         "--config.train.eval_every=6",
         "--config.train.log_every=2",
+        "--config.train.keep_checkpoints=10",  # Step 4 stays for the NaN-policy test.
     ]
 
 
@@ -54,35 +59,119 @@ def arrays(workdir: Path, step: int):
     return [np.asarray(x) for x in jax.tree.leaves((params, stats))]
 
 
+def full_state(workdir: Path, config, step: int) -> train_step.TrainState:
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, jax.devices())
+    return checkpoints.restore_state(workdir / "checkpoints" / str(step), config, mesh)
+
+
+def assert_trees_equal(got, want) -> None:
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def saved_steps(workdir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def records(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
 def validation_records(workdir: Path) -> list[dict]:
-    lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if "val_auc" in r]
+    return [r for r in records(workdir) if "val_auc" in r]
 
 
-def test_resume_after_sigkill_equals_uninterrupted_run(reference, data_dir, tmp_path):
+def deterministic(record: dict) -> dict:
+    """A metrics record without its wall-clock fields."""
+    return {k: v for k, v in record.items() if k not in ("step_time", "images_per_second")}
+
+
+def instrument_steps(monkeypatch, nan_at: tuple[int, ...] = ()) -> list[int]:
+    """Records the step each train-step call produces; feeds NaN images to those in `nan_at`."""
+    make = train_step.make_train_step
+    produced = []
+
+    def make_instrumented(config, mesh):
+        step_fn = make(config, mesh)
+
+        def step(state, batch):
+            produced.append(int(state.step) + 1)
+            if produced[-1] in nan_at:
+                batch = {**batch, "image": batch["image"] * jnp.nan}
+            return step_fn(state, batch)
+
+        return step
+
+    monkeypatch.setattr(train_step, "make_train_step", make_instrumented)
+    return produced
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_resume_after_a_signal_equals_uninterrupted_run(sig, reference, data_dir, tmp_path,
+                                                        monkeypatch):
     ref_dir, ref_final = reference
-    workdir = tmp_path / "killed"
+    workdir = tmp_path / "stopped"
     command = [sys.executable, "-m", "cae_jax.main", "train", "--config",
                str(ROOT / "configs" / "tiny.py"), "--workdir", str(workdir), *overrides(data_dir)]
     process = subprocess.Popen(command, cwd=ROOT, env=os.environ.copy(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     step_dir = workdir / "checkpoints" / "4"
     deadline = time.time() + 600
     while not step_dir.is_dir() and process.poll() is None and time.time() < deadline:
         time.sleep(0.2)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.send_signal(sig)
+    stderr = process.communicate(timeout=600)[1]
     assert step_dir.is_dir(), "the run died before its first checkpoint"
-    killed_at = max(int(p.name) for p in step_dir.parent.iterdir() if p.name.isdigit())
-    assert killed_at < STEPS, "the run finished before it could be killed"
+    stopped_at = saved_steps(workdir)[-1]
+    assert stopped_at < STEPS, "the run finished before the signal"
+    if sig == signal.SIGTERM:
+        # Preemption: a checkpoint at the step it stopped (its last logged one), exit status 0.
+        assert process.returncode == 0, stderr
+        assert f"Preempted at step {stopped_at}: checkpoint saved" in stderr
+        assert records(workdir)[-1]["step"] == stopped_at
+    else:
+        assert process.returncode == -signal.SIGKILL
+        # What a kill between a checkpoint and the next one leaves: records past the
+        # checkpoint and a line cut short.
+        with (workdir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"step": stopped_at + 1, "loss": 123.0}) + '\n{"step": ')
 
+    produced = instrument_steps(monkeypatch)
     final = train.train(config_for(data_dir), workdir)
 
-    for got, want in zip(arrays(workdir, STEPS), arrays(ref_dir, STEPS), strict=True):
-        np.testing.assert_array_equal(got, want)
+    assert produced == list(range(stopped_at + 1, STEPS + 1)), "resumed, not restarted"
+    assert_trees_equal(full_state(workdir, config_for(data_dir), STEPS),
+                       full_state(ref_dir, config_for(data_dir), STEPS))
     for key in ("val_auc", "val_eer", "val_ap", "val_recon_error", "loss", "bce", "recon"):
         assert final[key] == ref_final[key], key
-    assert validation_records(workdir)[-1] == validation_records(ref_dir)[-1]
+    # Every step's record once, with the values of the uninterrupted run.
+    assert ([deterministic(r) for r in records(workdir)]
+            == [deterministic(r) for r in records(ref_dir)])
+
+
+def test_resume_with_another_model_config_stops_and_keeps_config_json(reference, data_dir,
+                                                                      tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(reference[0], workdir)
+    before = (workdir / "config.json").read_bytes()
+    command = ["train", "--config", str(ROOT / "configs" / "tiny.py"), "--workdir",
+               str(workdir), *overrides(data_dir), "--config.model.encoder.middle_blocks=2",
+               "--config.seed=3", "--config.input.workers=1",
+               "--config.train.eval_every=3"]  # eval_every may change.
+    with pytest.raises(SystemExit, match=r"config\.json: its checkpoints were trained with "
+                       r"another config \(input\.workers: 0 in config\.json, 1 now; "
+                       r"model\.encoder\.middle_blocks: 1 in config\.json, 2 now; "
+                       r"seed: 0 in config\.json, 3 now\)"):
+        main.main(command)
+    assert (workdir / "config.json").read_bytes() == before
+    assert saved_steps(workdir) == saved_steps(reference[0])
+
+    # Fields that leave the checkpoints' meaning alone may change; config.json records them.
+    resumable = config_for(data_dir, eval_every=3, log_every=1, checkpoint_every=2)
+    resumable.input.threads, resumable.input.prefetch_batches = 2, 1
+    train.train(resumable, workdir)
+    assert checkpoints.read_config(workdir).train.eval_every == 3
 
 
 def test_best_checkpoint_is_chosen_by_validation_auc(reference):
@@ -111,20 +200,39 @@ def test_train_then_evaluate_cli(reference, data_dir, tmp_path):
     assert (out.parent / "metrics_roc_toy.png").stat().st_size > 1000
 
 
-def test_nan_loss_stops_or_skips_per_policy(data_dir, tmp_path):
-    config = config_for(data_dir, steps=3, eval_every=100, checkpoint_every=1, log_every=1)
-    config.loss.recon_weight = float("nan")
-    with pytest.raises(train.NonFiniteLossError, match="nan_policy=skip"):
+def test_nan_stop_keeps_the_last_good_checkpoint(reference, data_dir, tmp_path, monkeypatch):
+    ref_dir, _ = reference
+    config = config_for(data_dir)
+    instrument_steps(monkeypatch, nan_at=(5, 6))  # After the checkpoint at step 4.
+    with pytest.raises(train.NonFiniteLossError, match="before step 6 .*last good checkpoint"):
         train.train(config, tmp_path / "stop")
-    assert not [p for p in (tmp_path / "stop" / "checkpoints").iterdir() if p.name.isdigit()]
+    assert saved_steps(tmp_path / "stop") == [4]  # Step 6 (a validation step) was not saved.
+    assert_trees_equal(full_state(tmp_path / "stop", config, 4), full_state(ref_dir, config, 4))
 
-    config.train.nan_policy = "skip"
-    final = train.train(config, tmp_path / "skip")
-    assert final["skipped_steps"] == 1.0  # The last log window held one (skipped) step.
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, jax.devices())
-    initial = train_step.create_train_state(config, mesh)
-    for got, want in zip(arrays(tmp_path / "skip", 3),
-                         [np.asarray(x) for x in jax.tree.leaves((initial.params,
-                                                                  initial.batch_stats))],
-                         strict=True):
-        np.testing.assert_array_equal(got, want)
+
+def test_nan_skip_leaves_params_statistics_and_optimizer_untouched(data_dir, tmp_path,
+                                                                   monkeypatch):
+    config = config_for(data_dir, steps=6, eval_every=100, checkpoint_every=1, log_every=1,
+                        nan_policy="skip")
+    instrument_steps(monkeypatch, nan_at=(5,))
+    train.train(config, tmp_path / "skip")
+    before, skipped, after = (full_state(tmp_path / "skip", config, s) for s in (4, 5, 6))
+    assert (int(before.step), int(skipped.step)) == (4, 5)
+    assert_trees_equal((skipped.params, skipped.batch_stats, skipped.opt_state),
+                       (before.params, before.batch_stats, before.opt_state))
+    with pytest.raises(AssertionError):  # Training went on after the skipped step.
+        assert_trees_equal(after.params, skipped.params)
+    logged = [r for r in records(tmp_path / "skip") if "skipped_steps" in r]
+    assert [(r["step"], r["skipped_steps"]) for r in logged] == [
+        (1, 0), (2, 0), (3, 0), (4, 0), (5, 1), (6, 0)]
+
+
+def test_nan_validation_auc_never_selects_a_step(tmp_path, caplog):
+    one_class = datasets.write(tmp_path / "real_only", {"train": (8, 8), "validation": (8, 0)})
+    config = config_for(one_class, steps=4, eval_every=2, checkpoint_every=2, log_every=2)
+    with caplog.at_level(logging.WARNING):
+        train.train(config, tmp_path / "run")
+    assert [np.isnan(r["val_auc"]) for r in validation_records(tmp_path / "run")] == [True, True]
+    assert sum("Validation AUC is NaN" in r.getMessage() for r in caplog.records) == 1
+    assert saved_steps(tmp_path / "run") == [2, 4]
+    assert checkpoints.restore_inference(tmp_path / "run")[3] == 4  # The latest, not the first.

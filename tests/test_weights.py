@@ -10,7 +10,6 @@ from cae_jax import main, sharding, train_step
 
 keras = pytest.importorskip("keras")
 
-PARITY_SIZE = 128  # Sides 16 -> 8 are even there: exercises the "same" max-pool padding.
 
 
 def count(tree) -> int:
@@ -46,6 +45,15 @@ def test_full_size_parameter_count_and_shapes():
     graphdef, params, stats = train_step.abstract_model(config)
     assert count(params["encoder"]) == 20_806_952  # timm legacy_xception without its fc.
     assert count(params["encoder"]) + count(stats["encoder"]) == 20_861_480  # Keras notop.
+    # Decoder: ConvTranspose 4x4 (no bias) + BatchNorm scale/bias per stage from 2048
+    # channels, then a 3x3 conv to RGB with bias.
+    widths = (2048, 512, 256, 128, 64, 32)
+    stages = sum(a * b * 16 + 2 * b for a, b in zip(widths[:-1], widths[1:], strict=True))
+    assert count(params["decoder"]) == stages + 32 * 3 * 9 + 3 == 19_565_347
+    assert count(stats["decoder"]) == 2 * sum(widths[1:])  # Running mean and variance.
+    # Classifier: Dense 2048 -> 256 and 256 -> 1, with biases.
+    assert count(params["classifier"]) == 2048 * 256 + 256 + 256 + 1 == 524_801
+    assert "classifier" not in stats
     images = jax.ShapeDtypeStruct((2, 299, 299, 3), np.float32)
     logits, recon, _ = jax.eval_shape(
         lambda p, s, x: train_step.forward(graphdef, p, s, x, train=False), params, stats, images
@@ -54,13 +62,16 @@ def test_full_size_parameter_count_and_shapes():
     assert (logits.shape, recon.shape, latent.shape) == ((2,), (2, 299, 299, 3), (2, 10, 10, 2048))
 
 
-def test_keras_import_gives_keras_features(tmp_path):
+@pytest.mark.parametrize("size, batch, latent", [
+    (128, 2, 4),  # Sides 16 -> 8 are even there: exercises the "same" max-pool padding.
+    pytest.param(299, 1, 10, marks=pytest.mark.slow),  # The model's size (74 -> 37 is even).
+])
+def test_keras_import_gives_keras_features(size, batch, latent, tmp_path):
     import h5py
     from keras.src.legacy.saving import legacy_h5_format
 
-    model = keras.applications.Xception(
-        weights=None, include_top=False, input_shape=(PARITY_SIZE, PARITY_SIZE, 3)
-    )
+    model = keras.applications.Xception(weights=None, include_top=False,
+                                        input_shape=(size, size, 3))
     randomize(model)
     h5 = tmp_path / "xception_weights_tf_dim_ordering_tf_kernels_notop.h5"
     with h5py.File(h5, "w") as f:
@@ -70,7 +81,7 @@ def test_keras_import_gives_keras_features(tmp_path):
                       "--output", str(out)]) == 0
 
     config = config_lib.default_config()
-    config.model.image_size = PARITY_SIZE
+    config.model.image_size = size
     config.init_from = str(out)
     mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
     with pytest.raises(ValueError, match="pool_padding"):
@@ -80,10 +91,10 @@ def test_keras_import_gives_keras_features(tmp_path):
     state = train_step.create_train_state(config, mesh)
 
     graphdef, _, _ = train_step.abstract_model(config)
-    images = np.random.default_rng(1).uniform(-1, 1, (2, PARITY_SIZE, PARITY_SIZE, 3))
+    images = np.random.default_rng(1).uniform(-1, 1, (batch, size, size, 3))
     images = images.astype(np.float32)
     ours = np.asarray(jax.jit(encode, static_argnums=0)(
         graphdef, state.params, state.batch_stats, images))
     theirs = model.predict(images, verbose=0)
-    assert ours.shape == theirs.shape == (2, 4, 4, 2048)
+    assert ours.shape == theirs.shape == (batch, latent, latent, 2048)
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())

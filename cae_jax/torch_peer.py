@@ -152,7 +152,7 @@ class TorchCAE(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.encoder.forward_features(x)
         logit = self.classifier(z.mean(dim=(2, 3)))[:, 0]
-        recon = self.decoder(z)
+        recon = self.decoder(z).float()  # As the JAX decoder: RGB out, then float32.
         if recon.shape[-1] != self.image_size:
             size = (self.image_size, self.image_size)
             recon = F.interpolate(recon, size, mode="bilinear", antialias=True)

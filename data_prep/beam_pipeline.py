@@ -19,8 +19,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 from etils import epath
 
-from cae_jax import records
-from data_prep import datasets, work, writer
+from data_prep import datasets, records, work, writer
 
 
 def shard_counts(

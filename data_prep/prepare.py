@@ -23,7 +23,7 @@ import numpy as np
 import tqdm
 from etils import epath
 
-from data_prep import datasets, deepfakebench, faces, work, writer
+from data_prep import datasets, deepfakebench, faces, preview, work, writer
 
 WORK_DIR = ".work"
 PREVIEW = "preview.png"
@@ -290,7 +290,6 @@ def write_preview(
 ) -> None:
     """A PNG with one row per split of crops from a few real and fake videos, framed green
     (real) or red (fake): the first thing to look at to see that crops show faces."""
-    from cae_jax.input_pipeline import sample_grid  # Pulls in JAX: only once all is written.
 
     rows = []
     for split in writer.SPLITS:
@@ -305,7 +304,8 @@ def write_preview(
         shown += fake[: PREVIEW_PER_SPLIT - len(shown)]
         crops = [_preview_crop(e, name, work_dir) for e in shown]
         labels = [int(e.label != datasets.REAL) for e in shown]
-        rows.append(sample_grid(np.stack(crops), np.array(labels), columns=PREVIEW_PER_SPLIT))
+        rows.append(preview.sample_grid(np.stack(crops), np.array(labels),
+                                        columns=PREVIEW_PER_SPLIT))
     if rows:
         grid = cv2.cvtColor(np.concatenate(rows), cv2.COLOR_RGB2BGR)
         path.write_bytes(cv2.imencode(".png", grid)[1].tobytes())

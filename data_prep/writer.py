@@ -17,7 +17,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from etils import epath
 
-from cae_jax import records
+from data_prep import records
 
 SPLITS = ("train", "validation", "test")
 MANIFEST = "manifest.json"

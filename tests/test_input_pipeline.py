@@ -12,8 +12,8 @@ import pytest
 import tensorflow as tf
 
 from cae_jax import config as config_lib
-from cae_jax import input_pipeline, records, sharding, tfrecord
-from data_prep import writer
+from cae_jax import input_pipeline, sharding, tfrecord
+from data_prep import preview, records, writer
 from tests import datasets
 
 SIZE = 32  # Stored crops and model input: small enough for thousands of samples a second.
@@ -248,12 +248,12 @@ def test_batch_not_divisible_by_the_devices_is_an_error(ffpp_like):
 
 def test_sample_grid_frames_each_image_by_its_label():
     images = np.stack([np.full((32, 32, 3), v, np.uint8) for v in (10, 20, 30)])
-    grid = input_pipeline.sample_grid(images, np.array([0, 1, 1]), columns=2)
+    grid = preview.sample_grid(images, np.array([0, 1, 1]), columns=2)
     assert grid.shape == (2 * 34, 2 * 34, 3) and grid.dtype == np.uint8
     np.testing.assert_array_equal(grid[1:33, 1:33], images[0])
     np.testing.assert_array_equal(grid[35:67, 1:33], images[2])
-    np.testing.assert_array_equal(grid[0, 0], input_pipeline.FRAME_COLOURS[0])
-    np.testing.assert_array_equal(grid[0, 34], input_pipeline.FRAME_COLOURS[1])
+    np.testing.assert_array_equal(grid[0, 0], preview.FRAME_COLOURS[0])
+    np.testing.assert_array_equal(grid[0, 34], preview.FRAME_COLOURS[1])
     np.testing.assert_array_equal(grid[40, 40], [255, 255, 255])  # Empty cell.
 
 

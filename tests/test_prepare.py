@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from etils import epath
 from skimage import data as skdata
 
 from cae_jax import main as cli
@@ -439,6 +440,59 @@ def test_writer_failure_leaves_previous_dataset_intact(tmp_path):
         writer.write_dataset(tmp_path, "t", {"train": broken()}, 2)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # No tmp files either.
     assert len(load_split(tmp_path, "train")) == 4
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("killed", [False, True], ids=["error", "killed"])
+def test_writer_replaces_a_dataset_atomically_at_every_failure_point(tmp_path, monkeypatch, killed):
+    writer.write_dataset(tmp_path, "t", {"train": [_example(i) for i in range(4)]}, 2)
+    before = _files(tmp_path)
+    path_type = type(epath.Path(tmp_path))
+    real_rename, real_recover = path_type.rename, writer.recover
+    renames = len(before) + 3  # Moving the old files aside, then the new shards in.
+    for fail_at in [*range(renames), "metadata"]:
+        calls = []
+
+        def rename(self, target, fail_at=fail_at, calls=calls):
+            calls.append(target)
+            if len(calls) - 1 == fail_at:
+                raise OSError("disk gone")
+            return real_rename(self, target)
+
+        def metadata(**kwargs):
+            raise OSError("disk gone")
+
+        monkeypatch.setattr(path_type, "rename", rename)
+        if fail_at == "metadata":
+            monkeypatch.setattr(tfds.folder_dataset, "write_metadata", metadata)
+        if killed:  # Nothing is undone in the failing process: the next one repairs.
+            monkeypatch.setattr(writer, "recover", lambda *a: None)
+        with pytest.raises(OSError, match="disk gone"):
+            writer.write_dataset(tmp_path, "t", {"train": [_example(i) for i in range(6)]}, 3)
+        monkeypatch.undo()
+        if killed:
+            writer.recover(tmp_path, "t")
+        assert _files(tmp_path) == before, fail_at
+    writer.write_dataset(tmp_path, "t", {"train": [_example(i) for i in range(6)]}, 3)
+    assert len(load_split(tmp_path, "train")) == 6
+    assert not writer.previous_dir(epath.Path(tmp_path), "t").exists()
+    assert real_recover is writer.recover
+
+
+def test_writer_keeps_the_previous_dataset_when_nothing_is_written(tmp_path):
+    writer.write_dataset(tmp_path, "t", {"train": [_example(i) for i in range(4)]}, 2)
+    before = _files(tmp_path)
+    with pytest.raises(writer.NothingToWriteError, match="kept as it was"):
+        writer.write_dataset(tmp_path, "t", {"train": []}, skipped=[{"video_id": "v9"}])
+    after = _files(tmp_path)
+    skips = json.loads(after.pop(writer.NOTHING_WRITTEN))
+    assert after == before and skips["skipped"] == [{"video_id": "v9"}]
+    assert len(load_split(tmp_path, "train")) == 4
+    writer.write_dataset(tmp_path, "t", {"train": [_example(1)]})
+    assert not (tmp_path / writer.NOTHING_WRITTEN).exists()
 
 
 # --- End to end -------------------------------------------------------------------------------

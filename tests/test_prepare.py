@@ -659,6 +659,21 @@ def test_pool_survives_a_file_that_kills_its_worker(raw_folder, tmp_path):
     assert skipped["reason"].startswith(f"crashed its worker process {work.MAX_ATTEMPTS} times")
 
 
+def test_pool_charges_each_of_several_crashing_files(raw_folder, tmp_path):
+    root, _ = raw_folder
+    crashes = [CrashingEntry(root / "real/r2.avi", f"real/crash{i}.avi", "real", "real", "train")
+               for i in range(3)]
+    good = [e for e in datasets.list_entries("folder", root / "list.csv", datasets.Options())
+            if e.video_id == "real/r0.avi"]
+    out = Path(prepare.prepare([*crashes, *good], "mine", tmp_path, SETTINGS, workers=2))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["frames"] == 4
+    reasons = {s["video_id"]: s["reason"] for s in manifest["skipped"]}
+    assert sorted(reasons) == [f"real/crash{i}.avi" for i in range(3)]
+    for reason in reasons.values():
+        assert reason.startswith(f"crashed its worker process {work.MAX_ATTEMPTS} times")
+
+
 def _wait_for(pattern: str, folder: str) -> None:
     deadline = time.monotonic() + 60
     while not list(Path(folder).glob(pattern)) and time.monotonic() < deadline:

@@ -4,8 +4,10 @@
 reports, per dataset and per manipulation method (that method's fakes against all reals):
 frame-level AUC, ACC at 0.5, EER and AP, and video-level AUC and ACC of the mean frame
 probability per video, keyed by "dataset/method/video_id" so equal file names under
-different methods stay apart. It also writes a cross-dataset table (markdown and JSON) and
-one ROC curve PNG per dataset next to `--out`. The trainer validates with `score_split`
+different methods stay apart. Results are keyed by each data dir's name, or where two dirs
+share a name by the shortest path suffix that tells them apart (`a/ffpp`, `b/ffpp`). It
+also writes a cross-dataset table (markdown and JSON) and one ROC curve PNG per dataset
+next to `--out`. The trainer validates with `score_split`
 and `summarize` as well, so validation and test numbers mean the same thing.
 """
 
@@ -159,6 +161,21 @@ def markdown_table(results: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def data_keys(data_dirs: list[str]) -> dict[str, str]:
+    """Result key -> data dir: the dir's name, or where names repeat the shortest path suffix
+    that tells it apart (`a/ffpp` and `b/ffpp`), so no dir's results overwrite another's."""
+    parts = [Path(d.rstrip("/")).parts for d in data_dirs]
+    keys = {}
+    for i, (data_dir, mine) in enumerate(zip(data_dirs, parts, strict=True)):
+        others = [p for j, p in enumerate(parts) if j != i]
+        depth = next((k for k in range(1, len(mine) + 1)
+                      if all(p[-k:] != mine[-k:] for p in others)), None)
+        if depth is None:
+            raise ValueError(f"--data names {data_dir} twice (or as a suffix of another dir)")
+        keys["/".join(mine[-depth:])] = data_dir
+    return keys
+
+
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike, data_dirs: list[str], split: str, out: str | os.PathLike,
     *, batch_size: int = 0, protocol: str = "cae-jax",
@@ -185,15 +202,15 @@ def evaluate_checkpoint(
         state = checkpoints.restore_state(step_dir, config, mesh)
     eval_step = train_step.make_eval_step(config, mesh)
     results, curves, protocol_rows = {}, {}, []
-    for data_dir in data_dirs:
+    keys = data_keys(data_dirs)
+    for name, data_dir in keys.items():
         scores = score_split(config, eval_step, state, mesh, data_dir, split)
-        name = Path(data_dir.rstrip("/")).name
         results[name] = summarize(scores)
         curves[name] = {"labels": scores["label"], "probs": scores["prob"]}
         if protocol == "deepfakebench":
             protocol_rows.append(deepfakebench.report(scores, video_keys(scores), data_dir))
     report = {"checkpoint": str(step_dir), "step": int(state.step), "split": split,
-              "data": {Path(d.rstrip("/")).name: d for d in data_dirs}, "results": results}
+              "data": keys, "results": results}
     if protocol == "deepfakebench":
         report["deepfakebench"] = protocol_rows
     if jax.process_index() == 0:
@@ -208,8 +225,8 @@ def evaluate_checkpoint(
             table_md = deepfakebench.markdown_table(protocol_rows)
             out.with_name(out.stem + "_deepfakebench.md").write_text(table_md)
         for name, c in curves.items():
-            save_roc_plot({name: c}, out.with_name(f"{out.stem}_roc_{name}.png"),
-                          f"{name} / {split} (step {report['step']})")
+            png = out.with_name(f"{out.stem}_roc_{name.replace('/', '__')}.png")
+            save_roc_plot({name: c}, png, f"{name} / {split} (step {report['step']})")
     return report
 
 
@@ -221,7 +238,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated `cae-jax prepare` output dirs")
     parser.add_argument("--split", default="test", help="split to score (default: test)")
     parser.add_argument("--out", required=True,
-                        help="metrics JSON; OUT_table.md/.json and OUT_roc_DATA.png go beside it")
+                        help="metrics JSON; OUT_table.md/.json and OUT_roc_DATA.png go beside "
+                        "it (DATA: the dir's name, or a longer path suffix where names repeat)")
     parser.add_argument("--batch-size", type=int, default=0,
                         help="global evaluation batch (default: the run's eval batch)")
     parser.add_argument("--protocol", choices=("cae-jax", "deepfakebench"), default="cae-jax",
@@ -238,6 +256,9 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {err}") from err
     if jax.process_index() == 0:
         print(markdown_table(report["results"]), end="")
+        for key, data_dir in report["data"].items():
+            if "/" in key:  # Its name alone is another dir's too.
+                print(f"{key}: {data_dir}")
         if "deepfakebench" in report:
             from cae_jax import deepfakebench
 

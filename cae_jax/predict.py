@@ -2,15 +2,19 @@
 
 Faces are found and cropped as `cae-jax prepare` does (same frame sampling, detector, margin),
 each crop is scored, and a video's score is the mean of its frames' scores. Every input gets an
-entry in the JSON, scored or not (`no_face`, `error`), so nothing is dropped silently.
+entry in the JSON, scored or not (`no_face`, `error`), so nothing is dropped silently: any
+failure of one input becomes its entry, and `--out` is rewritten (atomically) after each input,
+so an interrupted run keeps every score so far (`"complete": false`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+import uuid
 from pathlib import Path
 
 import cv2
@@ -105,15 +109,24 @@ def score_input(
         for index, s, box, err in zip(found["frame_indices"], scores, found["boxes"],
                                       out["error_map"], strict=True)
     ]
+    entry.update(status="ok", score=score, label="fake" if score >= args.threshold else "real",
+                 frames=frames)
     if heatmap_dir is not None:
-        heatmap_dir.mkdir(parents=True, exist_ok=True)
-        scale = heatmap.error_scale(out["error_map"])
-        for frame, crop, err in zip(frames, found["crops"], out["error_map"], strict=True):
-            png = heatmap_dir / f"frame_{frame['frame_index']:06d}.png"
-            heatmap.write_png(png, heatmap.overlay(crop, err, scale))
-            frame["heatmap"] = os.fspath(png)
-    return {**entry, "status": "ok", "score": score,
-            "label": "fake" if score >= args.threshold else "real", "frames": frames}
+        try:
+            write_heatmaps(heatmap_dir, frames, found["crops"], out["error_map"])
+        except (OSError, cv2.error) as err:  # The scores stand without their pictures.
+            entry["heatmap_error"] = f"{heatmap_dir}: {type(err).__name__}: {err}"
+    return entry
+
+
+def write_heatmaps(folder: Path, frames: list[dict], crops: np.ndarray, errors: np.ndarray):
+    """One overlay PNG per frame; each frame's entry gets its file's path once written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    scale = heatmap.error_scale(errors)
+    for frame, crop, err in zip(frames, crops, errors, strict=True):
+        png = folder / f"frame_{frame['frame_index']:06d}.png"
+        heatmap.write_png(png, heatmap.overlay(crop, err, scale))
+        frame["heatmap"] = os.fspath(png)
 
 
 def heatmap_folders(paths: list[Path], root: Path) -> list[Path]:
@@ -122,31 +135,80 @@ def heatmap_folders(paths: list[Path], root: Path) -> list[Path]:
     return [root / (f"{i:04d}_{n}" if names.count(n) > 1 else n) for i, n in enumerate(names)]
 
 
-def run(args: argparse.Namespace) -> int:
+def flag_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with the flags, before any work; None when nothing is."""
+    if args.batch_size < 1:
+        return f"--batch-size must be at least 1, got {args.batch_size}"
+    if args.frames_per_video < 1:
+        return f"--frames-per-video must be at least 1, got {args.frames_per_video}"
+    if not args.margin > 0:
+        return f"--margin must be positive, got {args.margin}"
+    if not math.isfinite(args.threshold):
+        return f"--threshold must be a number, got {args.threshold}"
     if args.out and not Path(args.out).absolute().parent.is_dir():
-        print(f"error: --out {args.out}: its folder does not exist", file=sys.stderr)
+        return f"--out {args.out}: its folder does not exist"
+    return None
+
+
+def write_report(report: dict, out: Path) -> None:
+    """Replaces `out` whole (temporary file + rename): readers never see half a report."""
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    problem = flag_error(args)
+    if problem is None:
+        try:
+            paths = expand_inputs(args.inputs)
+        except OSError as err:
+            problem = f"cannot list {err.filename}: {err.strerror or err}"
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
+    out = Path(args.out) if args.out else None
+    results = []
+    report = {"model": os.fspath(args.model), "threshold": args.threshold,
+              "aggregate": "mean", "complete": False, "results": results}
     try:
         predictor = export.load_bundle(args.model, batch_size=args.batch_size)
-    except (FileNotFoundError, ValueError) as err:
+        if out:
+            write_report(report, out)  # An --out that cannot be written stops the run here.
+    except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    paths = expand_inputs(args.inputs)
     roots = (heatmap_folders(paths, Path(args.heatmaps)) if args.heatmaps
              else [None] * len(paths))
-    results = []
-    for path, root in zip(tqdm(paths, desc="predict", unit="input"), roots, strict=True):
-        result = score_input(path, predictor, args, root)
-        if result["status"] != "ok":
-            print(result.get("error") or f"{path}: no face found", file=sys.stderr)
-        results.append(result)
-    report = {"model": os.fspath(args.model), "threshold": args.threshold,
-              "aggregate": "mean", "results": results}
-    text = json.dumps(report, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    else:
-        print(text)
+    try:
+        for path, root in zip(tqdm(paths, desc="predict", unit="input"), roots, strict=True):
+            results.append(_score_or_error(path, predictor, args, root))
+            if out:
+                write_report(report, out)
+        report["complete"] = True
+    finally:  # Whatever ends the run, what was scored is kept.
+        if out:
+            write_report(report, out)
+        else:
+            print(json.dumps(report, indent=2))
     scored = sum(r["status"] == "ok" for r in results)
     print(f"scored {scored} of {len(results)} inputs", file=sys.stderr)
     return 0 if scored else 1
+
+
+def _score_or_error(
+    path: Path, predictor: export.Predictor, args: argparse.Namespace, root: Path | None
+) -> dict:
+    try:
+        result = score_input(path, predictor, args, root)
+    except Exception as err:  # noqa: BLE001 - one input's failure is its entry, not the run's.
+        result = {"path": os.fspath(path), "status": "error",
+                  "error": f"{path}: {type(err).__name__}: {err}"}
+    if result["status"] != "ok":
+        print(result.get("error") or f"{path}: no face found", file=sys.stderr)
+    if "heatmap_error" in result:
+        print(f"{path}: heatmaps not written: {result['heatmap_error']}", file=sys.stderr)
+    return result

@@ -103,6 +103,28 @@ def index_file(path: str, *, skip_corrupt: bool = False) -> np.ndarray:
     return np.asarray(offsets, dtype=np.int64)
 
 
+def _read_frame(f, path: str, offset: int) -> bytes:
+    """The data of the frame at `offset` (where `f` stands); raises `CorruptRecordError`.
+
+    The file may have changed since it was indexed (shrunk, rewritten), so every part of the
+    frame is checked rather than trusted.
+    """
+    header = f.read(_HEADER.size)
+    if len(header) < _HEADER.size:
+        raise CorruptRecordError(path, offset, "file ends inside the record header (shrunk?)")
+    length, length_crc = _HEADER.unpack(header)
+    if masked_crc(header[:8]) != length_crc:
+        raise CorruptRecordError(path, offset, "length checksum mismatch")
+    data = f.read(length)
+    footer = f.read(_FOOTER.size)
+    if len(data) < length or len(footer) < _FOOTER.size:
+        problem = f"file ends inside a record of {length} bytes (shrunk?)"
+        raise CorruptRecordError(path, offset, problem)
+    if masked_crc(data) != _FOOTER.unpack(footer)[0]:
+        raise CorruptRecordError(path, offset, "data checksum mismatch")
+    return data
+
+
 class IndexedTFRecords:
     """A grain `RandomAccessDataSource` over the records of several TFRecord files.
 
@@ -164,13 +186,10 @@ class IndexedTFRecords:
         path, offset = self.locate(index)
         f = self._handle(path)
         f.seek(offset)
-        frame = f.read(_HEADER.size)
-        length, _ = _HEADER.unpack(frame)
-        data = f.read(length)
-        (data_crc,) = _FOOTER.unpack(f.read(_FOOTER.size))
-        if masked_crc(data) != data_crc:
-            error = CorruptRecordError(path, offset, "data checksum mismatch")
-            skip_or_raise(error, self.skip_corrupt)
+        try:
+            data = _read_frame(f, path, offset)
+        except CorruptRecordError as err:
+            skip_or_raise(err, self.skip_corrupt)
             return None
         return RawRecord(data=data, path=path, offset=offset)
 

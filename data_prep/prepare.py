@@ -117,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
     except (
         datasets.DatasetLayoutError,
         work.CacheSettingsError,
+        work.CacheWriteError,
+        work.CorruptCacheError,
         writer.NothingToWriteError,
     ) as err:
         print(f"cae-jax prepare: {err}", file=sys.stderr)
@@ -129,6 +131,9 @@ def run(args: argparse.Namespace) -> int:
     for split, counts in manifest["splits"].items():
         print(f"{split}: {counts['videos']} videos, {counts['frames']} frames")
     print(f"skipped: {len(manifest['skipped'])} (reasons in {out}/{writer.MANIFEST})")
+    retry = sum(bool(s.get("retry")) for s in manifest["skipped"])
+    if retry:
+        print(f"{retry} of them failed for a reason not their own: re-run to retry them")
     return 0
 
 
@@ -228,6 +233,7 @@ def _init_worker() -> None:
     import cv2
 
     cv2.setNumThreads(1)
+    work.withdraw_attempt_on_sigterm()
 
 
 def write_from_cache(

@@ -3,8 +3,10 @@
 The cache (`OUT_DIR/.work/`) holds, per video, `<key>.npz` (PNG crops, boxes, frame indices,
 fps) and then `<key>.json` (its summary). The JSON is written last and marks the video
 done; both are written to a temporary name and renamed, so a killed worker leaves no cache
-entry that reads as finished. Files are read back without pickle. Paths are `etils.epath`
-so the cache also lives on gs:// for Beam runners.
+entry that reads as finished. Only outcomes that a re-run would repeat (crops, no face, media
+that cannot be decoded) are cached; other failures (I/O errors, a full disk) are retried by
+the next run. Files are read back without pickle. Paths are `etils.epath` so the cache also
+lives on gs:// for Beam runners.
 """
 
 from __future__ import annotations
@@ -13,8 +15,11 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import os
+import signal
 import uuid
+import zipfile
 from collections.abc import Iterator
 
 import cv2
@@ -32,6 +37,15 @@ class CacheSettingsError(ValueError):
     """The cache folder was made with other crop settings."""
 
 
+class CacheWriteError(OSError):
+    """The cache cannot be written (e.g. the disk is full): the run stops, finished videos
+    stay cached."""
+
+
+class CorruptCacheError(ValueError):
+    """A cached `.npz` of crops is missing or unreadable."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """Everything that changes the crops: a cache made with other settings is not reused."""
@@ -43,10 +57,19 @@ class Settings:
     align: bool = False
 
 
-def _write_atomic(path: epath.Path, data: bytes) -> None:
+def _write_atomic(path: epath.Path, data: bytes, video_id: str = "") -> None:
+    """Writes through a temporary file; a failure removes it and raises `CacheWriteError`."""
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        of = f" (for {video_id})" if video_id else ""
+        raise CacheWriteError(
+            f"cannot write {path}{of}: {err.strerror or err}; free space (or fix the folder) "
+            "and re-run: finished videos stay cached"
+        ) from err
 
 
 def open_cache(work_dir: str | os.PathLike, settings: Settings) -> epath.Path:
@@ -86,51 +109,87 @@ def process(entry: Entry, settings: Settings, work_dir: str | os.PathLike) -> di
     """Crops one entry into the cache unless already there; returns its summary.
 
     The summary has status "ok" (with `frames`, crops kept, and `sampled`, frames decoded) or
-    "skipped" (with `reason`). Every failure becomes a skip: nothing here raises. A file that
-    kills its worker process (a decoder crash) leaves its attempt marker behind; after
-    `MAX_ATTEMPTS` such deaths it is skipped instead of being tried again.
+    "skipped" (with `reason`; and `retry: True` when the failure is not the file's, e.g. an
+    I/O error, so it is not cached and the next run tries again). A failure of one file never
+    raises; only `CacheWriteError` (the cache itself cannot be written) does. A file whose
+    process dies on it (a decoder crash) leaves an attempt marker behind; after
+    `MAX_ATTEMPTS` such deaths it is skipped instead of being tried again. A cached summary
+    whose crops are missing or corrupt is logged, naming the video, and redone.
     """
     work_dir = epath.Path(work_dir)
     key = cache_key(entry.video_id)
     done = work_dir / f"{key}.json"
     if done.exists():
-        return json.loads(done.read_text())
+        summary = json.loads(done.read_text())
+        if summary["status"] != "ok" or _crops_readable(entry, work_dir):
+            return summary
+        done.unlink()
     if not entry.path.exists():
         # Not cached: the file may be restored before the next run.
         return _summary(entry, "skipped", reason=f"listed but missing on disk: {entry.path}")
-    attempts = work_dir / f"{key}.attempts"
-    started = int(attempts.read_text()) if attempts.exists() else 0
-    if started >= MAX_ATTEMPTS:
+    crashes = list(work_dir.glob(f"{key}.attempt-*"))
+    if len(crashes) >= MAX_ATTEMPTS:
         summary = _summary(
-            entry, "skipped", reason=f"crashed its worker process {started} times: {entry.path}"
+            entry,
+            "skipped",
+            reason=f"crashed its worker process {len(crashes)} times: {entry.path}",
         )
     else:
-        _write_atomic(attempts, str(started + 1).encode())
-        try:
-            summary = _crop_and_cache(entry, settings, work_dir / f"{key}.npz")
-        except BaseException:  # Interrupted (Ctrl-C): not the file's fault.
-            attempts.unlink()
-            raise
-    _write_atomic(done, json.dumps(summary).encode())
-    if attempts.exists():
-        attempts.unlink()
+        summary = _attempt(entry, settings, work_dir, key)
+        if summary.get("retry"):
+            return summary
+    _write_atomic(done, json.dumps(summary).encode(), entry.video_id)
+    for marker in crashes:
+        marker.unlink(missing_ok=True)
     return summary
+
+
+_in_flight: epath.Path | None = None  # The attempt marker of the file this process works on.
+
+
+def withdraw_attempt_on_sigterm() -> None:
+    """For pool workers: SIGTERM (the pool stopping healthy workers after another one died)
+    removes this process's attempt marker before exiting, so a file's attempts count only
+    deaths of the process working on that very file."""
+    signal.signal(signal.SIGTERM, _withdraw_and_exit)
+
+
+def _withdraw_and_exit(signum: int, frame) -> None:
+    if _in_flight is not None:
+        _in_flight.unlink(missing_ok=True)
+    os._exit(128 + signum)
+
+
+def _attempt(entry: Entry, settings: Settings, work_dir: epath.Path, key: str) -> dict:
+    """`_crop_and_cache` under an attempt marker that stays only if this process dies."""
+    global _in_flight
+    marker = work_dir / f"{key}.attempt-{uuid.uuid4().hex[:12]}"
+    _write_atomic(marker, str(os.getpid()).encode(), entry.video_id)
+    _in_flight = marker
+    try:
+        return _crop_and_cache(entry, settings, work_dir / f"{key}.npz")
+    finally:  # Returned or raised (e.g. Ctrl-C): not a crash.
+        marker.unlink(missing_ok=True)
+        _in_flight = None
 
 
 def _crop_and_cache(entry: Entry, settings: Settings, crops_path: epath.Path) -> dict:
     try:
         result = _crop(entry, settings)
-    except video.UnreadableMediaError as err:
+    except (video.UnreadableMediaError, cv2.error) as err:  # The file's own: it stays so.
         return _summary(entry, "skipped", reason=f"unreadable: {err}")
-    except Exception as err:  # noqa: BLE001 - any failure of one file is recorded, not fatal.
+    except Exception as err:  # noqa: BLE001 - one file's failure is reported, not fatal.
         return _summary(
-            entry, "skipped", reason=f"failed: {entry.path}: {type(err).__name__}: {err}"
+            entry,
+            "skipped",
+            reason=f"failed (retried on the next run): {entry.path}: {type(err).__name__}: {err}",
+            retry=True,
         )
     if not len(result.crops):
         return _summary(
             entry, "skipped", reason=f"no face found in {result.num_sampled} sampled frames"
         )
-    _write_atomic(crops_path, _encode(result))
+    _write_atomic(crops_path, _encode(result), entry.video_id)
     fields = {"frames": len(result.crops), "sampled": result.num_sampled}
     if getattr(result, "skipped_frames", ()):  # Frames of a frame-list video left out.
         fields["skipped_frames"] = list(result.skipped_frames)
@@ -189,23 +248,50 @@ def is_cropped(entry: Entry, work_dir: str | os.PathLike) -> bool:
     return (epath.Path(work_dir) / f"{cache_key(entry.video_id)}.npz").exists()
 
 
+_CROP_ARRAYS = ("png", "png_ends", "boxes", "frame_indices", "fps")
+
+
+def _load_crops(entry: Entry, work_dir: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The arrays of one entry's cached `.npz`; `CorruptCacheError` names the video."""
+    path = epath.Path(work_dir) / f"{cache_key(entry.video_id)}.npz"
+    try:
+        with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as data:
+            arrays = {name: data[name] for name in _CROP_ARRAYS}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise CorruptCacheError(
+            f"cached crops of {entry.video_id} ({path}) are missing or corrupt: "
+            f"{type(err).__name__}: {err}"
+        ) from err
+    if not len(arrays["png_ends"]) == len(arrays["boxes"]) == len(arrays["frame_indices"]):
+        raise CorruptCacheError(f"cached crops of {entry.video_id} ({path}) disagree in length")
+    return arrays
+
+
+def _crops_readable(entry: Entry, work_dir: epath.Path) -> bool:
+    try:
+        _load_crops(entry, work_dir)
+    except CorruptCacheError as err:
+        logging.warning("%s: redoing it", err)
+        return False
+    return True
+
+
 def cached_examples(entry: Entry, dataset: str, work_dir: str | os.PathLike) -> Iterator[dict]:
     """The cached crops of one finished entry as examples in the `records.features()` schema."""
-    path = epath.Path(work_dir) / f"{cache_key(entry.video_id)}.npz"
-    with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as data:
-        png, ends = data["png"].tobytes(), data["png_ends"]
-        starts = np.concatenate([[0], ends[:-1]])
-        for start, end, box, index in zip(
-            starts, ends, data["boxes"], data["frame_indices"], strict=True
-        ):
-            yield {
-                "image": png[start:end],
-                "label": entry.label,
-                "dataset": dataset,
-                "method": entry.method,
-                "compression": entry.compression,
-                "video_id": entry.video_id,
-                "frame_index": int(index),
-                "face_box": box.astype(np.float32),
-                "fps": float(data["fps"]),
-            }
+    data = _load_crops(entry, work_dir)
+    png, ends = data["png"].tobytes(), data["png_ends"]
+    starts = np.concatenate([[0], ends[:-1]])
+    for start, end, box, index in zip(
+        starts, ends, data["boxes"], data["frame_indices"], strict=True
+    ):
+        yield {
+            "image": png[start:end],
+            "label": entry.label,
+            "dataset": dataset,
+            "method": entry.method,
+            "compression": entry.compression,
+            "video_id": entry.video_id,
+            "frame_index": int(index),
+            "face_box": box.astype(np.float32),
+            "fps": float(data["fps"]),
+        }

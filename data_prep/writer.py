@@ -2,7 +2,8 @@
 
 Every file is written to a temporary name and renamed into place, and `dataset_info.json`
 (which `tfds.builder_from_directory` needs) is written last: a killed run never leaves a
-partial shard under a final name, nor metadata describing shards that are not there.
+partial shard under a final name, nor metadata describing shards that are not there. An
+earlier dataset is moved aside before the new one is renamed in and deleted only after.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from data_prep import records
 
 SPLITS = ("train", "validation", "test")
 MANIFEST = "manifest.json"
+NOTHING_WRITTEN = "manifest.nothing-written.json"
+_MOVED = ".moved"  # In `previous_dir`: every file of the earlier dataset is there.
+_COMMITTED = ".committed"  # In `previous_dir`: the new dataset is complete in `out_dir`.
 _METADATA_FILES = ("dataset_info.json", "features.json", "label.labels.txt")
 
 
@@ -142,26 +146,20 @@ def write_dataset(
             if n < 1:
                 raise ValueError(f"num_shards for split {split!r} must be >= 1, got {n}")
             shards[split], stats[split] = _write_split(out_dir, name, split, examples, n)
-    except BaseException:
-        _remove_temporary(shards)
-        for orphan in out_dir.glob(f".{name}-*.tmp-*"):  # The failed split's own shards.
-            orphan.unlink()
+        counts = {s: st.to_dict() for s, st in stats.items()}
+        manifest = {"splits": counts, "skipped": list(skipped), **(extra_manifest or {})}
+        return commit(out_dir, name, shards, manifest, description)
+    except NothingToWriteError:
         raise
-    manifest = {"splits": {s: st.to_dict() for s, st in stats.items()}, "skipped": list(skipped)}
-    return commit(out_dir, name, shards, {**manifest, **(extra_manifest or {})}, description)
+    except BaseException:
+        _remove_orphans(out_dir, name)  # Every split's temporary shards, the failed one's too.
+        raise
 
 
 def _check_splits(splits: Iterable[str]) -> None:
     unknown = set(splits) - set(SPLITS)
     if unknown:
         raise ValueError(f"unknown split(s) {sorted(unknown)}; splits are {SPLITS}")
-
-
-def _remove_temporary(shards: Mapping[str, Sequence[tuple[epath.Path, int]]]) -> None:
-    for pairs in shards.values():
-        for path, _ in pairs:
-            if path.exists():
-                path.unlink()
 
 
 def commit(
@@ -171,27 +169,74 @@ def commit(
     manifest: Mapping,
     description: str = "",
 ) -> epath.Path:
-    """Turns temporary shards into the dataset: renames them, then writes manifest + metadata.
+    """Turns temporary shards into the dataset, replacing an earlier one of the same `name`.
 
     `shards` maps split -> [(temporary shard path, example count)], in order. Empty shards are
-    deleted and the rest numbered densely. With no example at all, only the manifest is
-    written and `NothingToWriteError` raised. `manifest` needs "splits" (per split counts) and
-    "skipped"; "name" is added.
+    deleted and the rest numbered densely. `manifest` needs "splits" (per split counts) and
+    "skipped"; "name" is added. The earlier dataset is moved aside (`previous_dir`), the new
+    one renamed in, and only then is the earlier one deleted: at every point a complete
+    dataset exists, and a run killed in between is repaired by the next `commit`.
+
+    With no example at all, an earlier dataset is kept as it is (this run's manifest goes to
+    `NOTHING_WRITTEN`), or without one only the manifest is written, and
+    `NothingToWriteError` is raised.
     """
     out_dir = epath.Path(out_dir)
     _check_splits(shards)
+    recover(out_dir, name)
     shards = {s: [(epath.Path(p), n) for p, n in pairs] for s, pairs in shards.items()}
     kept = {s: [(p, n) for p, n in pairs if n] for s, pairs in shards.items()}
     for pairs in shards.values():
         for path, n in pairs:
             if not n:
                 path.unlink()
-    _remove_dataset_files(out_dir, name)
+    manifest = {"name": name, **manifest}
     if not any(kept.values()):
-        write_json_atomic(out_dir / MANIFEST, {"name": name, **manifest})
-        raise NothingToWriteError(
-            f"no examples to write to {out_dir}: every split is empty (see {MANIFEST})"
-        )
+        _remove_orphans(out_dir, name)
+        return _nothing_to_write(out_dir, name, manifest)
+    aside = previous_dir(out_dir, name)
+    try:
+        _move_aside(out_dir, name, aside)
+        _write_new(out_dir, name, kept, manifest, description)
+        (aside / _COMMITTED).touch()
+    except BaseException:
+        recover(out_dir, name)
+        raise
+    recover(out_dir, name)  # Deletes the earlier dataset.
+    _remove_orphans(out_dir, name)
+    if (out_dir / NOTHING_WRITTEN).exists():  # An earlier empty run's, now out of date.
+        (out_dir / NOTHING_WRITTEN).unlink()
+    return out_dir
+
+
+
+def previous_dir(out_dir: epath.Path, name: str) -> epath.Path:
+    """Where the earlier dataset waits while a new one is renamed into `out_dir`."""
+    return out_dir / f".{name}-previous"
+
+
+def _dataset_files(out_dir: epath.Path, name: str) -> list[epath.Path]:
+    """The files of dataset `name` in `out_dir`, metadata first (so it stops loading first)."""
+    files = [out_dir / f for f in (*_METADATA_FILES, MANIFEST) if (out_dir / f).exists()]
+    for split in SPLITS:
+        files += sorted(out_dir.glob(f"{name}-{split}.tfrecord-*-of-*"))
+    return files
+
+
+def _move_aside(out_dir: epath.Path, name: str, aside: epath.Path) -> None:
+    aside.mkdir()
+    for path in _dataset_files(out_dir, name):
+        path.rename(aside / path.name)
+    (aside / _MOVED).touch()
+
+
+def _write_new(
+    out_dir: epath.Path,
+    name: str,
+    kept: Mapping[str, Sequence[tuple[epath.Path, int]]],
+    manifest: Mapping,
+    description: str,
+) -> None:
     split_infos = []
     for split, pairs in kept.items():
         if not pairs:
@@ -203,9 +248,7 @@ def commit(
         split_infos.append(
             tfds.core.SplitInfo(name=split, shard_lengths=lengths, num_bytes=num_bytes)
         )
-    for orphan in out_dir.glob(f".{name}-*.tmp-*"):  # Left by killed runs or retried workers.
-        orphan.unlink()
-    write_json_atomic(out_dir / MANIFEST, {"name": name, **manifest})
+    write_json_atomic(out_dir / MANIFEST, manifest)
     tfds.folder_dataset.write_metadata(
         data_dir=os.fspath(out_dir),
         features=records.features(),
@@ -213,14 +256,48 @@ def commit(
         check_data=False,
         description=description,
     )
-    return out_dir
 
 
-def _remove_dataset_files(out_dir: epath.Path, name: str) -> None:
-    """Removes metadata first, then old shards: a crash in between leaves nothing loadable."""
-    for meta in _METADATA_FILES:
-        if (out_dir / meta).exists():
-            (out_dir / meta).unlink()
-    for split in SPLITS:
-        for old in out_dir.glob(f"{name}-{split}.tfrecord-*-of-*"):
-            old.unlink()
+def recover(out_dir: epath.PathLike, name: str) -> None:
+    """Finishes or undoes a replacement that stopped half way; a no-op when none did.
+
+    Committed: the earlier dataset is deleted. Otherwise the files of the new one (if any
+    were renamed in) are removed and the earlier dataset's files moved back.
+    """
+    out_dir = epath.Path(out_dir)
+    aside = previous_dir(out_dir, name)
+    if not aside.exists():
+        return
+    if not (aside / _COMMITTED).exists():
+        if (aside / _MOVED).exists():  # Whatever of `name` is in out_dir is the new, partial.
+            for path in _dataset_files(out_dir, name):
+                path.unlink()
+            (aside / _MOVED).unlink()  # Before moving back: what is moved back stays.
+        for path in aside.iterdir():
+            if path.name not in (_MOVED, _COMMITTED):
+                path.rename(out_dir / path.name)
+    for path in aside.iterdir():
+        if path.name not in (_MOVED, _COMMITTED):
+            path.unlink()
+    for marker in (_MOVED, _COMMITTED):  # Last: a kill before this point is redone.
+        if (aside / marker).exists():
+            (aside / marker).unlink()
+    aside.rmdir()
+
+
+def _nothing_to_write(out_dir: epath.Path, name: str, manifest: Mapping):
+    if _dataset_files(out_dir, name):
+        write_json_atomic(out_dir / NOTHING_WRITTEN, manifest)
+        raise NothingToWriteError(
+            f"no examples to write to {out_dir}: every split is empty; the dataset already "
+            f"there is kept as it was (this run's skips: {out_dir / NOTHING_WRITTEN})"
+        )
+    write_json_atomic(out_dir / MANIFEST, manifest)
+    raise NothingToWriteError(
+        f"no examples to write to {out_dir}: every split is empty (see {MANIFEST})"
+    )
+
+
+def _remove_orphans(out_dir: epath.Path, name: str) -> None:
+    for orphan in out_dir.glob(f".{name}-*.tmp-*"):  # Left by killed runs or retried workers.
+        orphan.unlink()

@@ -1,5 +1,7 @@
 """Evaluation summaries: per-method subsets with all reals, videos keyed by method too."""
 
+import json
+
 import numpy as np
 import pytest
 from sklearn import metrics as skm
@@ -49,3 +51,35 @@ def test_markdown_table_lists_every_dataset_and_subset():
     lines = table.strip().splitlines()
     assert len(lines) == 2 + 6
     assert lines[2].startswith("| ffpp | all | ") and lines[5].startswith("| celebdf | all | ")
+
+
+def test_data_keys_are_names_unless_names_repeat():
+    assert evaluate.data_keys(["/d/ffpp", "/d/celebdf/"]) == {"ffpp": "/d/ffpp",
+                                                              "celebdf": "/d/celebdf/"}
+    assert evaluate.data_keys(["/x/a/toy", "/y/a/toy", "/z/toy", "gs://b/other"]) == {
+        "x/a/toy": "/x/a/toy", "y/a/toy": "/y/a/toy", "z/toy": "/z/toy", "other": "gs://b/other"}
+    with pytest.raises(ValueError, match="names /d/ffpp twice"):
+        evaluate.data_keys(["/d/ffpp", "/d/ffpp/"])
+
+
+def test_dirs_with_the_same_name_keep_their_own_results(tmp_path, capsys):
+    from cae_jax import main as cli
+    from tests import datasets
+    from tests.test_export import initial_state, tiny_config, write_two_checkpoints
+
+    write_two_checkpoints(tmp_path / "run", initial_state(tiny_config()))
+    first = datasets.write(tmp_path / "a" / "toy", {"test": (4, 4)}, num_shards=1)
+    second = datasets.write(tmp_path / "b" / "toy", {"test": (6, 2)}, num_shards=1)
+    out = tmp_path / "eval" / "metrics.json"
+    assert cli.main(["evaluate", "--checkpoint", str(tmp_path / "run"), "--out", str(out),
+                     "--data", f"{first},{second}"]) == 0
+    report = json.loads(out.read_text())
+    assert report["data"] == {"a/toy": str(first), "b/toy": str(second)}
+    frames = {key: r["all"]["frame"]["frames"] for key, r in report["results"].items()}
+    assert frames == {"a/toy": 8, "b/toy": 8}
+    fakes = {key: r["Deepfakes"]["video"]["videos"] for key, r in report["results"].items()}
+    assert fakes["a/toy"] != fakes["b/toy"]
+    for key in ("a__toy", "b__toy"):
+        assert (out.parent / f"metrics_roc_{key}.png").stat().st_size > 1000
+    printed = capsys.readouterr().out
+    assert f"a/toy: {first}" in printed and "| b/toy | all |" in printed

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from cae_jax import config as config_lib
 from cae_jax import export, models, sharding, train_step
@@ -25,21 +26,33 @@ def initial_state(config) -> train_step.TrainState:
 
 
 def calibrated_model(config, state):
-    """The state's model with logits spread over (-2, 2), so sigmoid is not flat.
+    """The state's model with random BatchNorm statistics and logits spread over (-2, 2).
 
-    Random init gives logits in the hundreds (probability exactly 0 or 1), which would hide
-    any mismatch; the output layer is rescaled instead.
+    Fresh statistics (mean 0, variance 1) would let a bundle that dropped them pass; random
+    init gives logits in the hundreds (probability exactly 0 or 1), which would hide any
+    mismatch, so the output layer is rescaled.
     """
     graphdef, _, _ = train_step.abstract_model(config)
+    batch_stats = random_batch_stats(state.batch_stats)
     images = models.normalize(jnp.asarray(face_batch(8, seed=1)))
-    logits, _, _ = train_step.forward(graphdef, state.params, state.batch_stats, images,
-                                      train=False)
+    logits, _, _ = train_step.forward(graphdef, state.params, batch_stats, images, train=False)
     params = jax.device_get(state.params)
     out = params["classifier"]["out"]
     scale = 1.0 / float(jnp.std(logits))
     out["kernel"].set_value(out["kernel"].get_value() * scale)
     out["bias"].set_value(out["bias"].get_value() * scale - float(jnp.mean(logits)) * scale)
-    return graphdef, params, jax.device_get(state.batch_stats)
+    return graphdef, params, batch_stats
+
+
+def random_batch_stats(batch_stats):
+    """A copy with running means ~ N(0, 0.5) and variances in (0.25, 4), seeded."""
+    stats = jax.device_get(batch_stats)
+    rng = np.random.default_rng(7)
+    for path, leaf in nnx.to_flat_state(stats):
+        shape = leaf.get_value().shape
+        value = rng.normal(0, 0.5, shape) if path[-1] == "mean" else rng.uniform(0.25, 4, shape)
+        leaf.set_value(value.astype(np.float32))
+    return stats
 
 
 def face_batch(n: int, seed: int) -> np.ndarray:
@@ -122,6 +135,17 @@ def test_load_bundle_predictor_matches_jax(trained, images_and_reference):
     assert_outputs_close(predictor.reconstruct(images), ref,
                          ["probability", "reconstruction", "error_map"])
     assert predictor.predict_proba(np.zeros((0, SIZE, SIZE, 3), np.uint8)).shape == (0,)
+
+
+def test_bundle_keeps_the_batch_norm_statistics(trained, images_and_reference, state):
+    _, graphdef, params, batch_stats, bundle = trained
+    images, ref = images_and_reference
+    fresh = reference(graphdef, params, state.batch_stats, images)["probability"]
+    assert np.abs(fresh - ref["probability"]).max() > 0.05  # The statistics matter here.
+    loaded = export.flat(export.load_bundle(bundle).batch_stats)
+    assert loaded.keys() == export.flat(batch_stats).keys()
+    for key, value in export.flat(batch_stats).items():
+        np.testing.assert_array_equal(loaded[key], value, err_msg=key)
 
 
 def test_model_json_describes_model_without_training_state(trained):

@@ -391,3 +391,60 @@ def test_missing_shard_or_metadata_is_named(tmp_path):
         input_pipeline.split_shards(d, "test")
     with pytest.raises(FileNotFoundError, match="dataset_info.json not found"):
         input_pipeline.split_shards(tmp_path / "elsewhere", "train")
+
+
+def test_shard_that_shrinks_after_indexing_is_a_corrupt_record(tmp_path):
+    d = datasets.write(tmp_path, {"train": (6, 6)}, size=SIZE)
+    shard, count = input_pipeline.split_shards(d, "train")[0]
+    last, whole = _record_offsets(shard)[-1], Path(shard).read_bytes()
+    for cut, problem in ((last + 40, "inside a record of"), (last + 5, "inside the record header")):
+        Path(shard).write_bytes(whole)
+        source = tfrecord.IndexedTFRecords([shard], num_records=[count])
+        Path(shard).write_bytes(whole[:cut])
+        with pytest.raises(tfrecord.CorruptRecordError, match=f"{shard}.*offset {last}.*{problem}"):
+            source[count - 1]
+        assert source[0]["offset"] == 0  # Records before the cut still read.
+        source.skip_corrupt = True
+        before = tfrecord.skipped_records()
+        assert source[count - 1] is None
+        assert tfrecord.skipped_records() == before + 1
+
+
+def _frame(data: bytes) -> bytes:
+    """`data` as one TFRecord frame with valid length and data checksums."""
+    length = len(data).to_bytes(8, "little")
+    crc = tfrecord.masked_crc
+    return length + crc(length).to_bytes(4, "little") + data + crc(data).to_bytes(4, "little")
+
+
+def test_length_checksum_mismatch_names_file_and_offset(tmp_path):
+    good = tf.train.Example().SerializeToString() + b"x"
+    path = tmp_path / "bad.tfrecord"
+    second = bytearray(_frame(b"abc"))
+    second[8] ^= 0xFF  # The length's checksum.
+    path.write_bytes(_frame(good) + bytes(second))
+    offset = len(_frame(good))
+    with pytest.raises(tfrecord.CorruptRecordError, match=f"{path}.*{offset}.*length checksum"):
+        tfrecord.index_file(str(path))
+    assert tfrecord.index_file(str(path), skip_corrupt=True).tolist() == [0]
+
+
+def _parse(data: bytes, skip: bool):
+    raw = tfrecord.RawRecord(data=data, path="shard-7", offset=1234)
+    return input_pipeline.ParseRecord(skip_corrupt=skip).map(raw)
+
+
+def test_record_that_is_not_an_example_or_lacks_a_feature_is_corrupt():
+    example = next(datasets.examples("toy", "train", 1, 0, SIZE))
+    serialized = records.features().serialize_example(example)
+    assert _parse(serialized, skip=False)["label"] == 0
+    no_label = tf.train.Example.FromString(serialized)
+    del no_label.features.feature["label"]
+    cases = {b"\xff\xff\xff": "not a tf.train.Example",
+             no_label.SerializeToString(): "no feature 'label'"}
+    for data, problem in cases.items():
+        with pytest.raises(tfrecord.CorruptRecordError, match=f"shard-7.*offset 1234.*{problem}"):
+            _parse(data, skip=False)
+        before = tfrecord.skipped_records()
+        assert _parse(data, skip=True) is None
+        assert tfrecord.skipped_records() == before + 1

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import logging
 import os
+import re
+import signal
+import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from etils import epath
 from skimage import data as skdata
 
 from cae_jax import main as cli
@@ -441,6 +447,59 @@ def test_writer_failure_leaves_previous_dataset_intact(tmp_path):
     assert len(load_split(tmp_path, "train")) == 4
 
 
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("killed", [False, True], ids=["error", "killed"])
+def test_writer_replaces_a_dataset_atomically_at_every_failure_point(tmp_path, monkeypatch, killed):
+    writer.write_dataset(tmp_path, "t", {"train": [_example(i) for i in range(4)]}, 2)
+    before = _files(tmp_path)
+    path_type = type(epath.Path(tmp_path))
+    real_rename, real_recover = path_type.rename, writer.recover
+    renames = len(before) + 3  # Moving the old files aside, then the new shards in.
+    for fail_at in [*range(renames), "metadata"]:
+        calls = []
+
+        def rename(self, target, fail_at=fail_at, calls=calls):
+            calls.append(target)
+            if len(calls) - 1 == fail_at:
+                raise OSError("disk gone")
+            return real_rename(self, target)
+
+        def metadata(**kwargs):
+            raise OSError("disk gone")
+
+        monkeypatch.setattr(path_type, "rename", rename)
+        if fail_at == "metadata":
+            monkeypatch.setattr(tfds.folder_dataset, "write_metadata", metadata)
+        if killed:  # Nothing is undone in the failing process: the next one repairs.
+            monkeypatch.setattr(writer, "recover", lambda *a: None)
+        with pytest.raises(OSError, match="disk gone"):
+            writer.write_dataset(tmp_path, "t", {"train": [_example(i) for i in range(6)]}, 3)
+        monkeypatch.undo()
+        if killed:
+            writer.recover(tmp_path, "t")
+        assert _files(tmp_path) == before, fail_at
+    writer.write_dataset(tmp_path, "t", {"train": [_example(i) for i in range(6)]}, 3)
+    assert len(load_split(tmp_path, "train")) == 6
+    assert not writer.previous_dir(epath.Path(tmp_path), "t").exists()
+    assert real_recover is writer.recover
+
+
+def test_writer_keeps_the_previous_dataset_when_nothing_is_written(tmp_path):
+    writer.write_dataset(tmp_path, "t", {"train": [_example(i) for i in range(4)]}, 2)
+    before = _files(tmp_path)
+    with pytest.raises(writer.NothingToWriteError, match="kept as it was"):
+        writer.write_dataset(tmp_path, "t", {"train": []}, skipped=[{"video_id": "v9"}])
+    after = _files(tmp_path)
+    skips = json.loads(after.pop(writer.NOTHING_WRITTEN))
+    assert after == before and skips["skipped"] == [{"video_id": "v9"}]
+    assert len(load_split(tmp_path, "train")) == 4
+    writer.write_dataset(tmp_path, "t", {"train": [_example(1)]})
+    assert not (tmp_path / writer.NOTHING_WRITTEN).exists()
+
+
 # --- End to end -------------------------------------------------------------------------------
 
 
@@ -598,6 +657,150 @@ def test_pool_survives_a_file_that_kills_its_worker(raw_folder, tmp_path):
     (skipped,) = manifest["skipped"]
     assert skipped["video_id"] == "real/crash.avi"
     assert skipped["reason"].startswith(f"crashed its worker process {work.MAX_ATTEMPTS} times")
+
+
+def test_pool_charges_each_of_several_crashing_files(raw_folder, tmp_path):
+    root, _ = raw_folder
+    crashes = [CrashingEntry(root / "real/r2.avi", f"real/crash{i}.avi", "real", "real", "train")
+               for i in range(3)]
+    good = [e for e in datasets.list_entries("folder", root / "list.csv", datasets.Options())
+            if e.video_id == "real/r0.avi"]
+    out = Path(prepare.prepare([*crashes, *good], "mine", tmp_path, SETTINGS, workers=2))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["frames"] == 4
+    reasons = {s["video_id"]: s["reason"] for s in manifest["skipped"]}
+    assert sorted(reasons) == [f"real/crash{i}.avi" for i in range(3)]
+    for reason in reasons.values():
+        assert reason.startswith(f"crashed its worker process {work.MAX_ATTEMPTS} times")
+
+
+def _wait_for(pattern: str, folder: str) -> None:
+    deadline = time.monotonic() + 60
+    while not list(Path(folder).glob(pattern)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+@dataclasses.dataclass(frozen=True)
+class SelfKillingEntry(datasets.Entry):
+    """Kills its own process with SIGKILL, as a decoder crash would, once `other` is in flight
+    in another worker (its attempt marker exists)."""
+
+    other: str = ""
+    work_dir: str = ""
+
+    @property
+    def is_image(self) -> bool:
+        _wait_for(f"{work.cache_key(self.other)}.attempt*", self.work_dir)
+        os.kill(os.getpid(), signal.SIGKILL)
+        return False
+
+
+@dataclasses.dataclass(frozen=True)
+class SlowEntry(datasets.Entry):
+    """A healthy video that stays in flight until `other` is finished (cached)."""
+
+    other: str = ""
+    work_dir: str = ""
+
+    @property
+    def is_image(self) -> bool:
+        _wait_for(f"{work.cache_key(self.other)}.json", self.work_dir)
+        return False
+
+
+def test_only_the_video_whose_process_died_is_charged_the_crash(raw_folder, tmp_path):
+    root, _ = raw_folder
+    work_dir = str(tmp_path / prepare.WORK_DIR)
+    slow = SlowEntry(root / "real/r0.avi", "real/slow.avi", "real", "real", "train",
+                     other="real/crash.avi", work_dir=work_dir)
+    crash = SelfKillingEntry(root / "real/r2.avi", "real/crash.avi", "real", "real", "train",
+                             other="real/slow.avi", work_dir=work_dir)
+    out = Path(prepare.prepare([slow, crash], "mine", tmp_path, SETTINGS, workers=2))
+    manifest = json.loads((out / "manifest.json").read_text())
+    (skipped,) = manifest["skipped"]
+    assert skipped["video_id"] == "real/crash.avi"
+    assert skipped["reason"].startswith(f"crashed its worker process {work.MAX_ATTEMPTS} times")
+    assert manifest["splits"]["train"]["videos"] == 1  # The slow video, in flight twice.
+    assert manifest["splits"]["train"]["frames"] == 4
+    assert not list(Path(work_dir).glob("*.attempt*"))
+
+
+def test_transient_failure_is_reported_not_cached_and_retried(raw_folder, tmp_path, monkeypatch):
+    root, _ = raw_folder
+    real_extract = faces.extract_faces
+
+    def flaky(path, *args, **kwargs):
+        if Path(path).name == "r0.avi":
+            raise OSError(errno.EIO, "Input/output error")
+        return real_extract(path, *args, **kwargs)
+
+    monkeypatch.setattr(faces, "extract_faces", flaky)
+    out = _prepare(root, tmp_path / "o")
+    skipped = {s["video_id"]: s for s in json.loads((out / "manifest.json").read_text())["skipped"]}
+    assert skipped["real/r0.avi"]["retry"] is True
+    assert skipped["real/r0.avi"]["reason"] == (
+        f"failed (retried on the next run): {root / 'real/r0.avi'}: OSError: "
+        "[Errno 5] Input/output error"
+    )
+    assert "retry" not in skipped["fake/corrupt.mp4"]  # Permanent media errors stay cached.
+    monkeypatch.undo()
+    out = _prepare(root, tmp_path / "o")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "real/r0.avi" not in {s["video_id"] for s in manifest["skipped"]}
+    frames = [r["frame_index"] for r in load_split(out, "train") if r["video_id"] == b"real/r0.avi"]
+    assert sorted(frames) == [1, 3, 5, 7]
+
+
+def test_full_disk_while_caching_names_the_path_and_leaves_no_temporary(
+    raw_folder, tmp_path, monkeypatch, capsys
+):
+    root, _ = raw_folder
+    path_type = type(epath.Path(tmp_path))
+    real_write = path_type.write_bytes
+
+    def full_disk(self, data):
+        if ".npz.tmp-" in self.name:
+            real_write(self, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data)
+
+    monkeypatch.setattr(path_type, "write_bytes", full_disk)
+    out = tmp_path / "o"
+    argv = ["prepare", "folder", "--root", str(root / "list.csv"), "--out", str(out),
+            "--workers", "1", "--detector", "haar", "--frames-per-video", "2"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(
+        rf"cannot write {re.escape(str(out))}/\.work/[0-9a-f]{{24}}\.npz \(for \S+\): "
+        "No space left on device", err
+    ), err
+    left = [p.name for p in (out / ".work").iterdir() if ".tmp-" in p.name or "attempt" in p.name]
+    assert not left
+    monkeypatch.undo()
+    assert cli.main(argv) == 0
+
+
+def test_missing_or_corrupt_cached_crops_are_named_and_redone(
+    raw_folder, tmp_path, monkeypatch, caplog
+):
+    root, _ = raw_folder
+    out = _prepare(root, tmp_path / "o")
+    shards = {p.name: p.read_bytes() for p in out.glob("mine-*")}
+    cache = out / prepare.WORK_DIR
+    (cache / f"{work.cache_key('real/r0.avi')}.npz").unlink()
+    npz = cache / f"{work.cache_key('fake/Blend/f0.avi')}.npz"
+    npz.write_bytes(npz.read_bytes()[:100])
+    calls = []
+    real_extract = faces.extract_faces
+    monkeypatch.setattr(
+        faces, "extract_faces", lambda *a, **k: calls.append(a[0]) or real_extract(*a, **k)
+    )
+    with caplog.at_level(logging.WARNING):
+        again = _prepare(root, tmp_path / "o")
+    assert sorted(Path(c).name for c in calls) == ["f0.avi", "r0.avi"]
+    for video_id in ("real/r0.avi", "fake/Blend/f0.avi"):
+        assert f"cached crops of {video_id} (" in caplog.text
+    assert {p.name: p.read_bytes() for p in again.glob("mine-*")} == shards
 
 
 def test_cache_refuses_other_settings(raw_folder, tmp_path):

@@ -123,7 +123,7 @@ def write_dataset(
         earlier dataset of the same `name` in it are replaced; other files are left alone.
       name: dataset name, the prefix of shard files `{name}-{split}.tfrecord-{i:05d}-of-{n:05d}`.
       splits: split name (one of train/validation/test) -> iterable of example dicts in the
-        `cae_jax.records.features()` schema. `image` is a uint8 HxWx3 RGB array or PNG bytes,
+        `records.features()` schema. `image` is a uint8 HxWx3 RGB array or PNG bytes,
         `label` is 0/1 or "real"/"fake". Examples go round-robin over the split's shards.
       num_shards: shards per split (an int for all, or a dict per split). Shards that would get
         no example are not written, so a split has at most this many.

@@ -19,7 +19,6 @@ cuda, tpu) unless narrowed; model.json lists them.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from cae_jax import models, train_step
+from cae_jax.ops import cpu_serving
 
 MODEL_JSON = "model.json"
 PARAMS_DIR = "params"
@@ -46,12 +46,6 @@ DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
 BUNDLE_VERSION = 1
 
 Weights = tuple[nnx.State, nnx.State]  # (params, batch_stats)
-# On the CPU, inference compiles its matrix products to XLA's own GEMM instead of YNNPACK:
-# measured (same process, in turns) classify at batch 32 2.79 -> 2.54 s, batch 1 unchanged.
-# Training keeps YNNPACK, whose reductions its BatchNorm gradients need (4.5 -> 7.6 s without).
-CPU_SERVING_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-
-
 def serving_fns(graphdef: nnx.GraphDef) -> dict[str, Callable]:
     """The two serving functions, `(weights, uint8 [N, H, W, 3]) -> outputs`.
 
@@ -77,32 +71,12 @@ def serving_fns(graphdef: nnx.GraphDef) -> dict[str, Callable]:
     return {"classify": classify, "reconstruct": reconstruct}
 
 
-# On the CPU a batch runs through the model this many faces at a time (`lax.map` in one
-# program): XLA's memory-bound passes (depthwise sums, BatchNorm, padding) then work on
-# activations that stay in cache. Measured in turns in one process: classify at batch 32
-# 2.55 -> 2.40 s; PyTorch gains nothing from the same split (2.37 s either way).
-CPU_SERVING_CHUNK = 8
-
-
 def jit_serving(fn: Callable) -> Callable:
-    """`jax.jit` of a serving function; on the CPU with `CPU_SERVING_OPTIONS`, in chunks of
-    `CPU_SERVING_CHUNK` faces."""
-    if jax.default_backend() != "cpu":
-        return jax.jit(fn)
-    return jax.jit(functools.partial(_in_chunks, fn, CPU_SERVING_CHUNK),
-                   compiler_options=CPU_SERVING_OPTIONS)
-
-
-def _in_chunks(fn: Callable, chunk: int, weights: Weights, images: jax.Array):
-    """fn(weights, images) computed `chunk` images at a time, the last chunk zero-padded."""
-    count = images.shape[0]
-    if count <= chunk:
-        return fn(weights, images)
-    chunks = -(-count // chunk)
-    padded = jnp.pad(images, ((0, chunks * chunk - count), (0, 0), (0, 0), (0, 0)))
-    out = jax.lax.map(lambda part: fn(weights, part),
-                      padded.reshape(chunks, chunk, *images.shape[1:]))
-    return jax.tree.map(lambda a: a.reshape(chunks * chunk, *a.shape[2:])[:count], out)
+    """`jax.jit` of a serving function for this machine's devices; on the CPU with its
+    serving tuning (`ops.cpu_serving`)."""
+    if jax.default_backend() == "cpu":
+        return cpu_serving.jit(fn)
+    return jax.jit(fn)
 
 
 def cast_for_export(model_config: ConfigDict, params: nnx.State, dtype: str):

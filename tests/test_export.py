@@ -12,6 +12,7 @@ from flax import nnx
 
 from cae_jax import config as config_lib
 from cae_jax import export, models, sharding, train_step
+from cae_jax.ops import cpu_serving
 
 SIZE = 64
 
@@ -284,7 +285,7 @@ def test_cpu_serving_runs_without_ynnpack_and_computes_the_same():
 def test_cpu_serving_runs_in_chunks_with_the_same_outputs(count, monkeypatch):
     """A batch of 16 (two chunks of 8) or 13 (the last chunk padded): one loop over chunks in
     the program, the same probabilities and reconstructions as the whole batch at once."""
-    monkeypatch.setattr(export, "CPU_SERVING_CHUNK", 8)
+    monkeypatch.setattr(cpu_serving, "CHUNK", 8)
     config = tiny_config()
     graphdef, params, batch_stats = calibrated_model(config, initial_state(config))
     weights, images = (params, batch_stats), jnp.asarray(face_batch(count, seed=4))

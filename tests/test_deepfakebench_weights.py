@@ -11,6 +11,7 @@ from sklearn import metrics as skm
 
 from cae_jax import main, sharding, train_step, weights
 from data_prep import writer
+from tests.torch_helpers import randomize_batch_norm
 
 SIDE = 256  # DeepfakeBench's resolution.
 
@@ -107,17 +108,6 @@ def deepfakebench_detector(torch):
     return XceptionDetector().eval()
 
 
-def randomize_batch_norm(torch, model, generator):
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                n = module.num_features
-                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
-                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-                module.weight.copy_(torch.rand(n, generator=generator) * 0.4 + 0.8)
-                module.bias.copy_(torch.randn(n, generator=generator) * 0.1)
-
-
 def faces_in_unit_range() -> np.ndarray:
     """Four distinct natural images (scikit-image's), 256x256, in [-1, 1] as their loader
     normalizes (mean 0.5, std 0.5): unlike noise, they give well-separated features."""
@@ -134,7 +124,7 @@ def test_detector_import_gives_their_probabilities(tmp_path):
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     model = deepfakebench_detector(torch)
-    randomize_batch_norm(torch, model, generator)
+    randomize_batch_norm(model, generator)
     images = faces_in_unit_range()
     x = torch.from_numpy(images).permute(0, 3, 1, 2)
     with torch.inference_mode():  # A head that spreads these faces' probabilities over (0, 1).

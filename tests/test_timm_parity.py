@@ -15,18 +15,7 @@ from flax import nnx
 from cae_jax import config as config_lib
 from cae_jax import main, sharding, train_step
 from cae_jax.torch_peer import LegacyXception
-
-
-def randomize_batch_norm(model, generator):
-    """Random BN statistics and affine terms (fresh ones are 0/1 and would hide a mix-up)."""
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                n = module.num_features
-                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
-                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-                module.weight.copy_(torch.rand(n, generator=generator) * 0.4 + 0.8)
-                module.bias.copy_(torch.randn(n, generator=generator) * 0.1)
+from tests.torch_helpers import randomize_batch_norm
 
 
 def test_timm_import_gives_timm_features(tmp_path):

@@ -36,7 +36,7 @@ from cae_jax import augment, device_augment, export, host_memory, models, ops, s
 from cae_jax import config as config_lib
 
 ACCEPTS_CONFIG_OVERRIDES = True
-TINY_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.py"
+TINY_CONFIG = config_lib.shipped_config("tiny")
 
 
 def cores() -> int:

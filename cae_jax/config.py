@@ -121,11 +121,29 @@ def get_config() -> ConfigDict:
     return default_config()
 
 
+# The repository's configs/ in a checkout (editable install); cae_jax/configs in a wheel.
+_SHIPPED_DIRS = (Path(__file__).resolve().parent.parent / "configs",
+                 Path(__file__).resolve().parent / "configs")
+
+
+def shipped_config(name: str) -> Path:
+    """Path of a config that ships with cae-jax ("tiny", "tiny.py" or "configs/tiny.py")."""
+    file_name = Path(name).stem + ".py"
+    for directory in _SHIPPED_DIRS:
+        if (directory / file_name).is_file():
+            return directory / file_name
+    raise FileNotFoundError(f"config file not found: {name} (nor a shipped config {file_name})")
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ConfigDict:
-    """Runs `get_config()` of a Python config file and applies `--config.a.b=v` overrides."""
+    """Runs `get_config()` of a Python config file and applies `--config.a.b=v` overrides.
+
+    A path that exists wins; otherwise its file name picks a shipped config, so that
+    `--config configs/tiny.py` works from any directory once cae-jax is installed.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+        path = shipped_config(str(path))
     spec = importlib.util.spec_from_file_location(f"cae_jax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

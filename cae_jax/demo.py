@@ -25,9 +25,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from cae_jax import config as config_lib
+
 ACCEPTS_CONFIG_OVERRIDES = True
 DATASET_NAME = "demo_faces"
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.py"
+DEMO_CONFIG = config_lib.shipped_config("demo")
 # Identities (LFW faces 0..99, astronaut = 100) per split; test identities are never trained on.
 SPLIT_IDENTITIES = {"train": [*range(70), 100], "validation": range(70, 85), "test": range(85, 100)}
 FRAMES_PER_VIDEO = {"train": 16, "validation": 4, "test": 4}
@@ -127,7 +129,6 @@ def ensure_bundle(workdir: Path, step: int) -> Path:
 def export_and_predict(workdir: Path, data_dir: Path, step: int) -> dict:
     """Exports the selected checkpoint (`step`) and scores a real and a fake test frame as
     PNG files."""
-    from cae_jax import config as config_lib
     from cae_jax import input_pipeline, main
 
     bundle = ensure_bundle(workdir, step)
@@ -148,7 +149,6 @@ def export_and_predict(workdir: Path, data_dir: Path, step: int) -> dict:
 
 
 def run_demo(workdir: Path, overrides: list[str]) -> dict:
-    from cae_jax import config as config_lib
     from cae_jax import evaluate, train
 
     start = time.time()

@@ -129,7 +129,7 @@ def ensure_bundle(workdir: Path, step: int) -> Path:
 def export_and_predict(workdir: Path, data_dir: Path, step: int) -> dict:
     """Exports the selected checkpoint (`step`) and scores a real and a fake test frame as
     PNG files."""
-    from cae_jax import input_pipeline, main
+    from cae_jax import eval_pipeline, main
 
     bundle = ensure_bundle(workdir, step)
     samples = workdir / "predict_inputs"
@@ -137,7 +137,7 @@ def export_and_predict(workdir: Path, data_dir: Path, step: int) -> dict:
     config = config_lib.load_config(DEMO_CONFIG)
     manifest = json.loads((data_dir / "manifest.json").read_text())
     config.input.eval_batch_size = manifest["splits"]["test"]["frames"]
-    batch = next(input_pipeline.eval_batches(config, str(data_dir), "test"))  # The whole split.
+    batch = next(eval_pipeline.eval_batches(config, str(data_dir), "test"))  # The whole split.
     first_fake = int(np.argmax(batch["label"]))
     for name, row in (("real", 0), ("fake", first_fake)):
         cv2.imwrite(str(samples / f"{name}.png"), cv2.cvtColor(batch["image"][row],

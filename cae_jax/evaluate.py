@@ -25,7 +25,7 @@ from etils import epath
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from cae_jax import input_pipeline, metrics
+from cae_jax import eval_pipeline, metrics
 
 REAL_METHOD = "real"
 
@@ -56,7 +56,7 @@ def score_split(
     """
     columns: dict[str, list] = {k: [] for k in ("prob", "recon_error", "label", "frame_index",
                                                 "video_id", "method", "dataset")}
-    batches = input_pipeline.make_eval_iterator(config, mesh, data_dir, split)
+    batches = eval_pipeline.make_eval_iterator(config, mesh, data_dir, split)
     bar = tqdm(batches, desc=f"eval {Path(data_dir).name}/{split}", unit="batch",
                disable=not progress or jax.process_index() != 0, leave=False)
     for batch in bar:

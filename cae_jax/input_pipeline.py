@@ -1,6 +1,6 @@
-"""Streams prepared TFRecord shards into the train and eval steps with grain.
+"""The training stream: prepared TFRecord shards -> augmented global batches, with grain.
 
-Training, per host: the host's shards of each dataset (shards dealt round-robin by process
+Per host: the host's shards of each dataset (shards dealt round-robin by process
 index) are indexed record by record (`cae_jax.tfrecord`), shuffled globally and freshly each
 epoch, parsed, decoded, resized, augmented (optionally turned into self-blended fakes), mixed
 across datasets by weight, batched to the per-host batch and assembled into global
@@ -8,8 +8,7 @@ across datasets by weight, batched to the per-host batch and assembled into glob
 makes reads hop between files, and makes the iterator state a handful of counters: a resumed
 run produces exactly the batches an uninterrupted run would have.
 
-Evaluation reads every record of a split exactly once across hosts (each host a contiguous
-range of records), unaugmented, and pads the last batches with `mask=False` rows.
+Evaluation has its own stream (`eval_pipeline.py`); both read records with `prepared_data.py`.
 
 Every random choice derives from `config.seed`, the dataset, the host and the record's
 position in the stream, so a run is reproducible. grain workers each batch their own slice
@@ -18,62 +17,20 @@ of the stream: a given worker count always gives the same batches (0 and 1 the s
 
 from __future__ import annotations
 
-import itertools
 import json
-import math
-import os
 import types
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
-import cv2
 import grain
 import jax
 import numpy as np
 from absl import flags
-from etils import epath
-from google.protobuf.message import DecodeError
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
-from tensorflow.core.example import example_pb2
 
-from cae_jax import augment, device_augment, sbi, sharding, tfrecord
+from cae_jax import augment, device_augment, prepared_data, sbi, sharding
 from cae_jax.models import normalize
-
-METADATA_FIELDS = ("video_id", "method", "dataset")  # Text features kept for video metrics.
-TFDS_SHARD_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"  # TFDS's default.
-
-
-def split_shards(data_dir: str | os.PathLike, split: str) -> list[tuple[str, int]]:
-    """(path, record count) of each shard of a split, from the dir's `dataset_info.json`.
-
-    File names follow the split's `filepathTemplate` (TFDS's default when absent).
-
-    The counts let the reader notice a shard cut short exactly at a record boundary, which
-    no checksum can.
-    """
-    info_path = epath.Path(data_dir) / "dataset_info.json"
-    if not info_path.is_file():
-        raise FileNotFoundError(f"{info_path} not found: is {data_dir} a `cae-jax prepare` output?")
-    info = json.loads(info_path.read_text())
-    splits = {s["name"]: s for s in info.get("splits", [])}
-    if split not in splits:
-        raise ValueError(f"{info_path}: no split {split!r}; it has {sorted(splits)}")
-    lengths = [int(n) for n in splits[split]["shardLengths"]]
-    template = splits[split].get("filepathTemplate", TFDS_SHARD_TEMPLATE)
-    shards = []
-    for i, length in enumerate(lengths):
-        name = (
-            template.replace("{DATASET}", info["name"])
-            .replace("{SPLIT}", split)
-            .replace("{FILEFORMAT}", info.get("fileFormat", "tfrecord"))
-            .replace("{SHARD_X_OF_Y}", f"{i:05d}-of-{len(lengths):05d}")
-        )
-        path = epath.Path(data_dir) / name
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: shard listed in {info_path} is missing")
-        shards.append((str(path), length))
-    return shards
 
 
 def per_host_batch(global_batch: int, process_count: int) -> int:
@@ -82,76 +39,10 @@ def per_host_batch(global_batch: int, process_count: int) -> int:
     return global_batch // process_count
 
 
-def _check_divides(global_batch: int, mesh: Mesh) -> None:
+def check_divides(global_batch: int, mesh: Mesh) -> None:
     """The batch is split over every device of the mesh, so their count must divide it."""
     if global_batch % mesh.size:
         raise ValueError(f"batch size {global_batch} is not divisible by the {mesh.size} devices")
-
-
-# ----------------------------------------------------------------------------- per record
-
-
-def _feature(features, name: str, kind: str, where: tuple[str, int]):
-    if name not in features:
-        raise tfrecord.CorruptRecordError(*where, f"record has no feature {name!r}")
-    values = getattr(features[name], kind).value
-    if not values:
-        raise tfrecord.CorruptRecordError(*where, f"feature {name!r} has no {kind} value")
-    return values[0]
-
-
-class ParseRecord(grain.transforms.Map):
-    """Raw record -> dict of the fields the pipeline uses (the image stays PNG bytes).
-
-    Reads the `tf.train.Example` with protobuf directly: the same wire format as
-    `records.features()`, without a TensorFlow op per record.
-    """
-
-    def __init__(self, skip_corrupt: bool):
-        self.skip_corrupt = skip_corrupt
-
-    def map(self, raw: tfrecord.RawRecord) -> dict | None:
-        where = (raw["path"], raw["offset"])
-        try:
-            try:
-                features = example_pb2.Example.FromString(raw["data"]).features.feature
-            except DecodeError as err:
-                raise tfrecord.CorruptRecordError(
-                    *where, f"not a tf.train.Example ({err})"
-                ) from err
-            parsed = {
-                "png": _feature(features, "image", "bytes_list", where),
-                "label": int(_feature(features, "label", "int64_list", where)),
-                "frame_index": int(_feature(features, "frame_index", "int64_list", where)),
-                "path": raw["path"],
-                "offset": raw["offset"],
-            }
-            for name in METADATA_FIELDS:
-                parsed[name] = _feature(features, name, "bytes_list", where).decode()
-            if parsed["label"] not in (0, 1):
-                raise tfrecord.CorruptRecordError(*where, f"label {parsed['label']} not 0 or 1")
-        except tfrecord.CorruptRecordError as err:
-            tfrecord.skip_or_raise(err, self.skip_corrupt)
-            return None
-        return parsed
-
-
-def decode_image(record: dict) -> np.ndarray:
-    """PNG bytes of a parsed record -> uint8 RGB; failure names the file and byte offset."""
-    image = cv2.imdecode(np.frombuffer(record["png"], np.uint8), cv2.IMREAD_COLOR_RGB)
-    if image is None:
-        raise tfrecord.CorruptRecordError(
-            record["path"], record["offset"], "image bytes do not decode as PNG"
-        )
-    return image
-
-
-def _decode_or_skip(record: dict, skip_corrupt: bool) -> np.ndarray | None:
-    try:
-        return decode_image(record)
-    except tfrecord.CorruptRecordError as err:
-        tfrecord.skip_or_raise(err, skip_corrupt)
-        return None
 
 
 class LabelIs(grain.transforms.Filter):
@@ -180,7 +71,7 @@ class TrainTransform(grain.transforms.RandomMap):
         self.on_device = on_device
 
     def random_map(self, record: dict, rng: np.random.Generator) -> dict | None:
-        image = _decode_or_skip(record, self.skip_corrupt)
+        image = prepared_data.decode_or_skip(record, self.skip_corrupt)
         if image is None:
             return None
         image = augment.random_resize(image, self.image_size, rng, self.augment.resize_prob)
@@ -197,49 +88,14 @@ class TrainTransform(grain.transforms.RandomMap):
         return example
 
 
-class EvalTransform(grain.transforms.Map):
-    """Decode and resize (area/cubic), nothing random: one evaluation example."""
-
-    def __init__(self, image_size: int, skip_corrupt: bool):
-        self.image_size = image_size
-        self.skip_corrupt = skip_corrupt
-
-    def map(self, record: dict) -> dict | None:
-        image = _decode_or_skip(record, self.skip_corrupt)
-        if image is None:
-            return None
-        example = {k: record[k] for k in (*METADATA_FIELDS, "frame_index", "label")}
-        return {**example, "image": augment.isotropic_resize(image, self.image_size)}
-
 
 # ----------------------------------------------------------------------------- train
-
-
-def _read_options(config: ConfigDict) -> grain.ReadOptions:
-    return grain.ReadOptions(
-        num_threads=config.input.threads, prefetch_buffer_size=config.input.buffer
-    )
-
-
-def _source(shards: list[tuple[str, int]], skip_corrupt: bool) -> tfrecord.IndexedTFRecords:
-    paths, counts = zip(*shards, strict=True)
-    return tfrecord.IndexedTFRecords(paths, num_records=counts, skip_corrupt=skip_corrupt)
 
 
 def _stream_seed(seed: int, dataset_id: int, process_index: int) -> int:
     """A distinct 32-bit seed per (run seed, dataset, host)."""
     return int(np.random.SeedSequence([seed, dataset_id, process_index]).generate_state(1)[0])
 
-
-def _class_counts(data_dir: str, split: str) -> tuple[int, int]:
-    """(real, fake) frames of a split from `manifest.json` (written by `cae-jax prepare`)."""
-    path = epath.Path(data_dir) / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: input.class_balance needs the manifest of `prepare`")
-    counts = json.loads(path.read_text())["splits"].get(split)
-    if counts is None:
-        raise ValueError(f"{path}: no split {split!r} in the manifest")
-    return counts["real"]["frames"], counts["fake"]["frames"]
 
 
 def _dataset_stream(
@@ -248,32 +104,33 @@ def _dataset_stream(
 ) -> tuple[grain.IterDataset, int]:
     """An endless stream of training examples of one dataset on one host, and its size."""
     inp = config.input
-    shards = split_shards(data_dir, inp.train_split)
+    shards = prepared_data.split_shards(data_dir, inp.train_split)
     host_shards = shards[process_index::process_count]
     if not host_shards:
         raise ValueError(
             f"{data_dir}: {len(shards)} shards of split {inp.train_split!r} cannot feed "
             f"{process_count} hosts; prepare it with at least that many shards"
         )
-    source = _source(host_shards, inp.skip_corrupt)
+    source = prepared_data.source(host_shards, inp.skip_corrupt)
     records = (
         grain.MapDataset.source(source)
         .seed(_stream_seed(config.seed, dataset_id, process_index))
         .shuffle()
         .repeat()
-        .map(ParseRecord(inp.skip_corrupt))
+        .map(prepared_data.ParseRecord(inp.skip_corrupt))
     )
     transform = TrainTransform(config, dataset_id, on_device)
+    read_options = prepared_data.read_options(config)
     if not inp.class_balance:
-        return records.random_map(transform).to_iter_dataset(_read_options(config)), len(source)
-    real, fake = _class_counts(data_dir, inp.train_split)
+        return records.random_map(transform).to_iter_dataset(read_options), len(source)
+    real, fake = prepared_data.class_counts(data_dir, inp.train_split)
     if not real or not fake:
         raise ValueError(
             f"{data_dir}: input.class_balance needs both classes in split {inp.train_split!r}, "
             f"found {real} real and {fake} fake frames"
         )
     by_label = [
-        records.filter(LabelIs(label)).random_map(transform).to_iter_dataset(_read_options(config))
+        records.filter(LabelIs(label)).random_map(transform).to_iter_dataset(read_options)
         for label in (0, 1)
     ]
     return grain.IterDataset.mix(by_label, [1, 1]), len(source)
@@ -406,103 +263,13 @@ def make_train_iterator(
     """The training input: `train_dataset` of this host, assembled into global arrays."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-    _check_divides(config.train.batch_size, mesh)
+    check_divides(config.train.batch_size, mesh)
     platform = sharding.platform(mesh)
     dataset = train_dataset(config, data_dirs, process_index=process_index,
                             process_count=process_count, platform=platform)
     on_device = augment.on_device(config.input.augment, platform)
     return TrainIterator(dataset, mesh, normalized=not on_device)
 
-
-# ----------------------------------------------------------------------------- eval
-
-
-def host_range(num_records: int, process_index: int, process_count: int) -> tuple[int, int]:
-    """The contiguous [start, stop) records of one host; sizes differ by at most one."""
-    base, extra = divmod(num_records, process_count)
-    start = process_index * base + min(process_index, extra)
-    return start, start + base + (process_index < extra)
-
-
-def _pad_batch(examples: list[dict], size: int, image_size: int) -> dict[str, np.ndarray]:
-    """Stacks examples and pads to `size` rows with `mask=False` (zeros, empty strings)."""
-    pad = size - len(examples)
-    batch = {
-        "image": np.zeros((size, image_size, image_size, 3), np.uint8),
-        "label": np.zeros(size, np.int32),
-        "frame_index": np.full(size, -1, np.int64),
-        "mask": np.arange(size) < len(examples),
-    }
-    for i, example in enumerate(examples):
-        batch["image"][i] = example["image"]
-        batch["label"][i] = example["label"]
-        batch["frame_index"][i] = example["frame_index"]
-    for name in METADATA_FIELDS:
-        batch[name] = np.array([e[name] for e in examples] + [""] * pad, dtype=object)
-    return batch
-
-
-def eval_batches(
-    config: ConfigDict,
-    data_dir: str | None = None,
-    split: str | None = None,
-    *,
-    process_index: int = 0,
-    process_count: int = 1,
-) -> Iterator[dict[str, np.ndarray]]:
-    """This host's evaluation batches as numpy; across hosts, every record exactly once.
-
-    Every host yields the same number of batches (the collective eval step needs it), each
-    of b = eval batch / process_count rows: `image` uint8, `label` int32, `mask` bool
-    (False on padding), `frame_index` int64 and `video_id`, `method`, `dataset` (object
-    arrays of str). Defaults: config.input.eval_dir (else the first train dir) and
-    config.input.eval_split.
-    """
-    inp = config.input
-    data_dir = data_dir or inp.eval_dir or (inp.train_dirs[0] if inp.train_dirs else None)
-    if not data_dir:
-        raise ValueError("no evaluation data: pass data_dir or set config.input.eval_dir")
-    split = split or inp.eval_split
-    local_batch = per_host_batch(inp.eval_batch_size or config.train.batch_size, process_count)
-    source = _source(split_shards(data_dir, split), inp.skip_corrupt)
-    start, stop = host_range(len(source), process_index, process_count)
-    num_batches = math.ceil(math.ceil(len(source) / process_count) / local_batch)
-    examples = iter(
-        grain.MapDataset.source(source)[start:stop]
-        .map(ParseRecord(inp.skip_corrupt))
-        .map(EvalTransform(config.model.image_size, inp.skip_corrupt))
-        .to_iter_dataset(_read_options(config))
-    )
-    for _ in range(num_batches):
-        chunk = list(itertools.islice(examples, local_batch))
-        yield _pad_batch(chunk, local_batch, config.model.image_size)
-
-
-def make_eval_iterator(
-    config: ConfigDict,
-    mesh: Mesh,
-    data_dir: str | None = None,
-    split: str | None = None,
-) -> Iterator[dict]:
-    """Evaluation batches: global arrays for the eval step plus this host's metadata.
-
-    Yields {"image": float32 [B, H, W, 3] in [-1, 1], "label": int32 [B], "mask": bool [B]}
-    as global arrays and "meta": this host's rows as numpy (`label`, `mask`, `frame_index`,
-    `video_id`, `method`, `dataset`), in the order of the host's addressable part of the
-    batch, for frame- and video-level metrics.
-    """
-    _check_divides(config.input.eval_batch_size or config.train.batch_size, mesh)
-    batches = eval_batches(
-        config,
-        data_dir,
-        split,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    for batch in batches:
-        device = to_global({k: batch[k] for k in ("image", "label", "mask")}, mesh)
-        meta = {k: v for k, v in batch.items() if k != "image"}
-        yield {**device, "meta": meta}
 
 
 # ----------------------------------------------------------------------------- reference
@@ -591,7 +358,7 @@ def tf_data_reference(
 
     streams, sizes = [], []
     for data_dir in data_dirs:
-        shards = split_shards(data_dir, inp.train_split)[process_index::process_count]
+        shards = prepared_data.split_shards(data_dir, inp.train_split)[process_index::process_count]
         ds = records([path for path, _ in shards])
         if inp.class_balance:
             by_label = [ds.filter(lambda r, c=c: r["label"] == c) for c in (0, 1)]

@@ -27,7 +27,16 @@ from etils import epath
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from cae_jax import checkpoints, distributed, evaluate, input_pipeline, sharding, train_step
+from cae_jax import (
+    checkpoints,
+    distributed,
+    eval_pipeline,
+    evaluate,
+    input_pipeline,
+    prepared_data,
+    sharding,
+    train_step,
+)
 from cae_jax import config as config_lib
 
 ACCEPTS_CONFIG_OVERRIDES = True
@@ -132,7 +141,7 @@ def validate(config, eval_step, recon_fn, state, mesh, logger, step) -> dict[str
         "val_recon_error": float(np.mean(scores["recon_error"])),
     }
     logger.scalars(step, values)
-    first = next(iter(input_pipeline.make_eval_iterator(config, mesh, data_dir,
+    first = next(iter(eval_pipeline.make_eval_iterator(config, mesh, data_dir,
                                                         config.input.eval_split)))
     count = min(config.train.recon_images, int(np.sum(first["meta"]["mask"])))
     if count:
@@ -145,7 +154,7 @@ def validate(config, eval_step, recon_fn, state, mesh, logger, step) -> dict[str
 def _has_validation(config: ConfigDict) -> bool:
     data_dir = config.input.eval_dir or config.input.train_dirs[0]
     try:
-        input_pipeline.split_shards(data_dir, config.input.eval_split)
+        prepared_data.split_shards(data_dir, config.input.eval_split)
     except ValueError as err:
         logging.warning("No validation (%s); the latest checkpoint counts as the best.", err)
         return False

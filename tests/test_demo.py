@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 
-from cae_jax import demo, input_pipeline
+from cae_jax import demo, eval_pipeline
 from cae_jax.config import load_config
 
 
@@ -18,7 +18,7 @@ def test_demo_dataset_has_disjoint_identities_and_paired_videos(tmp_path):
     for split, ids in demo.SPLIT_IDENTITIES.items():
         fakes_per_real = demo.FAKES_PER_IDENTITY[split]
         real_frames = len(ids) * demo.FRAMES_PER_VIDEO[split]
-        rows = [b for b in input_pipeline.eval_batches(config, str(out), split)]
+        rows = [b for b in eval_pipeline.eval_batches(config, str(out), split)]
         keep = np.concatenate([b["mask"] for b in rows])
         labels = np.concatenate([b["label"] for b in rows])[keep]
         videos = np.concatenate([b["video_id"] for b in rows])[keep]

@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 from cae_jax import config as config_lib
-from cae_jax import input_pipeline, sharding, tfrecord
+from cae_jax import eval_pipeline, input_pipeline, prepared_data, sharding, tfrecord
 from data_prep import preview, records, writer
 from tests import datasets
 
@@ -69,7 +69,7 @@ def assert_same_batches(a, b):
 
 
 def test_index_and_crc_agree_with_tensorflow(ffpp_like):
-    files = [path for path, _ in input_pipeline.split_shards(ffpp_like, "train")]
+    files = [path for path, _ in prepared_data.split_shards(ffpp_like, "train")]
     source = tfrecord.IndexedTFRecords(files)
     expected = [r.numpy() for f in files for r in tf.data.TFRecordDataset(f)]
     assert len(source) == len(expected) == 200
@@ -77,15 +77,15 @@ def test_index_and_crc_agree_with_tensorflow(ffpp_like):
 
 
 def test_parse_matches_record_schema(ffpp_like):
-    (path, count), *_ = input_pipeline.split_shards(ffpp_like, "validation")
+    (path, count), *_ = prepared_data.split_shards(ffpp_like, "validation")
     source = tfrecord.IndexedTFRecords([path], num_records=[count])
     raw = source[5]
-    parsed = input_pipeline.ParseRecord(skip_corrupt=False).map(raw)
+    parsed = prepared_data.ParseRecord(skip_corrupt=False).map(raw)
     reference = records.features().deserialize_example_np(raw["data"])
-    np.testing.assert_array_equal(input_pipeline.decode_image(parsed), reference["image"])
+    np.testing.assert_array_equal(prepared_data.decode_image(parsed), reference["image"])
     assert parsed["label"] == reference["label"]
     assert parsed["frame_index"] == reference["frame_index"]
-    for name in input_pipeline.METADATA_FIELDS:
+    for name in prepared_data.METADATA_FIELDS:
         assert parsed[name] == reference[name].decode()
 
 
@@ -133,8 +133,8 @@ def test_each_host_reads_its_own_shards_once_per_epoch(tmp_path):
     d = datasets.write(tmp_path, {"train": (24, 24)}, num_shards=4, size=SIZE)
     crops = {datasets.face_crop(i, SIZE).tobytes(): i for i in range(48)}
     shard_records = [
-        {crops[input_pipeline.decode_image(r).tobytes()] for r in _parsed(f)}
-        for f, _ in input_pipeline.split_shards(d, "train")
+        {crops[prepared_data.decode_image(r).tobytes()] for r in _parsed(f)}
+        for f, _ in prepared_data.split_shards(d, "train")
     ]
     c = no_augment(make_config(d, batch=16))
     seen = []
@@ -152,7 +152,7 @@ def test_each_host_reads_its_own_shards_once_per_epoch(tmp_path):
 
 def _parsed(path):
     source = tfrecord.IndexedTFRecords([path])
-    parse = input_pipeline.ParseRecord(skip_corrupt=False)
+    parse = prepared_data.ParseRecord(skip_corrupt=False)
     return [parse.map(source[i]) for i in range(len(source))]
 
 
@@ -281,7 +281,7 @@ def test_eval_reads_every_record_exactly_once_across_hosts(ffpp_like, hosts):
     c = make_config(ffpp_like, batch=12, eval_batch_size=6 * hosts)
     seen, counts = [], []
     for host in range(hosts):
-        batches = list(input_pipeline.eval_batches(c, process_index=host, process_count=hosts))
+        batches = list(eval_pipeline.eval_batches(c, process_index=host, process_count=hosts))
         counts.append(len(batches))
         for b in batches:
             assert b["image"].shape == (6, SIZE, SIZE, 3)
@@ -300,13 +300,13 @@ def test_eval_reads_every_record_exactly_once_across_hosts(ffpp_like, hosts):
 def test_eval_resizes_to_the_model_input(ffpp_like):
     c = make_config(ffpp_like, batch=8)
     c.model.image_size = 20
-    batch = next(input_pipeline.eval_batches(c))
+    batch = next(eval_pipeline.eval_batches(c))
     assert batch["image"].shape == (8, 20, 20, 3)
 
 
 def test_make_eval_iterator_pads_with_mask(ffpp_like):
     c = make_config(ffpp_like, batch=16)
-    batches = list(input_pipeline.make_eval_iterator(c, sharding.make_mesh()))
+    batches = list(eval_pipeline.make_eval_iterator(c, sharding.make_mesh()))
     assert len(batches) == 2
     mask = np.concatenate([np.asarray(b["mask"]) for b in batches])
     np.testing.assert_array_equal(mask, np.arange(32) < 23)
@@ -323,7 +323,7 @@ def _record_offsets(path):
 
 def test_truncated_shard_names_file_and_offset(tmp_path):
     d = datasets.write(tmp_path, {"train": (6, 6)}, size=SIZE)
-    shard, _ = input_pipeline.split_shards(d, "train")[1]
+    shard, _ = prepared_data.split_shards(d, "train")[1]
     last = _record_offsets(shard)[-1]
     with open(shard, "r+b") as f:
         f.truncate(last + 20)
@@ -331,14 +331,14 @@ def test_truncated_shard_names_file_and_offset(tmp_path):
         input_pipeline.train_dataset(make_config(d))
     before = tfrecord.skipped_records()
     c = make_config(d, batch=4, skip_corrupt=True)
-    frames = [f for b in input_pipeline.eval_batches(c, split="train") for f in b["frame_index"]]
+    frames = [f for b in eval_pipeline.eval_batches(c, split="train") for f in b["frame_index"]]
     assert len([f for f in frames if f >= 0]) == 11  # Everything but the cut record.
     assert tfrecord.skipped_records() == before + 1
 
 
 def test_corrupt_record_bytes_name_file_and_offset(tmp_path):
     d = datasets.write(tmp_path, {"train": (6, 6)}, size=SIZE)
-    shard, _ = input_pipeline.split_shards(d, "train")[2]
+    shard, _ = prepared_data.split_shards(d, "train")[2]
     offset = _record_offsets(shard)[1]
     with open(shard, "r+b") as f:
         f.seek(offset + 100)
@@ -350,7 +350,7 @@ def test_corrupt_record_bytes_name_file_and_offset(tmp_path):
         next(iter(input_pipeline.train_dataset(c)))
     c.input.skip_corrupt = True
     before = tfrecord.skipped_records()
-    frames = [f for b in input_pipeline.eval_batches(c, split="train") for f in b["frame_index"]]
+    frames = [f for b in eval_pipeline.eval_batches(c, split="train") for f in b["frame_index"]]
     assert len([f for f in frames if f >= 0]) == 11
     assert tfrecord.skipped_records() == before + 1
 
@@ -360,20 +360,20 @@ def test_undecodable_image_is_an_error_never_zeros(tmp_path):
     png = cv2.imencode(".png", other["image"])[1].tobytes()
     broken = {**other, "image": png[:20] + b"\x00" * 30 + png[50:]}  # Wrecked PNG header.
     writer.write_dataset(tmp_path, "bad", {"train": [good, broken]})
-    shard, _ = input_pipeline.split_shards(tmp_path, "train")[0]
+    shard, _ = prepared_data.split_shards(tmp_path, "train")[0]
     offset = _record_offsets(shard)[1]
     c = make_config(tmp_path, batch=2, eval_split="train")
     with pytest.raises(tfrecord.CorruptRecordError, match=f"{shard}.*byte offset {offset}.*PNG"):
-        list(input_pipeline.eval_batches(c))
+        list(eval_pipeline.eval_batches(c))
     c.input.skip_corrupt = True
-    (batch,) = input_pipeline.eval_batches(c)
+    (batch,) = eval_pipeline.eval_batches(c)
     np.testing.assert_array_equal(batch["mask"], [True, False])
     assert batch["frame_index"].tolist() == [0, -1]
 
 
 def test_shard_cut_at_a_record_boundary_is_caught_by_the_metadata(tmp_path):
     d = datasets.write(tmp_path, {"train": (6, 6)}, size=SIZE)
-    shard, count = input_pipeline.split_shards(d, "train")[0]
+    shard, count = prepared_data.split_shards(d, "train")[0]
     last = _record_offsets(shard)[-1]
     with open(shard, "r+b") as f:
         f.truncate(last)  # Every remaining frame is whole: only the count can tell.
@@ -383,19 +383,19 @@ def test_shard_cut_at_a_record_boundary_is_caught_by_the_metadata(tmp_path):
 
 def test_missing_shard_or_metadata_is_named(tmp_path):
     d = datasets.write(tmp_path, {"train": (6, 6)}, size=SIZE)
-    shard, _ = input_pipeline.split_shards(d, "train")[2]
+    shard, _ = prepared_data.split_shards(d, "train")[2]
     Path(shard).unlink()
     with pytest.raises(FileNotFoundError, match=f"{shard}: shard listed in .* is missing"):
         input_pipeline.train_dataset(make_config(d))
     with pytest.raises(ValueError, match="no split 'test'"):
-        input_pipeline.split_shards(d, "test")
+        prepared_data.split_shards(d, "test")
     with pytest.raises(FileNotFoundError, match="dataset_info.json not found"):
-        input_pipeline.split_shards(tmp_path / "elsewhere", "train")
+        prepared_data.split_shards(tmp_path / "elsewhere", "train")
 
 
 def test_shard_that_shrinks_after_indexing_is_a_corrupt_record(tmp_path):
     d = datasets.write(tmp_path, {"train": (6, 6)}, size=SIZE)
-    shard, count = input_pipeline.split_shards(d, "train")[0]
+    shard, count = prepared_data.split_shards(d, "train")[0]
     last, whole = _record_offsets(shard)[-1], Path(shard).read_bytes()
     for cut, problem in ((last + 40, "inside a record of"), (last + 5, "inside the record header")):
         Path(shard).write_bytes(whole)
@@ -431,7 +431,7 @@ def test_length_checksum_mismatch_names_file_and_offset(tmp_path):
 
 def _parse(data: bytes, skip: bool):
     raw = tfrecord.RawRecord(data=data, path="shard-7", offset=1234)
-    return input_pipeline.ParseRecord(skip_corrupt=skip).map(raw)
+    return prepared_data.ParseRecord(skip_corrupt=skip).map(raw)
 
 
 def test_record_that_is_not_an_example_or_lacks_a_feature_is_corrupt():

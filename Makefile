@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 WORKDIR ?= runs/demo
+# pytest-xdist processes; each test file runs whole on one of them (its fixtures shared).
+TEST_WORKERS ?= 2
 
 .PHONY: install test lint demo bench clean
 
@@ -17,7 +19,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --numprocesses $(TEST_WORKERS) --dist loadfile --durations=15
 
 lint: install
 	$(BIN)/ruff check .

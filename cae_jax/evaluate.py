@@ -27,8 +27,6 @@ from tqdm import tqdm
 
 from cae_jax import eval_pipeline, metrics
 
-REAL_METHOD = "real"
-
 
 def host_rows(x: jax.Array) -> np.ndarray:
     """This host's rows of a batch-sharded global array, in batch order."""

@@ -20,27 +20,24 @@ def reconstruction_error(recon: jax.Array, images: jax.Array, kind: str) -> jax.
     return jnp.mean(per_pixel, axis=tuple(range(1, diff.ndim)))
 
 
-def _weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
-    return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-
-
 def joint_loss(
     logits: jax.Array,
     recon: jax.Array,
     images: jax.Array,
     labels: jax.Array,
     loss_config: ConfigDict,
-    mask: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Returns (total, {"bce", "recon", "loss"}); `mask` [N] excludes padded examples."""
-    weights = jnp.ones(logits.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
-    bce = optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32))
-    recon_weights = weights
+    """Returns (total, {"bce", "recon", "loss"}), each a mean over the batch.
+
+    With `loss.recon_real_only` the reconstruction term averages over real faces only (0 in a
+    batch without one), the autoencoder then modelling real faces alone.
+    """
+    bce_mean = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32)))
+    recon_error = reconstruction_error(recon, images, loss_config.recon)
     if loss_config.recon_real_only:
-        recon_weights = weights * (labels == 0).astype(jnp.float32)
-    bce_mean = _weighted_mean(bce, weights)
-    recon_mean = _weighted_mean(
-        reconstruction_error(recon, images, loss_config.recon), recon_weights
-    )
+        real = (labels == 0).astype(jnp.float32)
+        recon_mean = jnp.sum(recon_error * real) / jnp.maximum(jnp.sum(real), 1.0)
+    else:
+        recon_mean = jnp.mean(recon_error)
     total = bce_mean + loss_config.recon_weight * recon_mean
     return total, {"bce": bce_mean, "recon": recon_mean, "loss": total}

@@ -53,11 +53,6 @@ def skip_or_raise(error: CorruptRecordError, skip: bool) -> None:
     logging.warning("skipped corrupt record (%d so far in this process): %s", count, error)
 
 
-def skipped_records() -> int:
-    """How many records this process has skipped as corrupt (`skip_or_raise`)."""
-    return _skipped
-
-
 class RawRecord(TypedDict):
     data: bytes
     path: str  # Shard file and byte offset of the record's frame, to name it in errors.
@@ -131,7 +126,7 @@ class IndexedTFRecords:
     Record `i` counts through the files in the order given. Reads use one file handle per
     file and thread, so grain's reader threads do not contend. Items are `RawRecord`s; a
     record whose data fails its CRC raises `CorruptRecordError`, or with `skip_corrupt` is
-    logged, counted (`skipped_records`) and read as None (grain drops Nones).
+    logged with a running count and read as None (grain drops Nones).
     """
 
     def __init__(

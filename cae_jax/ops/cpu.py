@@ -5,6 +5,8 @@ their gradients are several times slower than the same math as matrix products a
 slices. Each form here gives the values of its native op in `native.py` (tests/test_ops.py
 holds each one against it) with a hand-written gradient where autodiff's is slow. Two
 gradients call compiled kernels (`cpu_kernels`, XLA FFI) when lowered for the CPU.
+
+Numbers: docs/benchmarks.md#measurements-behind-the-cpu-choices.
 """
 
 from __future__ import annotations
@@ -48,9 +50,9 @@ def conv_as_matmul(lhs: jax.Array, rhs: jax.Array, window_strides, padding, **op
 
     A drop-in `conv_general_dilated` for nnx.Conv. Row p of the im2col matrix holds the k*k
     input windows of output pixel p side by side ([pixels, k*k*in], a 1x1 conv's is its input);
-    XLA:CPU runs the product and its gradients on its GEMM library, 1.5-6x faster than its
-    convolution. Keeping the product 2-D matters: on a 4-D product XLA:CPU first copies the
-    output gradient into channel-major layout for the weight gradient (~2x slower per block).
+    XLA:CPU runs the product and its gradients on its GEMM library, several times faster than
+    its convolution. Keeping the product 2-D matters: on a 4-D product XLA:CPU first copies the
+    output gradient into channel-major layout for the weight gradient, an extra pass over it.
     Stride-1 k x k convs (the stem's conv2) take the product only when differentiated.
     """
     pads = _explicit_pads("conv_as_matmul", lhs, rhs, window_strides, padding, options)
@@ -71,9 +73,9 @@ def _conv_by_im2col(lhs: jax.Array, rhs: jax.Array, strides: tuple[int, int], pa
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _native_unless_differentiated(lhs: jax.Array, rhs: jax.Array, pads) -> jax.Array:
     """Evaluated (inference), XLA's convolution: on its own GEMM (the CPU serving options) a
-    stride-1 3x3 conv blocks its windows in cache, 3x faster than building the im2col matrix
-    (stem conv2 at batch 8: 23 vs 72 ms). Differentiated, the im2col product and its
-    gradients, several times faster than the convolution's."""
+    stride-1 3x3 conv blocks its windows in cache instead of writing out the k*k-times-wider
+    im2col matrix. Differentiated, the im2col product and its gradients, several times faster
+    than the convolution's."""
     return jax.lax.conv_general_dilated(lhs, rhs, (1, 1), pads, dimension_numbers=DIMS)
 
 
@@ -108,9 +110,9 @@ def _im2col_by_slices(x: jax.Array, kernel_size, strides, pads) -> jax.Array:
 
 
 def _im2col_fastest(x: jax.Array, kernel_size, strides, pads) -> jax.Array:
-    """`im2col`, on CPU in float32 as one pass of a compiled kernel (`cpu_kernels`): in the
-    train step 2x faster than XLA's copies and concatenation for the stem conv, ~10x for the
-    last decoder stage's output gradient. A 1x1 window is one slice at most: XLA's."""
+    """`im2col`, on CPU in float32 as one pass of a compiled kernel (`cpu_kernels`): XLA makes
+    one strided copy per tap, each recomputing the elementwise op that produces x, and then
+    concatenates them. A 1x1 window is one slice at most: XLA's."""
     slices = functools.partial(_im2col_by_slices, kernel_size=kernel_size, strides=strides,
                                pads=pads)
     if kernel_size[0] * kernel_size[1] == 1 or not _cpu_kernels_take(x):
@@ -160,8 +162,8 @@ def conv_with_output_tap_grads(lhs: jax.Array, rhs: jax.Array, window_strides, p
     """Stride-1 convolution (NHWC x HWIO), a drop-in `conv_general_dilated` for nnx.Conv:
     XLA's convolution forward, both gradients as matrix products (`_output_tap_grads`).
 
-    For the decoder's RGB conv, whose gradient XLA:CPU takes 3x slower: it transposes both
-    operands for the kernel gradient of its convolution.
+    For the decoder's RGB conv, whose gradient XLA:CPU takes several times longer: it
+    transposes both operands for the kernel gradient of its convolution.
     """
     pads = _explicit_pads("conv_with_output_tap_grads", lhs, rhs, window_strides, padding,
                           options)
@@ -203,8 +205,8 @@ def _output_tap_grads(x: jax.Array, kernel: jax.Array, grad: jax.Array, stride: 
     cols = _im2col_fastest(grad, (kh, kw), (stride, stride), tuple(zip(low, high, strict=True)))
     cols = cols.reshape(-1, kh * kw * cout)
     # Window (i, j) of the padded gradient meets kernel tap (kh - 1 - i, kw - 1 - j). The
-    # kernel as [in, taps * out] (whole rows moved; XLA:CPU's transpose of the two channel
-    # axes takes 6x longer), contracted on its second axis.
+    # kernel as [in, taps * out] (whole rows of `out` moved; a transpose of the two channel
+    # axes would move single elements, far slower on XLA:CPU), contracted on its second axis.
     flipped = kernel[::-1, ::-1].transpose(2, 0, 1, 3).reshape(cin, kh * kw * cout)
     grad_x = jax.lax.dot_general(cols, flipped, (((1,), (1,)), ((), ())))
     grad_kernel = (x.reshape(-1, cin).T @ cols).reshape(cin, kh, kw, cout)
@@ -214,7 +216,8 @@ def _output_tap_grads(x: jax.Array, kernel: jax.Array, grad: jax.Array, stride: 
 
 def depthwise_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """3x3 depthwise convolution, stride 1, 'SAME' padding; kernel [3, 3, 1, C]: nine shifted
-    multiply-adds, ~10x faster than XLA:CPU's grouped convolution."""
+    multiply-adds, which XLA:CPU fuses into one pass; its grouped convolution is many times
+    slower."""
     return _depthwise_shifted(x, kernel)
 
 
@@ -243,8 +246,7 @@ def _depthwise_shifted_bwd(residuals, grad):
     flipped; the kernel gradient sums each tap's window times the gradient.
 
     Autodiff of the forward instead pads each tap's product back to full size and adds nine
-    of them. Measured on XLA:CPU, half the time for a depthwise layer between BatchNorm +
-    ReLUs, ~6% of the full CAE train step.
+    of them: nine full-size writes per layer, where the two gradients here take one pass each.
     """
     x, kernel = residuals
     grad_x = _shifted_sum(grad, kernel[::-1, ::-1])
@@ -257,8 +259,9 @@ _depthwise_shifted.defvjp(_depthwise_shifted_fwd, _depthwise_shifted_bwd)
 def depthwise_kernel_grad(x: jax.Array, grad: jax.Array) -> jax.Array:
     """Kernel gradient [3, 3, 1, C] of the 3x3 'SAME' depthwise conv of x.
 
-    On CPU in float32, one pass of a compiled kernel (`cpu_kernels`), 8-10x faster than XLA's
-    nine windowed reductions, which stay as the fallback (no compiler, other dtypes).
+    On CPU in float32, one pass of a compiled kernel (`cpu_kernels`) over x and grad; XLA's
+    nine windowed reductions, which stay as the fallback (no compiler, other dtypes), read
+    both nine times.
     """
     if _cpu_kernels_take(x, grad):
         return _on_cpu(cpu_kernels.depthwise_kernel_grad, _kernel_grad_by_reductions, x, grad)
@@ -290,17 +293,18 @@ def conv_transpose(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
 
     Each of the stride**2 output phases (sub-pixel convolution) comes from the undilated
     input and they are interleaved (`_conv_transpose_phases`); the gradients are two matrix
-    products (`_output_tap_grads`). The native form convolves the zero-dilated input;
-    XLA:CPU's gradient of that is 10-40x slower, and its gradient of the phase convolutions
-    1.2-2.4x slower than the products.
+    products (`_output_tap_grads`). The native form convolves the zero-dilated input, mostly
+    multiplying zeros, and XLA:CPU's gradient of that is over an order of magnitude slower; its
+    gradient of the phase convolutions transposes both operands for the kernel gradient,
+    slower than the products.
     """
     return _conv_transpose_phases(x, kernel, stride)
 
 
 # From this many input channels a transposed conv's phases come from one product over all
-# taps (`_phase_sums_of_tap_products`); below it, from one small convolution each. Measured
-# on XLA:CPU in the decoder's train step: the 2048- and 512-channel stages gain 4% of the
-# step together; the narrower ones lose.
+# taps (`_phase_sums_of_tap_products`); below it, from one small convolution each. A wide
+# input makes that one product a large GEMM, faster on XLA:CPU than the phase convolutions;
+# on narrow inputs computing and shifting every tap's product costs more than it saves.
 TAP_PRODUCT_MIN_CHANNELS = 512
 
 
@@ -376,7 +380,7 @@ _conv_transpose_phases.defvjp(_conv_transpose_phases_fwd, _conv_transpose_phases
 
 def max_pool3x3(x: jax.Array, stride: int, pads: tuple[tuple[int, int], ...]) -> jax.Array:
     """3x3 max-pool: the max of nine strided slices, its gradient written out
-    (`_max_of_windows`), ~5x faster on XLA:CPU than the native select-and-scatter. Exact ties
+    (`_max_of_windows`); XLA:CPU's native select-and-scatter is several times slower. Exact ties
     in a window share the gradient equally instead of giving it to one element; after
     BatchNorm they are rare.
     """
@@ -396,7 +400,8 @@ def _max_of_windows_fwd(padded, stride):
 def _max_of_windows_bwd(stride, residuals, grad):
     """Each window's gradient goes to its maxima, split equally, and is added back by output
     phase (`_add_at_taps`). Autodiff of the max chain instead pads every tap's share to the
-    full input size: nine full-size writes per pool, half a stride-2 block's backward."""
+    full input size: nine full-size writes per pool, a large part of a stride-2 block's
+    backward."""
     padded, out = residuals
     maxima = [window == out for window in tap_windows(padded, (3, 3), (stride, stride))]
     share = grad / jnp.maximum(sum(m.astype(grad.dtype) for m in maxima), 1)
@@ -437,7 +442,7 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: f
     """`native.batch_norm_train` with its gradient written out (`_batch_norm_train_bwd`).
 
     Autodiff of flax's batch statistics takes more passes over the activations than the two
-    sums the gradient needs: 1.4-1.9x slower per layer on XLA:CPU.
+    sums the gradient needs, and on XLA:CPU the layer's time is its passes over memory.
     """
     return _batch_norm_train_fwd(x, scale, bias, epsilon)[0]
 

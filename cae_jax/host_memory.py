@@ -1,22 +1,22 @@
 """CPU runs only: keep freed host memory in the process, and glibc's heap on huge pages.
 
-Both were measured to help XLA:CPU training, where activations live in host memory; on a GPU
-or TPU they live on the device, so `cae-jax` tunes the heap only for the commands that train
-or time training (`main.HEAP_TUNED_COMMANDS`) and only where JAX will run on the CPU
-(`cpu_backend_expected`).
+Both help XLA:CPU training, where activations live in host memory; on a GPU or TPU they live
+on the device, so `cae-jax` tunes the heap only for the commands that train or time training
+(`main.HEAP_TUNED_COMMANDS`) and only where JAX will run on the CPU (`cpu_backend_expected`).
 
 An XLA:CPU train step allocates and frees gigabytes of activation buffers. By default glibc
 serves each allocation above its mmap threshold (at most 32 MB) with a fresh mmap, unmaps it
 on free, and gives each thread its own arena; so every step faults its buffers back in page
-by page. Measured on the full-size CAE train step (batch 8, 2 cores): 2.1 million page faults
-and 6 s of kernel time per 10.2 s step; served from one heap that never shrinks, the same
-step takes 7.5 s with no page faults. The cost is that the process keeps its peak host memory.
+by page, and the kernel's fault handling takes over half the step. Served from one heap that
+never shrinks, the step takes no page faults. The cost is that the process keeps its peak
+host memory.
 
 The heap's 4 KB pages are a second cost: walking gigabytes of activations misses the TLB at
 every page. glibc puts its heap on transparent huge pages (2 MB) when started with the tunable
 `glibc.malloc.hugetlb=1`; it reads tunables only at process start, so the `cae-jax` command
-restarts itself once with it (`restart_with_huge_pages`). Measured on the same step after the
-CPU kernel: 6.1-6.5 s -> 4.5-4.9 s.
+restarts itself once with it (`restart_with_huge_pages`).
+
+Numbers: docs/benchmarks.md#measurements-behind-the-cpu-choices.
 """
 
 from __future__ import annotations

@@ -25,8 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("cae_jax.sweep", "expand a sweep file into runs and launch them"),
     "sweep-report": ("cae_jax.sweep_report", "collect a sweep's results into one table"),
 }
-# Commands whose CPU runs were measured faster with the heap tuned (host_memory.py): they train
-# or time training.
+# Commands whose CPU runs the heap tuning (host_memory.py) speeds up: they train or time
+# training, allocating and freeing gigabytes of activations every step.
 HEAP_TUNED_COMMANDS = ("train", "bench", "demo")
 
 

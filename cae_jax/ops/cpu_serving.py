@@ -11,15 +11,15 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-# On the CPU, inference compiles its matrix products to XLA's own GEMM instead of YNNPACK:
-# measured (same process, in turns) classify at batch 32 2.79 -> 2.54 s, batch 1 unchanged.
-# Training keeps YNNPACK, whose reductions its BatchNorm gradients need (4.5 -> 7.6 s without).
+# On the CPU, inference compiles its matrix products to XLA's own GEMM instead of YNNPACK,
+# which runs classify's products slower at large batches. Training keeps YNNPACK, whose
+# reductions its BatchNorm gradients need: without them the train step is far slower.
+# Numbers: docs/benchmarks.md#measurements-behind-the-cpu-choices.
 SERVING_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 # On the CPU a batch runs through the model this many faces at a time (`lax.map` in one
 # program): XLA's memory-bound passes (depthwise sums, BatchNorm, padding) then work on
-# activations that stay in cache. Measured in turns in one process: classify at batch 32
-# 2.55 -> 2.40 s; PyTorch gains nothing from the same split (2.37 s either way).
+# activations that stay in cache instead of streaming a whole batch's through memory.
 CHUNK = 8
 
 

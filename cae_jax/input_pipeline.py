@@ -38,7 +38,7 @@ from ml_collections import ConfigDict
 from tensorflow.core.example import example_pb2
 
 from cae_jax import augment, device_augment, sbi, sharding, tfrecord
-from cae_jax.models import normalize
+from cae_jax.pixels import normalize
 
 METADATA_FIELDS = ("video_id", "method", "dataset")  # Text features kept for video metrics.
 TFDS_SHARD_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"  # TFDS's default.

@@ -27,7 +27,7 @@ from etils import epath
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from cae_jax import checkpoints, distributed, evaluate, input_pipeline, sharding, train_step
+from cae_jax import checkpoints, distributed, evaluate, input_pipeline, pixels, sharding, train_step
 from cae_jax import config as config_lib
 
 ACCEPTS_CONFIG_OVERRIDES = True
@@ -111,8 +111,7 @@ class Preemption:
 
 def recon_grid(images: np.ndarray, recons: np.ndarray) -> np.ndarray:
     """Inputs (top row) over reconstructions (bottom row) as one uint8 image."""
-    to_uint8 = lambda x: np.clip((x + 1.0) * 127.5, 0, 255).astype(np.uint8)  # noqa: E731
-    return np.concatenate([np.concatenate(list(to_uint8(x)), axis=1)
+    return np.concatenate([np.concatenate(list(pixels.to_uint8(x)), axis=1)
                            for x in (images, recons)], axis=0)
 
 

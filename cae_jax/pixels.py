@@ -21,5 +21,6 @@ def normalize(images: jax.Array) -> jax.Array:
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
-    """float [-1, 1] -> uint8 [0, 255] for display; values outside the range are clipped."""
-    return np.clip((images + 1.0) * 127.5, 0, 255).astype(np.uint8)
+    """float [-1, 1] -> uint8 [0, 255] for display, rounded so that it undoes `normalize`
+    exactly; values outside the range are clipped."""
+    return np.rint(np.clip((images + 1.0) * 127.5, 0, 255)).astype(np.uint8)

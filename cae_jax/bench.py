@@ -32,7 +32,17 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from cae_jax import augment, device_augment, export, host_memory, models, ops, sharding, train_step
+from cae_jax import (
+    augment,
+    device_augment,
+    export,
+    host_memory,
+    models,
+    ops,
+    pixels,
+    sharding,
+    train_step,
+)
 from cae_jax import config as config_lib
 
 ACCEPTS_CONFIG_OVERRIDES = True
@@ -169,7 +179,7 @@ def train_batch(config: ConfigDict, images: np.ndarray, labels: np.ndarray) -> d
     default on GPU/TPU) uint8 images and augmentation choices drawn as the pipeline draws
     them, so the timed step includes the on-device augmentation."""
     if not augment.on_device(config.input.augment, jax.default_backend()):
-        return {"image": models.normalize(jnp.asarray(images)), "label": jnp.asarray(labels)}
+        return {"image": pixels.normalize(jnp.asarray(images)), "label": jnp.asarray(labels)}
     rng = np.random.default_rng(config.seed)
     draws = [device_augment.param_fields(augment.draw(rng, config.input.augment))
              for _ in images]

@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from cae_jax import models, train_step
+from cae_jax import models, pixels, train_step
 from cae_jax.ops import cpu_serving
 
 MODEL_JSON = "model.json"
@@ -56,7 +56,7 @@ def serving_fns(graphdef: nnx.GraphDef) -> dict[str, Callable]:
 
     def run(weights: Weights, images: jax.Array):
         params, batch_stats = weights
-        x = models.normalize(images)
+        x = pixels.normalize(images)
         logits, recon, _ = train_step.forward(graphdef, params, batch_stats, x, train=False)
         return jax.nn.sigmoid(logits.astype(jnp.float32)), recon.astype(jnp.float32), x
 

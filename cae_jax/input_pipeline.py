@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from cae_jax import augment, device_augment, prepared_data, sbi, sharding
-from cae_jax.models import normalize
+from cae_jax.pixels import normalize
 
 
 def per_host_batch(global_batch: int, process_count: int) -> int:

@@ -22,15 +22,6 @@ from cae_jax import ops
 CONV_INIT = nnx.initializers.he_normal()
 
 
-@jax.jit
-def normalize(images: jax.Array) -> jax.Array:
-    """uint8 [0, 255] -> float32 [-1, 1], Xception's input convention.
-
-    Written as (x - 127.5) / 127.5 so 0 and 255 land exactly on -1 and 1.
-    """
-    return (images.astype(jnp.float32) - 127.5) / 127.5
-
-
 @dataclasses.dataclass(frozen=True)
 class Layers:
     """How each conv and BatchNorm of the model is built: compute dtype, layer forms

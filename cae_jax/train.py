@@ -33,6 +33,7 @@ from cae_jax import (
     eval_pipeline,
     evaluate,
     input_pipeline,
+    pixels,
     prepared_data,
     sharding,
     train_step,
@@ -120,8 +121,7 @@ class Preemption:
 
 def recon_grid(images: np.ndarray, recons: np.ndarray) -> np.ndarray:
     """Inputs (top row) over reconstructions (bottom row) as one uint8 image."""
-    to_uint8 = lambda x: np.clip((x + 1.0) * 127.5, 0, 255).astype(np.uint8)  # noqa: E731
-    return np.concatenate([np.concatenate(list(to_uint8(x)), axis=1)
+    return np.concatenate([np.concatenate(list(pixels.to_uint8(x)), axis=1)
                            for x in (images, recons)], axis=0)
 
 

@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
-from cae_jax import augment, device_augment, losses, models, sharding
+from cae_jax import augment, device_augment, losses, models, pixels, sharding
 
 
 @flax.struct.dataclass
@@ -114,7 +114,7 @@ def make_train_step(config: ConfigDict, mesh: Mesh) -> Callable:
         dropout_key = jax.random.fold_in(base_key, state.step)
         images = batch["image"]
         if on_device:
-            images = models.normalize(device_augment.augment_batch(batch, aug.blur_kernel[1]))
+            images = pixels.normalize(device_augment.augment_batch(batch, aug.blur_kernel[1]))
 
         def loss_fn(params, batch_stats):
             logits, recon, new_stats = forward(

@@ -19,11 +19,12 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 from etils import epath
 
-from data_prep import datasets, records, work, writer
+from data_prep import records, work, writer
+from data_prep.entries import Entry, unit_hash
 
 
 def shard_counts(
-    entries: Sequence[datasets.Entry], frames_per_video: int, examples_per_shard: int
+    entries: Sequence[Entry], frames_per_video: int, examples_per_shard: int
 ) -> dict[str, int]:
     """Shards per split, sized for the frames expected before cropping (an upper bound)."""
     frames: dict[str, int] = {}
@@ -32,9 +33,9 @@ def shard_counts(
     return {s: max(1, math.ceil(n / examples_per_shard)) for s, n in frames.items()}
 
 
-def _shard_key(entry: datasets.Entry, num_shards: dict[str, int]) -> tuple[str, int]:
+def _shard_key(entry: Entry, num_shards: dict[str, int]) -> tuple[str, int]:
     """All crops of a video go to one shard, chosen by hash of its id (stable across runs)."""
-    index = int(datasets.unit_hash("shard", entry.video_id) * num_shards[entry.split])
+    index = int(unit_hash("shard", entry.video_id) * num_shards[entry.split])
     return entry.split, index
 
 
@@ -59,7 +60,7 @@ class _WriteShard(beam.DoFn):
 
 
 def run(
-    entries: Sequence[datasets.Entry],
+    entries: Sequence[Entry],
     name: str,
     out_dir: epath.Path,
     work_dir: epath.Path,

@@ -28,7 +28,7 @@ import numpy as np
 from etils.epath import Path
 
 from data_prep import faces, video
-from data_prep.datasets import REAL, DatasetLayoutError, Entry, Options
+from data_prep.entries import REAL, DatasetLayoutError, Entry, Options
 
 # DeepfakeBench's training/config/test_config.yaml `label_dict`: 0 real, 1 fake.
 LABELS = {

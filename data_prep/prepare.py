@@ -24,6 +24,15 @@ import tqdm
 from etils import epath
 
 from data_prep import datasets, deepfakebench, faces, preview, work, writer
+from data_prep.entries import (
+    COMPRESSIONS,
+    FFPP_METHODS,
+    REAL,
+    DatasetLayoutError,
+    Entry,
+    Options,
+    unit_hash,
+)
 
 WORK_DIR = ".work"
 PREVIEW = "preview.png"
@@ -62,10 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--align", action="store_true", help="rotate crops so eyes are level")
     parser.add_argument("--workers", type=positive, default=os.cpu_count(), help="local processes")
     parser.add_argument("--limit-videos", type=natural, default=0, help="a seeded subset (0: all)")
-    parser.add_argument("--compression", choices=datasets.COMPRESSIONS, default="c23")
+    parser.add_argument("--compression", choices=COMPRESSIONS, default="c23")
     parser.add_argument(
         "--methods",
-        default=",".join(datasets.FFPP_METHODS),
+        default=",".join(FFPP_METHODS),
         help="comma-separated FF++ manipulations",
     )
     parser.add_argument("--json", default="", help="deepfakebench: dataset JSON or its folder")
@@ -93,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         detector=args.detector if args.detect or not dfb else deepfakebench.NO_DETECTION,
         align=args.align,
     )
-    options = datasets.Options(
+    options = Options(
         compression=args.compression,
         methods=tuple(m for m in args.methods.split(",") if m),
         val_fraction=args.val_fraction,
@@ -115,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
             beam_options=args.beam_options.split(),
         )
     except (
-        datasets.DatasetLayoutError,
+        DatasetLayoutError,
         work.CacheSettingsError,
         work.CacheWriteError,
         work.CorruptCacheError,
@@ -137,16 +146,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def subset(entries: list[datasets.Entry], limit: int, seed: int) -> list[datasets.Entry]:
+def subset(entries: list[Entry], limit: int, seed: int) -> list[Entry]:
     """A seeded sample of `limit` entries (all when 0), mixing splits, labels and methods."""
     if not limit or limit >= len(entries):
         return entries
-    ranked = sorted(entries, key=lambda e: datasets.unit_hash(seed, "subset", e.video_id))
+    ranked = sorted(entries, key=lambda e: unit_hash(seed, "subset", e.video_id))
     return sorted(ranked[:limit], key=lambda e: e.video_id)
 
 
 def prepare(
-    entries: Sequence[datasets.Entry],
+    entries: Sequence[Entry],
     name: str,
     out_dir: str | os.PathLike,
     settings: work.Settings,
@@ -177,7 +186,7 @@ def prepare(
 
 
 def crop_all(
-    entries: Sequence[datasets.Entry],
+    entries: Sequence[Entry],
     settings: work.Settings,
     work_dir: epath.Path,
     workers: int,
@@ -207,7 +216,7 @@ def crop_all(
 
 
 def _crop_in_pool(
-    entries: Sequence[datasets.Entry],
+    entries: Sequence[Entry],
     settings: work.Settings,
     work_dir: epath.Path,
     workers: int,
@@ -237,7 +246,7 @@ def _init_worker() -> None:
 
 
 def write_from_cache(
-    entries: Sequence[datasets.Entry],
+    entries: Sequence[Entry],
     summaries: dict[str, dict],
     name: str,
     out_dir: epath.Path,
@@ -246,7 +255,7 @@ def write_from_cache(
     examples_per_shard: int,
 ) -> epath.Path:
     """Writes the cached crops of finished entries, in video-id order, into the dataset."""
-    by_split: dict[str, list[datasets.Entry]] = {}
+    by_split: dict[str, list[Entry]] = {}
     for entry in entries:
         if summaries[entry.video_id]["status"] == "ok":
             by_split.setdefault(entry.split, []).append(entry)
@@ -266,7 +275,7 @@ def write_from_cache(
 
 
 def extra_manifest(
-    entries: Sequence[datasets.Entry], summaries: dict[str, dict], settings: work.Settings
+    entries: Sequence[Entry], summaries: dict[str, dict], settings: work.Settings
 ) -> dict:
     """Manifest fields beside counts and skips: settings, and frames left out of kept videos."""
     fields = {"settings": dataclasses.asdict(settings)}
@@ -277,22 +286,22 @@ def extra_manifest(
     return fields
 
 
-def frame_count(entries: Iterable[datasets.Entry], summaries: dict[str, dict]) -> int:
+def frame_count(entries: Iterable[Entry], summaries: dict[str, dict]) -> int:
     return sum(summaries[e.video_id]["frames"] for e in entries)
 
 
-def skipped_list(entries: Sequence[datasets.Entry], summaries: dict[str, dict]) -> list[dict]:
+def skipped_list(entries: Sequence[Entry], summaries: dict[str, dict]) -> list[dict]:
     return [summaries[e.video_id] for e in entries if summaries[e.video_id]["status"] == "skipped"]
 
 
-def _examples(group: Sequence[datasets.Entry], name: str, work_dir: epath.Path):
+def _examples(group: Sequence[Entry], name: str, work_dir: epath.Path):
     bar = tqdm.tqdm(group, unit="video", desc="write", leave=False, dynamic_ncols=True)
     for entry in bar:
         yield from work.cached_examples(entry, name, work_dir)
 
 
 def write_preview(
-    path: epath.Path, entries: Sequence[datasets.Entry], name: str, work_dir: epath.Path
+    path: epath.Path, entries: Sequence[Entry], name: str, work_dir: epath.Path
 ) -> None:
     """A PNG with one row per split of crops from a few real and fake videos, framed green
     (real) or red (fake): the first thing to look at to see that crops show faces."""
@@ -302,14 +311,14 @@ def write_preview(
         done = [e for e in entries if e.split == split and work.is_cropped(e, work_dir)]
         if not done:
             continue
-        ranked = sorted(done, key=lambda e: datasets.unit_hash("preview", e.video_id))
-        real = [e for e in ranked if e.label == datasets.REAL]
-        fake = [e for e in ranked if e.label != datasets.REAL]
+        ranked = sorted(done, key=lambda e: unit_hash("preview", e.video_id))
+        real = [e for e in ranked if e.label == REAL]
+        fake = [e for e in ranked if e.label != REAL]
         half = PREVIEW_PER_SPLIT // 2
         shown = real[: max(half, PREVIEW_PER_SPLIT - len(fake))]
         shown += fake[: PREVIEW_PER_SPLIT - len(shown)]
         crops = [_preview_crop(e, name, work_dir) for e in shown]
-        labels = [int(e.label != datasets.REAL) for e in shown]
+        labels = [int(e.label != REAL) for e in shown]
         rows.append(preview.sample_grid(np.stack(crops), np.array(labels),
                                         columns=PREVIEW_PER_SPLIT))
     if rows:
@@ -317,7 +326,7 @@ def write_preview(
         path.write_bytes(cv2.imencode(".png", grid)[1].tobytes())
 
 
-def _preview_crop(entry: datasets.Entry, name: str, work_dir: epath.Path) -> np.ndarray:
+def _preview_crop(entry: Entry, name: str, work_dir: epath.Path) -> np.ndarray:
     """The entry's first crop, RGB, at the preview size."""
     png = next(work.cached_examples(entry, name, work_dir))["image"]
     bgr = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)

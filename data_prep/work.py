@@ -27,7 +27,7 @@ import numpy as np
 from etils import epath
 
 from data_prep import faces, video
-from data_prep.datasets import Entry
+from data_prep.entries import Entry
 
 SETTINGS_FILE = "settings.json"
 MAX_ATTEMPTS = 2  # Worker deaths while processing one file before it is skipped.

@@ -14,6 +14,7 @@ import tensorflow_datasets as tfds
 
 from cae_jax import main as cli
 from data_prep import datasets, deepfakebench, prepare, work
+from data_prep.entries import DatasetLayoutError, Options
 
 SIZE = 40  # Side of the synthetic frames (theirs are 256).
 
@@ -99,8 +100,8 @@ def dfb_tree(tmp_path_factory) -> tuple[Path, Path]:
     return rgb, json_dir
 
 
-def options(json_dir: Path, name: str, compression: str = "c23") -> datasets.Options:
-    return datasets.Options(compression=compression, dfb_json=str(json_dir), dfb_name=name)
+def options(json_dir: Path, name: str, compression: str = "c23") -> Options:
+    return Options(compression=compression, dfb_json=str(json_dir), dfb_name=name)
 
 
 def load(out: Path) -> dict[str, list[dict]]:
@@ -137,15 +138,15 @@ def test_entries_follow_their_splits_labels_and_unique_ids(dfb_tree):
 
 def test_bad_json_names_the_file_and_problem(dfb_tree, tmp_path):
     rgb, json_dir = dfb_tree
-    with pytest.raises(datasets.DatasetLayoutError, match="no dataset 'DFDC'"):
+    with pytest.raises(DatasetLayoutError, match="no dataset 'DFDC'"):
         datasets.list_entries("deepfakebench", rgb, options(json_dir / "Celeb-DF-v2.json", "DFDC"))
-    with pytest.raises(datasets.DatasetLayoutError, match=r"'raw' \(it has \['c23', 'c40'\]"):
+    with pytest.raises(DatasetLayoutError, match=r"'raw' \(it has \['c23', 'c40'\]"):
         datasets.list_entries("deepfakebench", rgb, options(json_dir, "FaceForensics++", "c0"))
-    with pytest.raises(datasets.DatasetLayoutError, match="a JSON folder needs --name"):
+    with pytest.raises(DatasetLayoutError, match="a JSON folder needs --name"):
         datasets.list_entries("deepfakebench", rgb, options(json_dir, ""))
     bad = tmp_path / "X.json"
     bad.write_text(json.dumps({"X": {"Mystery": {"train": {"v": {"frames": []}}}}}))
-    with pytest.raises(datasets.DatasetLayoutError, match="X.json: label 'Mystery'"):
+    with pytest.raises(DatasetLayoutError, match="X.json: label 'Mystery'"):
         datasets.list_entries("deepfakebench", rgb, options(bad, "X"))
 
 

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from cae_jax import config as config_lib
-from cae_jax import export, models, sharding, train_step
+from cae_jax import export, pixels, sharding, train_step
 from cae_jax.ops import cpu_serving
 
 SIZE = 64
@@ -35,7 +35,7 @@ def calibrated_model(config, state):
     """
     graphdef, _, _ = train_step.abstract_model(config)
     batch_stats = random_batch_stats(state.batch_stats)
-    images = models.normalize(jnp.asarray(face_batch(8, seed=1)))
+    images = pixels.normalize(jnp.asarray(face_batch(8, seed=1)))
     logits, _, _ = train_step.forward(graphdef, state.params, batch_stats, images, train=False)
     params = jax.device_get(state.params)
     out = params["classifier"]["out"]
@@ -62,7 +62,7 @@ def face_batch(n: int, seed: int) -> np.ndarray:
 
 def reference(graphdef, params, batch_stats, images: np.ndarray) -> dict[str, np.ndarray]:
     """The JAX model itself: uint8 -> normalize -> CAE(train=False) -> sigmoid."""
-    x = models.normalize(jnp.asarray(images))
+    x = pixels.normalize(jnp.asarray(images))
     logits, recon, _ = train_step.forward(graphdef, params, batch_stats, x, train=False)
     return {
         "probability": np.asarray(jax.nn.sigmoid(logits)),

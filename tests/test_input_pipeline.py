@@ -5,7 +5,6 @@ from pathlib import Path
 
 import cv2
 import grain
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -255,13 +254,6 @@ def test_sample_grid_frames_each_image_by_its_label():
     np.testing.assert_array_equal(grid[0, 0], preview.FRAME_COLOURS[0])
     np.testing.assert_array_equal(grid[0, 34], preview.FRAME_COLOURS[1])
     np.testing.assert_array_equal(grid[40, 40], [255, 255, 255])  # Empty cell.
-
-
-def test_normalize_maps_the_uint8_range_onto_minus_one_one():
-    x = jax.numpy.asarray(np.array([0, 51, 255], np.uint8))
-    np.testing.assert_array_equal(
-        np.asarray(input_pipeline.normalize(x)), np.float32([-1.0, -0.6, 1.0])
-    )
 
 
 def test_tf_data_reference_does_the_same_work(ffpp_like, other):

@@ -164,7 +164,7 @@ def test_a_bundle_newer_than_this_reader_is_refused_by_name(tmp_path):
 def test_native_layer_forms_train_export_and_serve_end_to_end(tmp_path):
     """What a GPU/TPU user runs (layer_impl "native"), exercised on the CPU: training steps,
     a bundle from the checkpoint, and its scores equal to the trained model's own forward."""
-    from cae_jax import checkpoints, models, train
+    from cae_jax import checkpoints, pixels, train
     from tests import datasets
 
     data = datasets.write(tmp_path / "toy", {"train": (8, 8), "validation": (4, 4)})
@@ -181,7 +181,7 @@ def test_native_layer_forms_train_export_and_serve_end_to_end(tmp_path):
     images = np.stack([datasets.face_crop(i) for i in range(4)])
     graphdef, _, _ = train_step.abstract_model(restored)
     logits, _, _ = train_step.forward(graphdef, params, batch_stats,
-                                      models.normalize(jnp.asarray(images)), train=False)
+                                      pixels.normalize(jnp.asarray(images)), train=False)
     classify = jax.export.deserialize((bundle / "classify.jax").read_bytes())
     np.testing.assert_allclose(classify.call(images)["probability"], jax.nn.sigmoid(logits),
                                rtol=1e-5, atol=1e-6)

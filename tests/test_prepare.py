@@ -21,6 +21,7 @@ from skimage import data as skdata
 
 from cae_jax import main as cli
 from data_prep import datasets, faces, prepare, video, work, writer
+from data_prep.entries import DatasetLayoutError, Entry, Options
 
 CANVAS = (240, 180)  # Video frame width, height.
 FACE = 96  # Side of the pasted face in the synthetic clips.
@@ -243,7 +244,7 @@ def test_ffpp_splits_labels_and_unique_ids(tmp_path):
     _touch(
         tmp_path, f"manipulated_sequences/Deepfakes/c40/videos/{a}_{b}.mp4"
     )  # Other compression.
-    opts = datasets.Options(methods=("Deepfakes", "NeuralTextures", "FaceShifter", "FaceSwap"))
+    opts = Options(methods=("Deepfakes", "NeuralTextures", "FaceShifter", "FaceSwap"))
     entries = datasets.list_entries("ffpp", tmp_path, opts)
     by_id = {e.video_id: e for e in entries}
     assert len(entries) == 4 + 9  # Same file names under three methods stay three videos.
@@ -281,7 +282,7 @@ def test_celebdf_test_list_missing_files_and_identity_validation(tmp_path):
         "1 Celeb-real/id0_0000.mp4\n0 Celeb-synthesis/id0_id99_0000.mp4\n"
         "1 YouTube-real/00001.mp4\n0 Celeb-synthesis/id7_id8_0009.mp4\n"
     )
-    entries = datasets.list_entries("celebdf", tmp_path, datasets.Options(val_fraction=0.3))
+    entries = datasets.list_entries("celebdf", tmp_path, Options(val_fraction=0.3))
     by_id = {e.video_id: e for e in entries}
     assert len(entries) == 62 + 1  # The listed but absent video is an entry (skipped later).
     missing = by_id["Celeb-synthesis/id7_id8_0009.mp4"]
@@ -295,7 +296,7 @@ def test_celebdf_test_list_missing_files_and_identity_validation(tmp_path):
             by_id[f"Celeb-real/{i}_0000.mp4"].split
             == by_id[f"Celeb-synthesis/{i}_id99_0000.mp4"].split
         )
-    again = datasets.list_entries("celebdf", tmp_path, datasets.Options(val_fraction=0.3))
+    again = datasets.list_entries("celebdf", tmp_path, Options(val_fraction=0.3))
     assert again == entries
 
 
@@ -317,7 +318,7 @@ def test_dfdc_metadata_groups_fakes_with_originals(tmp_path):
     (tmp_path / "test").mkdir()
     _touch(tmp_path / "test", "t0.mp4", "t1.mp4")
     (tmp_path / "test" / "labels.csv").write_text("filename,label\nt0.mp4,0\nt1.mp4,1\n")
-    entries = datasets.list_entries("dfdc", tmp_path, datasets.Options(val_fraction=0.5))
+    entries = datasets.list_entries("dfdc", tmp_path, Options(val_fraction=0.5))
     by_id = {e.video_id: e for e in entries}
     assert len(entries) == 42
     assert not by_id["dfdc_train_part_1/f13.mp4"].path.exists()
@@ -341,7 +342,7 @@ def test_dfd_splits_by_actor(tmp_path):
             tmp_path, f"{real}/{actor:02d}__walking.mp4", f"{fake}/{actor:02d}_05__walking__ABC.mp4"
         )
     entries = datasets.list_entries(
-        "dfd", tmp_path, datasets.Options(val_fraction=0.2, test_fraction=0.2)
+        "dfd", tmp_path, Options(val_fraction=0.2, test_fraction=0.2)
     )
     split_of_actor = {}
     for e in entries:
@@ -360,7 +361,7 @@ def test_folder_layouts_and_csv_errors(tmp_path):
         "fake/notes.txt",
     )
     entries = datasets.list_entries(
-        "folder", tmp_path, datasets.Options(val_fraction=0, test_fraction=0)
+        "folder", tmp_path, Options(val_fraction=0, test_fraction=0)
     )
     assert [(e.video_id, e.label, e.method) for e in entries] == [
         ("fake/Deepfakes/c.mp4", "fake", "Deepfakes"),
@@ -370,17 +371,17 @@ def test_folder_layouts_and_csv_errors(tmp_path):
     ]
     table = tmp_path / "list.csv"
     table.write_text("path,label,split\nreal/a.mp4,real,val\nfake/d.jpg,1,test\ngone.mp4,0,train\n")
-    rows = datasets.list_entries("folder", table, datasets.Options())
+    rows = datasets.list_entries("folder", table, Options())
     assert [(e.video_id, e.label, e.split) for e in rows] == [
         ("fake/d.jpg", "fake", "test"),
         ("gone.mp4", "real", "train"),
         ("real/a.mp4", "real", "validation"),
     ]
     table.write_text("real/a.mp4,maybe\n")
-    with pytest.raises(datasets.DatasetLayoutError, match=r"list.csv:1: label must be"):
-        datasets.list_entries("folder", table, datasets.Options())
-    with pytest.raises(datasets.DatasetLayoutError, match="expected a 'real' folder"):
-        datasets.list_entries("folder", tmp_path / "real", datasets.Options())
+    with pytest.raises(DatasetLayoutError, match=r"list.csv:1: label must be"):
+        datasets.list_entries("folder", table, Options())
+    with pytest.raises(DatasetLayoutError, match="expected a 'real' folder"):
+        datasets.list_entries("folder", tmp_path / "real", Options())
 
 
 def test_limit_videos_takes_a_seeded_mixed_subset(tmp_path):
@@ -389,7 +390,7 @@ def test_limit_videos_takes_a_seeded_mixed_subset(tmp_path):
         *(f"real/r{i:02d}.mp4" for i in range(20)),
         *(f"fake/f{i:02d}.mp4" for i in range(20)),
     )
-    entries = datasets.list_entries("folder", tmp_path, datasets.Options())
+    entries = datasets.list_entries("folder", tmp_path, Options())
     picked = prepare.subset(entries, 10, seed=0)
     assert len(picked) == 10 and picked == sorted(picked, key=lambda e: e.video_id)
     assert {e.label for e in picked} == {"real", "fake"}  # Not just the first ids.
@@ -538,7 +539,7 @@ SETTINGS = work.Settings(frames_per_video=4, image_size=64, margin=1.3, detector
 
 
 def _prepare(root: Path, out: Path, **kwargs) -> Path:
-    entries = datasets.list_entries("folder", root / "list.csv", datasets.Options())
+    entries = datasets.list_entries("folder", root / "list.csv", Options())
     return Path(prepare.prepare(entries, "mine", out, SETTINGS, examples_per_shard=5, **kwargs))
 
 
@@ -637,7 +638,7 @@ def test_prepare_process_pool_matches_inline(raw_folder, tmp_path):
 
 
 @dataclasses.dataclass(frozen=True)
-class CrashingEntry(datasets.Entry):
+class CrashingEntry(Entry):
     """An entry whose processing kills its worker process, as a decoder crash would."""
 
     @property
@@ -647,7 +648,7 @@ class CrashingEntry(datasets.Entry):
 
 def test_pool_survives_a_file_that_kills_its_worker(raw_folder, tmp_path):
     root, _ = raw_folder
-    good = [e for e in datasets.list_entries("folder", root / "list.csv", datasets.Options())]
+    good = [e for e in datasets.list_entries("folder", root / "list.csv", Options())]
     good = [e for e in good if e.video_id in ("real/r0.avi", "fake/Blend/f0.avi")]
     crash = CrashingEntry(root / "real/r2.avi", "real/crash.avi", "real", "real", "train")
     out = Path(prepare.prepare([*good, crash], "mine", tmp_path, SETTINGS, workers=2))
@@ -663,7 +664,7 @@ def test_pool_charges_each_of_several_crashing_files(raw_folder, tmp_path):
     root, _ = raw_folder
     crashes = [CrashingEntry(root / "real/r2.avi", f"real/crash{i}.avi", "real", "real", "train")
                for i in range(3)]
-    good = [e for e in datasets.list_entries("folder", root / "list.csv", datasets.Options())
+    good = [e for e in datasets.list_entries("folder", root / "list.csv", Options())
             if e.video_id == "real/r0.avi"]
     out = Path(prepare.prepare([*crashes, *good], "mine", tmp_path, SETTINGS, workers=2))
     manifest = json.loads((out / "manifest.json").read_text())
@@ -681,7 +682,7 @@ def _wait_for(pattern: str, folder: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class SelfKillingEntry(datasets.Entry):
+class SelfKillingEntry(Entry):
     """Kills its own process with SIGKILL, as a decoder crash would, once `other` is in flight
     in another worker (its attempt marker exists)."""
 
@@ -696,7 +697,7 @@ class SelfKillingEntry(datasets.Entry):
 
 
 @dataclasses.dataclass(frozen=True)
-class SlowEntry(datasets.Entry):
+class SlowEntry(Entry):
     """A healthy video that stays in flight until `other` is finished (cached)."""
 
     other: str = ""
@@ -806,7 +807,7 @@ def test_missing_or_corrupt_cached_crops_are_named_and_redone(
 def test_cache_refuses_other_settings(raw_folder, tmp_path):
     root, _ = raw_folder
     _prepare(root, tmp_path / "o")
-    entries = datasets.list_entries("folder", root / "list.csv", datasets.Options())
+    entries = datasets.list_entries("folder", root / "list.csv", Options())
     with pytest.raises(ValueError, match="made with"):
         prepare.prepare(
             entries, "mine", tmp_path / "o", work.Settings(frames_per_video=8, detector="haar")
@@ -875,7 +876,7 @@ def test_ffpp_mini_lands_in_official_splits_with_faces(ffpp_mini, tmp_path):
     for file_stem, split in (("train", "train"), ("val", "validation"), ("test", "test")):
         for pair in json.loads((ffpp_mini / "splits" / f"{file_stem}.json").read_text()):
             split_of.update(dict.fromkeys(pair, split))
-    entries = datasets.list_entries("ffpp", ffpp_mini, datasets.Options())
+    entries = datasets.list_entries("ffpp", ffpp_mini, Options())
     out = Path(
         prepare.prepare(entries, "ffpp", tmp_path, work.Settings(frames_per_video=2, image_size=96))
     )

@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("cae_jax.export", "training checkpoint -> inference bundle"),
     "predict": ("cae_jax.predict", "score images and videos with an exported model"),
     "demo": ("cae_jax.demo", "end-to-end run on built-in data (CPU)"),
-    "bench": ("cae_jax.bench", "speed benchmarks against peers"),
+    "bench": ("cae_jax.bench.cli", "speed benchmarks against peers"),
     "import-weights": ("cae_jax.weights", "ImageNet Xception weights (timm/keras) -> Orbax"),
     "sweep": ("cae_jax.sweep", "expand a sweep file into runs and launch them"),
     "sweep-report": ("cae_jax.sweep_report", "collect a sweep's results into one table"),

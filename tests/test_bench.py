@@ -7,8 +7,9 @@ import time
 import numpy as np
 import pytest
 
-from cae_jax import bench, main
 from cae_jax import config as config_lib
+from cae_jax import main
+from cae_jax.bench import input_rows, layers, model_rows, report, timing
 
 ROWS = [
     "train step, batch 8",
@@ -44,7 +45,7 @@ def test_smoke_runs_every_benchmark_and_writes_json_and_table(smoke):
     assert results["config"] == {"image_size": 64, "train_batch": 8, "dtype": "float32",
                                  "layer_impl": "auto", "repeats": 1}
     assert [r["layer"] for r in results["layers"]] == [name for name, _, _ in
-                                                       bench.layer_cases(8)]
+                                                       layers.layer_cases(8)]
     for r in results["layers"]:
         assert all(r[impl][t] > 0 for impl in ("native", "decomposed")
                    for t in ("forward_s", "gradient_s"))
@@ -70,29 +71,29 @@ def test_tiny_config_has_no_torch_peer_and_says_why(smoke):
 
 def test_timed_rows_run_in_a_fresh_process_with_this_environment(monkeypatch):
     monkeypatch.setenv("CAE_JAX_BENCH_PROBE", "from the parent")
-    assert bench.in_fresh_process(os.getpid) != os.getpid()
-    assert bench.in_fresh_process(os.getenv, "CAE_JAX_BENCH_PROBE") == "from the parent"
+    assert timing.in_fresh_process(os.getpid) != os.getpid()
+    assert timing.in_fresh_process(os.getenv, "CAE_JAX_BENCH_PROBE") == "from the parent"
     with pytest.raises(ValueError, match="invalid literal"):
-        bench.in_fresh_process(int, "not a number")
+        timing.in_fresh_process(int, "not a number")
 
 
 def test_ratio_is_ours_over_peer():
-    assert bench.row("x", 3.0, 2.0, "images/s")["ratio"] == 1.5
-    assert bench.row("x", 3.0, None, "images/s")["ratio"] is None
+    assert report.row("x", 3.0, 2.0, "images/s")["ratio"] == 1.5
+    assert report.row("x", 3.0, None, "images/s")["ratio"] is None
 
 
 def test_median_seconds_times_each_repeat_after_warmup():
     calls = []
-    assert bench.median_seconds(lambda: calls.append(1), repeats=3, warmup=2) >= 0
+    assert timing.median_seconds(lambda: calls.append(1), repeats=3, warmup=2) >= 0
     assert len(calls) == 5
 
 
 def test_ours_and_peer_take_turns_and_each_gets_its_own_median(monkeypatch):
     calls = []
     clock = iter(range(100))
-    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
     # Each call of "slow" advances the fake clock by 3 ticks (start, 2 inside, end), "fast" by 1.
-    medians = bench.interleaved_medians(
+    medians = timing.interleaved_medians(
         {"slow": lambda: calls.append(("slow", next(clock), next(clock))),
          "fast": lambda: calls.append(("fast",))}, repeats=3, warmup=1)
     assert [c[0] for c in calls] == ["slow", "fast"] * 4
@@ -100,7 +101,7 @@ def test_ours_and_peer_take_turns_and_each_gets_its_own_median(monkeypatch):
 
 
 def test_interleaved_medians_order_a_slow_and_a_fast_function():
-    medians = bench.interleaved_medians({"slow": lambda: time.sleep(0.03), "fast": lambda: None},
+    medians = timing.interleaved_medians({"slow": lambda: time.sleep(0.03), "fast": lambda: None},
                                         repeats=3, warmup=0)
     assert medians["slow"] >= 0.03 > medians["fast"]
 
@@ -108,16 +109,16 @@ def test_interleaved_medians_order_a_slow_and_a_fast_function():
 def test_against_peer_runs_the_peer_in_turn_and_reports_both():
     calls = []
     ours = (lambda: calls.append("ours"), {"gflop": 2.0})
-    result, peer = bench.against_peer(ours, lambda: calls.append("peer"), images=8, repeats=2)
+    result, peer = model_rows.against_peer(ours, lambda: calls.append("peer"), images=8, repeats=2)
     assert calls == ["ours", "peer"] * 3  # One warm-up, two timed repeats each.
     assert peer["images_per_s"] == pytest.approx(8 / peer["seconds"])
     assert result["gflops_per_s"] == pytest.approx(2.0 / result["seconds"])
-    assert bench.against_peer(ours, None, images=8, repeats=1)[1] is None
+    assert model_rows.against_peer(ours, None, images=8, repeats=1)[1] is None
 
 
 def test_host_cores_scale_with_the_rate():
-    assert bench.host_cores(0.005) == pytest.approx(10.0)  # 5 ms per image at 2,000 images/s.
-    assert bench.host_cores(0.005, 10_000) == pytest.approx(50.0)
+    assert input_rows.host_cores(0.005) == pytest.approx(10.0)  # 5 ms per image at 2,000 images/s.
+    assert input_rows.host_cores(0.005, 10_000) == pytest.approx(50.0)
 
 
 def test_torch_peer_runs_a_train_step_and_inference():
@@ -127,8 +128,8 @@ def test_torch_peer_runs_a_train_step_and_inference():
     config = config_lib.default_config()
     config.model.image_size = 64
     config.train.batch_size = 2
-    assert bench.torch_reason(config) == ""
-    loss = bench.train_torch(config)()
+    assert model_rows.torch_reason(config) == ""
+    loss = model_rows.train_torch(config)()
     assert np.isfinite(loss) and loss > 0
-    probs = bench.infer_torch(config, 2)()
+    probs = model_rows.infer_torch(config, 2)()
     assert probs.shape == (2,) and np.all((probs >= 0) & (probs <= 1))

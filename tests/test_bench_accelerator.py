@@ -1,4 +1,5 @@
-"""The accelerator benchmark (`launch/gpu_bench.sh`, `bench_accelerator.py`), tiny on the CPU."""
+"""The accelerator benchmark (`launch/gpu_bench.sh`, `cae_jax/bench/accelerator.py`), tiny on the
+CPU."""
 
 import importlib.util
 import json
@@ -11,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cae_jax import bench, bench_accelerator
 from cae_jax import config as config_lib
+from cae_jax.bench import accelerator, model_rows, timing
 
 SCRIPT = Path(__file__).parents[1] / "launch" / "gpu_bench.sh"
 HAS_PEER = bool(importlib.util.find_spec("torch"))
@@ -40,7 +41,7 @@ def test_gpu_bench_script_runs_every_row_and_writes_json_and_table(tmp_path):
 
 def test_time_budget_stops_rows_and_keeps_the_table(tmp_path):
     config = config_lib.load_config("configs/tiny.py")
-    results = bench_accelerator.run_rows(
+    results = accelerator.run_rows(
         config, repeats=1, matmul_size=64, batch=2, dtypes=("float32",), largest_batches=(2,),
         compile_backend="", budget_s=0, out=tmp_path / "r.json",
         markdown_path=str(tmp_path / "r.md"))
@@ -60,20 +61,20 @@ def test_largest_batch_search_steps_down_past_out_of_memory(tmp_path, monkeypatc
             raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
         return (lambda: None), {"compile_s": 1.0, "gflop": 1.0}
 
-    monkeypatch.setattr(bench, "in_fresh_process", lambda fn, *args: fn(*args))
-    monkeypatch.setattr(bench, "train_jax", fake_train_jax)
-    monkeypatch.setattr(bench, "torch_reason", lambda config: "no peer in this test")
+    monkeypatch.setattr(timing, "in_fresh_process", lambda fn, *args: fn(*args))
+    monkeypatch.setattr(model_rows, "train_jax", fake_train_jax)
+    monkeypatch.setattr(model_rows, "torch_reason", lambda config: "no peer in this test")
     config = config_lib.load_config("configs/tiny.py")
-    results = bench_accelerator.run_rows(
+    results = accelerator.run_rows(
         config, repeats=1, matmul_size=64, batch=2, dtypes=(), largest_batches=(256, 128, 64),
         compile_backend="", budget_s=60, out=tmp_path / "r.json", markdown_path="")
     assert tried == [256, 128]
     assert results["rows"]["memory bfloat16 batch 256"] == {"out_of_memory": "cae-jax"}
     assert results["rows"]["memory bfloat16 batch 128"]["cae-jax"]["images_per_s"] > 0
     with pytest.raises(ValueError, match="not memory"):
-        monkeypatch.setattr(bench, "train_jax", lambda config: (_ for _ in ()).throw(
+        monkeypatch.setattr(model_rows, "train_jax", lambda config: (_ for _ in ()).throw(
             ValueError("not memory")))
-        bench_accelerator.memory_row(config, 1)
+        accelerator.memory_row(config, 1)
 
 
 @pytest.mark.skipif(not HAS_PEER, reason="torch not installed")
@@ -85,7 +86,7 @@ def test_torch_peer_trains_and_classifies_eager_and_compiled(dtype):
     config.model.image_size = 71
     config.model.dtype = dtype
     for backend in ("", "eager"):
-        loss = bench_accelerator.torch_train(config, 2, backend)()
+        loss = accelerator.torch_train(config, 2, backend)()
         assert np.isfinite(loss) and loss > 0
-        probs = bench_accelerator.torch_infer(config, 2, backend)()
+        probs = accelerator.torch_infer(config, 2, backend)()
         assert probs.shape == (2,) and np.all((probs > 0) & (probs < 1))

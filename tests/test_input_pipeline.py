@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from cae_jax import config as config_lib
 from cae_jax import eval_pipeline, input_pipeline, prepared_data, sharding, tfrecord
+from cae_jax.bench.tf_data_reference import tf_data_reference
 from data_prep import preview, records, writer
 from tests import datasets
 
@@ -258,7 +259,7 @@ def test_sample_grid_frames_each_image_by_its_label():
 
 def test_tf_data_reference_does_the_same_work(ffpp_like, other):
     c = make_config(ffpp_like, other, batch=64, weights=(1.0, 1.0), class_balance=True)
-    batches = list(input_pipeline.tf_data_reference(c).take(8).as_numpy_iterator())
+    batches = list(tf_data_reference(c).take(8).as_numpy_iterator())
     assert batches[0]["image"].shape == (64, SIZE, SIZE, 3)
     assert batches[0]["image"].dtype == np.uint8
     labels = np.concatenate([b["label"] for b in batches])

@@ -14,7 +14,7 @@ from flax import nnx
 
 from cae_jax import config as config_lib
 from cae_jax import main, sharding, train_step
-from cae_jax.torch_peer import LegacyXception
+from cae_jax.bench.torch_peer import LegacyXception
 from tests.torch_helpers import randomize_batch_norm
 
 

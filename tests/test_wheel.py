@@ -1,5 +1,6 @@
 """The built wheel works outside the checkout: it ships configs, kernels and splits, and its
-`cae-jax` runs `demo --help` and a tiny `train --config configs/tiny.py` from another directory."""
+`cae-jax` runs `demo --help`, `bench --help` and a tiny `train --config configs/tiny.py` from
+another directory."""
 
 import os
 import site
@@ -52,6 +53,8 @@ def test_wheel_installs_and_trains_outside_the_checkout(tmp_path):
     cli = venv / "bin" / "cae-jax"
     demo_help = run([str(cli), "demo", "--help"], outside)
     assert demo_help.returncode == 0 and "configs/demo.py" in demo_help.stdout, demo_help.stderr
+    bench_help = run([str(cli), "bench", "--help"], outside)
+    assert bench_help.returncode == 0 and "--accelerator" in bench_help.stdout, bench_help.stderr
 
     data_dir = datasets.write(tmp_path / "data", {"train": (4, 4), "validation": (2, 2)},
                               num_shards=1)

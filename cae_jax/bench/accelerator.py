@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 
-from cae_jax import bench
+from cae_jax.bench import model_rows, timing
 
 LARGEST_BATCHES = (256, 128, 64, 32)
 DTYPES = ("bfloat16", "float32")
@@ -35,7 +35,7 @@ def matmul_peak_bf16(n: int, repeats: int) -> dict:
     """TFLOP/s of an n x n bfloat16 matmul (float32 accumulation): the device's practical peak."""
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
     matmul = jax.jit(lambda a: jnp.matmul(a, a, preferred_element_type=jnp.float32))
-    seconds = bench.median_seconds(lambda: matmul(a).block_until_ready(), repeats)
+    seconds = timing.median_seconds(lambda: matmul(a).block_until_ready(), repeats)
     return {"size": n, "seconds": seconds, "tflops_per_s": 2 * n**3 / seconds / 1e12}
 
 
@@ -59,7 +59,7 @@ def torch_device():
 def _torch_batch(config: ConfigDict, batch: int, device):
     import torch
 
-    images, labels = bench.random_batch(config, batch)
+    images, labels = model_rows.random_batch(config, batch)
     x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
@@ -70,7 +70,7 @@ def torch_train(config: ConfigDict, batch: int, compile_backend: str) -> Callabl
     """The PyTorch peer's train step at `batch` (a call blocks until the step is done)."""
     import torch
 
-    from cae_jax import torch_peer
+    from cae_jax.bench import torch_peer
 
     torch.manual_seed(config.seed)
     device = torch_device()
@@ -84,13 +84,13 @@ def torch_infer(config: ConfigDict, batch: int, compile_backend: str) -> Callabl
     """The PyTorch peer's classify (uint8 faces in, probabilities back on the host)."""
     import torch
 
-    from cae_jax import torch_peer
+    from cae_jax.bench import torch_peer
 
     device = torch_device()
     model = torch_peer.for_device(torch_peer.TorchCAE(config.model).eval(), device)
     classify = torch.compile(model.classify, backend=compile_backend) if compile_backend \
         else model.classify
-    images = torch.from_numpy(bench.random_batch(config, batch)[0]).to(device)
+    images = torch.from_numpy(model_rows.random_batch(config, batch)[0]).to(device)
 
     def run():
         with torch.inference_mode(), torch_peer.compute_dtype(config, device):
@@ -104,7 +104,7 @@ def torch_infer(config: ConfigDict, batch: int, compile_backend: str) -> Callabl
 
 def _peers(config: ConfigDict, make: Callable, batch: int, compile_backend: str) -> dict:
     """The PyTorch rows to time beside cae-jax: eager, and compiled where a backend is named."""
-    if bench.torch_reason(config):
+    if model_rows.torch_reason(config):
         return {}
     peers = {"torch eager": make(config, batch, "")}
     if compile_backend:
@@ -121,7 +121,7 @@ def _timed(ours: Callable, info: dict, peers: dict[str, Callable], images: int, 
         start = time.perf_counter()
         fn()
         first_call[name] = time.perf_counter() - start
-    seconds = bench.interleaved_medians({"cae-jax": ours, **peers}, repeats, warmup)
+    seconds = timing.interleaved_medians({"cae-jax": ours, **peers}, repeats, warmup)
     result = {"cae-jax": {**info, "seconds": seconds["cae-jax"],
                           "images_per_s": images / seconds["cae-jax"],
                           "tflops_per_s": info["gflop"] / seconds["cae-jax"] / 1e3}}
@@ -134,7 +134,7 @@ def _timed(ours: Callable, info: dict, peers: dict[str, Callable], images: int, 
 def train_row(config: ConfigDict, repeats: int, compile_backend: str) -> dict:
     """cae-jax's jitted train step against the peers, at the config's batch and dtype."""
     batch = config.train.batch_size
-    run, info = bench.train_jax(config)
+    run, info = model_rows.train_jax(config)
     result = _timed(run, info, _peers(config, torch_train, batch, compile_backend), batch,
                     repeats, warmup=2)
     result["cae-jax"]["peak_bytes"] = peak_device_bytes()
@@ -143,7 +143,7 @@ def train_row(config: ConfigDict, repeats: int, compile_backend: str) -> dict:
 
 def inference_row(config: ConfigDict, repeats: int, compile_backend: str) -> dict:
     batch = config.train.batch_size
-    run, info = bench.infer_jax(config, batch)
+    run, info = model_rows.infer_jax(config, batch)
     return _timed(run, info, _peers(config, torch_infer, batch, compile_backend), batch,
                   repeats, warmup=2)
 
@@ -154,8 +154,8 @@ def memory_row(config: ConfigDict, repeats: int) -> dict:
     batch = config.train.batch_size
     result = {}
     try:
-        run, info = bench.train_jax(config)
-        seconds = bench.median_seconds(run, repeats, warmup=2)
+        run, info = model_rows.train_jax(config)
+        seconds = timing.median_seconds(run, repeats, warmup=2)
     except Exception as err:  # noqa: BLE001 - only running out of memory is an answer here.
         if is_out_of_memory(err):
             return {"out_of_memory": "cae-jax"}
@@ -163,7 +163,7 @@ def memory_row(config: ConfigDict, repeats: int) -> dict:
     peak = peak_device_bytes()
     result["cae-jax"] = {"images_per_s": batch / seconds, "compile_s": info["compile_s"],
                          "peak_bytes_per_image": peak / batch if peak else None}
-    if bench.torch_reason(config):
+    if model_rows.torch_reason(config):
         return result
     import torch
 
@@ -171,7 +171,7 @@ def memory_row(config: ConfigDict, repeats: int) -> dict:
         torch.cuda.reset_peak_memory_stats()
     try:
         step = torch_train(config, batch, "")
-        seconds = bench.median_seconds(step, repeats, warmup=2)
+        seconds = timing.median_seconds(step, repeats, warmup=2)
     except torch.cuda.OutOfMemoryError:
         return {**result, "torch eager": {"out_of_memory": True}}
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
@@ -193,13 +193,13 @@ def run_rows(config: ConfigDict, *, repeats: int, matmul_size: int, batch: int,
     """Every accelerator row until `budget_s` runs out; `out` (and the table at
     `markdown_path`, if any) is rewritten after each row, so a run killed later keeps them."""
     deadline = time.monotonic() + budget_s
-    results = {"machine": {**bench.machine(), "accelerator": jax.devices()[0].device_kind},
+    results = {"machine": {**timing.machine(), "accelerator": jax.devices()[0].device_kind},
                "batch": batch, "image_size": config.model.image_size,
                "repeats": repeats, "compile_backend": compile_backend,
                "date": time.strftime("%Y-%m-%d"), "skipped": []}
-    if not bench.torch_reason(config):
+    if not model_rows.torch_reason(config):
         results["torch_device"] = str(torch_device())
-    results["peer_note"] = bench.torch_reason(config)
+    results["peer_note"] = model_rows.torch_reason(config)
 
     def save():
         out.write_text(json.dumps(results, indent=2))
@@ -209,10 +209,10 @@ def run_rows(config: ConfigDict, *, repeats: int, matmul_size: int, batch: int,
     def step(name: str, fn: Callable, *args):
         if time.monotonic() > deadline:
             results["skipped"].append(name)
-            bench.log(f"{name}: skipped, time budget spent")
+            timing.log(f"{name}: skipped, time budget spent")
             return None
-        bench.log(name)
-        value = bench.in_fresh_process(fn, *args)
+        timing.log(name)
+        value = timing.in_fresh_process(fn, *args)
         results.setdefault("rows", {})[name] = value
         save()
         return value

@@ -18,102 +18,117 @@ from ml_collections import ConfigDict
 
 
 def default_config() -> ConfigDict:
-    c = ConfigDict()
-    c.seed = 0  # Every random stream (init, dropout, data order, augmentation) derives from it.
+    config = ConfigDict()
+    # Every random stream (init, dropout, data order, augmentation) derives from it.
+    config.seed = 0
     # Orbax checkpoint written by `cae-jax import-weights` to start the encoder from; "" = random.
-    c.init_from = ""
+    config.init_from = ""
 
-    c.model = m = ConfigDict()
-    m.image_size = 299  # Xception's native input; gives the 10x10x2048 latent.
-    m.dtype = "float32"  # Compute dtype: "float32" or "bfloat16" (parameters stay float32).
-    m.bn_momentum = 0.99  # Running-average decay (Keras convention; PyTorch's 0.01).
-    m.bn_epsilon = 1e-3  # Keras Xception's value; timm's legacy_xception uses 1e-5.
+    config.model = ConfigDict()
+    config.model.image_size = 299  # Xception's native input; gives the 10x10x2048 latent.
+    # Compute dtype: "float32" or "bfloat16" (parameters stay float32).
+    config.model.dtype = "float32"
+    config.model.bn_momentum = 0.99  # Running-average decay (Keras convention; PyTorch's 0.01).
+    config.model.bn_epsilon = 1e-3  # Keras Xception's value; timm's legacy_xception uses 1e-5.
     # MaxPool padding in the strided blocks: "torch" (symmetric, timm/Cadene weights) or
     # "same" (TF/Keras). They differ only where the input side is even (74 -> 37 at 299).
-    m.pool_padding = "torch"
+    config.model.pool_padding = "torch"
     # How convolutions, pooling and BatchNorm statistics run (`cae_jax/ops`): "auto" (chosen
     # per platform when the program is lowered: "decomposed" for the CPU, "native" for GPU/TPU),
     # "decomposed" (convs as matrix products, depthwise as nine shifted multiply-adds,
     # transposed convs per output phase, max-pool as a max of slices, gradients written out)
     # or "native" (XLA's ops). Same parameters and values; XLA:CPU's native kernels are slow.
-    m.layer_impl = "auto"
-    m.encoder = e = ConfigDict()
-    e.stem_features = (32, 64)  # conv1 (3x3/2, valid) and conv2 (3x3, valid).
-    e.entry_features = (128, 256, 728)  # Entry-flow blocks, each halves the resolution.
-    e.middle_blocks = 8  # Middle-flow residual blocks of 3 separable convs at 728 channels.
-    e.exit_features = (728, 1024)  # Exit block: separable convs 728 then 1024, stride 2.
-    e.head_features = (1536, 2048)  # Final separable convs; the latent has the last width.
-    m.decoder = d = ConfigDict()
+    config.model.layer_impl = "auto"
+    config.model.encoder = ConfigDict()
+    config.model.encoder.stem_features = (32, 64)  # conv1 (3x3/2, valid) and conv2 (3x3, valid).
+    # Entry-flow blocks, each halves the resolution.
+    config.model.encoder.entry_features = (128, 256, 728)
+    # Middle-flow residual blocks of 3 separable convs at 728 channels.
+    config.model.encoder.middle_blocks = 8
+    # Exit block: separable convs 728 then 1024, stride 2.
+    config.model.encoder.exit_features = (728, 1024)
+    # Final separable convs; the latent has the last width.
+    config.model.encoder.head_features = (1536, 2048)
+    config.model.decoder = ConfigDict()
     # ConvTranspose(4x4, stride 2) + BatchNorm + ReLU stages from the latent (10 -> 320), then
     # a 3x3 conv to RGB and a resize to the input size when the stages overshoot it.
-    d.features = (512, 256, 128, 64, 32)
-    d.kernel_size = 4
-    d.output_activation = "tanh"  # Matches the [-1, 1] input normalization of Xception.
-    m.classifier = k = ConfigDict()
-    k.hidden = (256,)  # Dense + ReLU + Dropout layers after global average pooling.
-    k.dropout = 0.5
+    config.model.decoder.features = (512, 256, 128, 64, 32)
+    config.model.decoder.kernel_size = 4
+    # Matches the [-1, 1] input normalization of Xception.
+    config.model.decoder.output_activation = "tanh"
+    config.model.classifier = ConfigDict()
+    # Dense + ReLU + Dropout layers after global average pooling.
+    config.model.classifier.hidden = (256,)
+    config.model.classifier.dropout = 0.5
 
-    c.loss = ConfigDict()
-    c.loss.recon_weight = 1.0  # lambda in L = BCE + lambda * recon.
-    c.loss.recon = "mse"  # "mse" or "l1".
-    c.loss.recon_real_only = False  # Reconstruct only real faces (fakes add BCE only).
+    config.loss = ConfigDict()
+    config.loss.recon_weight = 1.0  # lambda in L = BCE + lambda * recon.
+    config.loss.recon = "mse"  # "mse" or "l1".
+    config.loss.recon_real_only = False  # Reconstruct only real faces (fakes add BCE only).
 
-    c.optim = o = ConfigDict()
-    o.learning_rate = 2e-4  # Peak of the warmup + cosine schedule.
-    o.warmup_steps = 500
-    o.end_learning_rate_factor = 0.01  # Cosine decays to peak * factor at train.steps.
-    o.weight_decay = 1e-4  # AdamW decoupled weight decay (not applied to BN and biases).
-    o.b1 = 0.9
-    o.b2 = 0.999
-    o.eps = 1e-8  # Adam's denominator epsilon.
-    o.clip_grad_norm = 1.0  # Global-norm clipping; 0 disables it.
+    config.optim = ConfigDict()
+    config.optim.learning_rate = 2e-4  # Peak of the warmup + cosine schedule.
+    config.optim.warmup_steps = 500
+    config.optim.end_learning_rate_factor = 0.01  # Cosine decays to peak * factor at train.steps.
+    config.optim.weight_decay = 1e-4  # AdamW decoupled weight decay (not applied to BN and biases).
+    config.optim.b1 = 0.9
+    config.optim.b2 = 0.999
+    config.optim.eps = 1e-8  # Adam's denominator epsilon.
+    config.optim.clip_grad_norm = 1.0  # Global-norm clipping; 0 disables it.
 
-    c.mesh = ConfigDict()
-    c.mesh.data = -1  # Data-parallel axis size; -1 takes all devices left over by fsdp.
-    c.mesh.fsdp = 1  # Parameter-sharding axis size (the batch is split over it too).
+    config.mesh = ConfigDict()
+    config.mesh.data = -1  # Data-parallel axis size; -1 takes all devices left over by fsdp.
+    config.mesh.fsdp = 1  # Parameter-sharding axis size (the batch is split over it too).
 
-    c.train = t = ConfigDict()
-    t.steps = 20_000
-    t.batch_size = 32  # Global batch over all hosts and devices.
-    t.log_every = 50
-    t.eval_every = 1000
-    t.checkpoint_every = 1000
-    t.keep_checkpoints = 3  # The last K are kept, plus the best by validation AUC.
-    t.nan_policy = "stop"  # "stop" (keep last good checkpoint) or "skip" the bad step.
-    t.recon_images = 8  # Validation faces shown with their reconstructions in TensorBoard.
+    config.train = ConfigDict()
+    config.train.steps = 20_000
+    config.train.batch_size = 32  # Global batch over all hosts and devices.
+    config.train.log_every = 50
+    config.train.eval_every = 1000
+    config.train.checkpoint_every = 1000
+    config.train.keep_checkpoints = 3  # The last K are kept, plus the best by validation AUC.
+    config.train.nan_policy = "stop"  # "stop" (keep last good checkpoint) or "skip" the bad step.
+    # Validation faces shown with their reconstructions in TensorBoard.
+    config.train.recon_images = 8
 
     # Input pipeline (cae_jax/input_pipeline.py, docs/input_pipeline.md).
-    c.input = i = ConfigDict()
-    i.train_dirs = ()  # `cae-jax prepare` output dirs to train on, mixed by `weights`.
-    i.weights = ()  # One mixing weight per train dir; () = proportional to their sizes.
-    i.train_split = "train"
-    i.eval_dir = ""  # Prepared dir to evaluate on; "" = the first train dir.
-    i.eval_split = "validation"
-    i.eval_batch_size = 0  # Global evaluation batch; 0 = train.batch_size.
-    i.class_balance = False  # Draw real and fake 1:1 per dataset (FF++ is 1 real : 4 fake).
-    i.workers = 0  # grain worker processes per host; 0 = decode in the training process.
-    i.threads = 8  # Reader threads per process (OpenCV releases the GIL while decoding).
-    i.buffer = 64  # Records read ahead per process, across its threads.
-    i.prefetch_batches = 2  # Batches assembled ahead in a background thread.
-    i.skip_corrupt = False  # Skip (and log) corrupt records instead of stopping with an error.
+    config.input = ConfigDict()
+    config.input.train_dirs = ()  # `cae-jax prepare` output dirs to train on, mixed by `weights`.
+    config.input.weights = ()  # One mixing weight per train dir; () = proportional to their sizes.
+    config.input.train_split = "train"
+    config.input.eval_dir = ""  # Prepared dir to evaluate on; "" = the first train dir.
+    config.input.eval_split = "validation"
+    config.input.eval_batch_size = 0  # Global evaluation batch; 0 = train.batch_size.
+    # Draw real and fake 1:1 per dataset (FF++ is 1 real : 4 fake).
+    config.input.class_balance = False
+    config.input.workers = 0  # grain worker processes per host; 0 = decode in the training process.
+    config.input.threads = 8  # Reader threads per process (OpenCV releases the GIL while decoding).
+    config.input.buffer = 64  # Records read ahead per process, across its threads.
+    config.input.prefetch_batches = 2  # Batches assembled ahead in a background thread.
+    # Skip (and log) corrupt records instead of stopping with an error.
+    config.input.skip_corrupt = False
     # DeepfakeBench's Xception recipe; each step runs with its probability (0 disables it).
-    i.augment = a = ConfigDict()
-    a.resize_prob = 1.0  # Resize with a random one of 3 interpolation pairs, else area/cubic.
-    a.flip_prob = 0.5  # Horizontal flip.
-    a.blur_prob = 0.5  # Gaussian blur, odd kernel size drawn from blur_kernel.
-    a.blur_kernel = (3, 7)
-    a.brightness_contrast_prob = 0.5  # x * (1 + U(+-contrast)) + 255 * U(+-brightness).
-    a.brightness_limit = 0.1
-    a.contrast_limit = 0.1
-    a.jpeg_prob = 0.5  # JPEG re-compression at a quality drawn from jpeg_quality.
-    a.jpeg_quality = (40, 100)
+    config.input.augment = ConfigDict()
+    # Resize with a random one of 3 interpolation pairs, else area/cubic.
+    config.input.augment.resize_prob = 1.0
+    config.input.augment.flip_prob = 0.5  # Horizontal flip.
+    config.input.augment.blur_prob = 0.5  # Gaussian blur, odd kernel size drawn from blur_kernel.
+    config.input.augment.blur_kernel = (3, 7)
+    # x * (1 + U(+-contrast)) + 255 * U(+-brightness).
+    config.input.augment.brightness_contrast_prob = 0.5
+    config.input.augment.brightness_limit = 0.1
+    config.input.augment.contrast_limit = 0.1
+    # JPEG re-compression at a quality drawn from jpeg_quality.
+    config.input.augment.jpeg_prob = 0.5
+    config.input.augment.jpeg_quality = (40, 100)
     # Where flip, blur and brightness/contrast run: "auto" (in the train step on GPU/TPU, on
     # the host on CPU), "on" or "off". Decode, resize, SBI and JPEG stay on the host.
-    a.on_device = "auto"
+    config.input.augment.on_device = "auto"
     # Self-blended images: real training faces turned into fakes on the fly (cae_jax/sbi.py).
-    i.sbi = s = ConfigDict()
-    s.prob = 0.0  # Chance a real training face becomes an SBI fake (label 1); 0 = off.
-    return c
+    config.input.sbi = ConfigDict()
+    # Chance a real training face becomes an SBI fake (label 1); 0 = off.
+    config.input.sbi.prob = 0.0
+    return config
 
 
 def get_config() -> ConfigDict:

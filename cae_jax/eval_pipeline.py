@@ -79,19 +79,22 @@ def eval_batches(
     arrays of str). Defaults: config.input.eval_dir (else the first train dir) and
     config.input.eval_split.
     """
-    inp = config.input
-    data_dir = data_dir or inp.eval_dir or (inp.train_dirs[0] if inp.train_dirs else None)
+    input_config = config.input
+    data_dir = data_dir or input_config.eval_dir or (
+        input_config.train_dirs[0] if input_config.train_dirs else None)
     if not data_dir:
         raise ValueError("no evaluation data: pass data_dir or set config.input.eval_dir")
-    split = split or inp.eval_split
-    local_batch = per_host_batch(inp.eval_batch_size or config.train.batch_size, process_count)
-    source = prepared_data.source(prepared_data.split_shards(data_dir, split), inp.skip_corrupt)
+    split = split or input_config.eval_split
+    local_batch = per_host_batch(input_config.eval_batch_size or config.train.batch_size,
+                                 process_count)
+    source = prepared_data.source(prepared_data.split_shards(data_dir, split),
+                                  input_config.skip_corrupt)
     start, stop = host_range(len(source), process_index, process_count)
     num_batches = math.ceil(math.ceil(len(source) / process_count) / local_batch)
     examples = iter(
         grain.MapDataset.source(source)[start:stop]
-        .map(prepared_data.ParseRecord(inp.skip_corrupt))
-        .map(EvalTransform(config.model.image_size, inp.skip_corrupt))
+        .map(prepared_data.ParseRecord(input_config.skip_corrupt))
+        .map(EvalTransform(config.model.image_size, input_config.skip_corrupt))
         .to_iter_dataset(prepared_data.read_options(config))
     )
     for _ in range(num_batches):

@@ -104,30 +104,31 @@ def _dataset_stream(
     on_device: bool,
 ) -> tuple[grain.IterDataset, int]:
     """An endless stream of training examples of one dataset on one host, and its size."""
-    inp = config.input
-    shards = prepared_data.split_shards(data_dir, inp.train_split)
+    input_config = config.input
+    shards = prepared_data.split_shards(data_dir, input_config.train_split)
     host_shards = shards[process_index::process_count]
     if not host_shards:
         raise ValueError(
-            f"{data_dir}: {len(shards)} shards of split {inp.train_split!r} cannot feed "
+            f"{data_dir}: {len(shards)} shards of split {input_config.train_split!r} cannot feed "
             f"{process_count} hosts; prepare it with at least that many shards"
         )
-    source = prepared_data.source(host_shards, inp.skip_corrupt)
+    source = prepared_data.source(host_shards, input_config.skip_corrupt)
     records = (
         grain.MapDataset.source(source)
         .seed(_stream_seed(config.seed, dataset_id, process_index))
         .shuffle()
         .repeat()
-        .map(prepared_data.ParseRecord(inp.skip_corrupt))
+        .map(prepared_data.ParseRecord(input_config.skip_corrupt))
     )
     transform = TrainTransform(config, dataset_id, on_device)
     read_options = prepared_data.read_options(config)
-    if not inp.class_balance:
+    if not input_config.class_balance:
         return records.random_map(transform).to_iter_dataset(read_options), len(source)
-    real, fake = prepared_data.class_counts(data_dir, inp.train_split)
+    real, fake = prepared_data.class_counts(data_dir, input_config.train_split)
     if not real or not fake:
         raise ValueError(
-            f"{data_dir}: input.class_balance needs both classes in split {inp.train_split!r}, "
+            f"{data_dir}: input.class_balance needs both classes in split "
+            f"{input_config.train_split!r}, "
             f"found {real} real and {fake} fake frames"
         )
     by_label = [
@@ -155,15 +156,16 @@ def train_dataset(
     the devices the batches feed (default: JAX's default backend): with
     `input.augment.on_device` "auto" it decides where flip, blur and brightness/contrast run.
     """
-    inp = config.input
-    on_device = augment.on_device(inp.augment, platform or jax.default_backend())
-    data_dirs = list(data_dirs or inp.train_dirs)
+    input_config = config.input
+    on_device = augment.on_device(input_config.augment, platform or jax.default_backend())
+    data_dirs = list(data_dirs or input_config.train_dirs)
     if not data_dirs:
         raise ValueError("no training data: pass data_dirs or set config.input.train_dirs")
-    if inp.weights and (len(inp.weights) != len(data_dirs) or min(inp.weights) <= 0):
+    weights = tuple(input_config.weights)
+    if weights and (len(weights) != len(data_dirs) or min(weights) <= 0):
         raise ValueError(
-            f"config.input.weights={tuple(inp.weights)} needs one positive weight per train "
-            f"dir ({len(data_dirs)})"
+            f"config.input.weights={weights} needs one positive weight per train dir "
+            f"({len(data_dirs)})"
         )
     local_batch = per_host_batch(config.train.batch_size, process_count)
     streams, sizes = zip(
@@ -173,17 +175,17 @@ def train_dataset(
         ),
         strict=True,
     )
-    weights = list(inp.weights) or list(sizes)
-    ds = streams[0] if len(streams) == 1 else grain.IterDataset.mix(list(streams), weights)
+    mix_weights = list(weights) or list(sizes)
+    ds = streams[0] if len(streams) == 1 else grain.IterDataset.mix(list(streams), mix_weights)
     ds = ds.batch(local_batch, drop_remainder=True)
-    if inp.workers > 0:
+    if input_config.workers > 0:
         # grain's workers read absl flags; outside an absl app nothing else parses them.
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=inp.workers))
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=input_config.workers))
     # Stacking a batch takes milliseconds: done ahead, off the training loop's thread.
     return grain.experimental.ThreadPrefetchIterDataset(
-        ds, prefetch_buffer_size=inp.prefetch_batches
+        ds, prefetch_buffer_size=input_config.prefetch_batches
     )
 
 

@@ -9,16 +9,15 @@ from cae_jax.config import default_config
 
 def get_config():
     config = default_config()
-    m = config.model
-    m.image_size = 64
-    m.encoder.stem_features = (16, 32)
-    m.encoder.entry_features = (32, 48, 64)
-    m.encoder.middle_blocks = 1
-    m.encoder.exit_features = (64, 96)
-    m.encoder.head_features = (96, 128)
-    m.decoder.features = (64, 32, 16, 16, 8)
-    m.classifier.hidden = (64,)
-    m.classifier.dropout = 0.2
+    config.model.image_size = 64
+    config.model.encoder.stem_features = (16, 32)
+    config.model.encoder.entry_features = (32, 48, 64)
+    config.model.encoder.middle_blocks = 1
+    config.model.encoder.exit_features = (64, 96)
+    config.model.encoder.head_features = (96, 128)
+    config.model.decoder.features = (64, 32, 16, 16, 8)
+    config.model.classifier.hidden = (64,)
+    config.model.classifier.dropout = 0.2
     config.optim.learning_rate = 2e-3
     config.optim.warmup_steps = 30
     config.optim.weight_decay = 1e-4

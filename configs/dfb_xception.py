@@ -26,40 +26,35 @@ def get_config():
     config = default_config()
     config.seed = 1024  # Their manualSeed.
     config.init_from = "weights/xception_timm"
-    m = config.model
-    m.image_size = 256
-    m.pool_padding = "torch"  # Cadene / timm weights.
-    m.bn_epsilon = 1e-5
-    m.bn_momentum = 0.9  # PyTorch's BatchNorm2d momentum 0.1.
-    m.classifier.hidden = ()  # Their last_linear on the pooled features.
+    config.model.image_size = 256
+    config.model.pool_padding = "torch"  # Cadene / timm weights.
+    config.model.bn_epsilon = 1e-5
+    config.model.bn_momentum = 0.9  # PyTorch's BatchNorm2d momentum 0.1.
+    config.model.classifier.hidden = ()  # Their last_linear on the pooled features.
     config.loss.recon_weight = 0.0
 
-    o = config.optim
-    o.learning_rate = 2e-4
-    o.warmup_steps = 0
-    o.end_learning_rate_factor = 1.0  # lr_scheduler: null (constant).
-    o.weight_decay = 5e-4
-    o.b1, o.b2, o.eps = 0.9, 0.999, 1e-8
-    o.clip_grad_norm = 0.0
+    config.optim.learning_rate = 2e-4
+    config.optim.warmup_steps = 0
+    config.optim.end_learning_rate_factor = 1.0  # lr_scheduler: null (constant).
+    config.optim.weight_decay = 5e-4
+    config.optim.b1, config.optim.b2, config.optim.eps = 0.9, 0.999, 1e-8
+    config.optim.clip_grad_norm = 0.0
 
-    t = config.train
-    t.batch_size = 32
-    steps_per_epoch = FFPP_TRAIN_FRAMES // t.batch_size
-    t.steps = EPOCHS * steps_per_epoch
-    t.eval_every = steps_per_epoch  # They test once per epoch.
-    t.checkpoint_every = steps_per_epoch
-    t.keep_checkpoints = 2
+    config.train.batch_size = 32
+    steps_per_epoch = FFPP_TRAIN_FRAMES // config.train.batch_size
+    config.train.steps = EPOCHS * steps_per_epoch
+    config.train.eval_every = steps_per_epoch  # They test once per epoch.
+    config.train.checkpoint_every = steps_per_epoch
+    config.train.keep_checkpoints = 2
 
-    i = config.input
-    i.train_dirs = ("data/dfb/FaceForensics++",)
-    i.eval_split = "validation"
-    i.class_balance = False
-    i.workers = 8
-    a = i.augment
-    a.resize_prob = 1.0
-    a.flip_prob = 0.5
-    a.blur_prob, a.blur_kernel = 0.5, (3, 7)
-    a.brightness_contrast_prob = 0.5
-    a.brightness_limit = a.contrast_limit = 0.1
-    a.jpeg_prob, a.jpeg_quality = 0.5, (40, 100)
+    config.input.train_dirs = ("data/dfb/FaceForensics++",)
+    config.input.eval_split = "validation"
+    config.input.class_balance = False
+    config.input.workers = 8
+    config.input.augment.resize_prob = 1.0
+    config.input.augment.flip_prob = 0.5
+    config.input.augment.blur_prob, config.input.augment.blur_kernel = 0.5, (3, 7)
+    config.input.augment.brightness_contrast_prob = 0.5
+    config.input.augment.brightness_limit = config.input.augment.contrast_limit = 0.1
+    config.input.augment.jpeg_prob, config.input.augment.jpeg_quality = 0.5, (40, 100)
     return config

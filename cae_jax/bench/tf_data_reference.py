@@ -27,8 +27,8 @@ def tf_data_reference(
     uint8 `image` and int32 `label`. Self-blending has no TensorFlow version: run both with
     config.input.sbi.prob = 0.
     """
-    inp, aug = config.input, config.input.augment
-    data_dirs = list(data_dirs or inp.train_dirs)
+    input_config, augment_config = config.input, config.input.augment
+    data_dirs = list(data_dirs or input_config.train_dirs)
     size = config.model.image_size
     autotune = tf.data.AUTOTUNE
     spec = {
@@ -55,7 +55,7 @@ def tf_data_reference(
         return tf.random.uniform([]) < prob
 
     def blur(image: tf.Tensor) -> tf.Tensor:
-        kernels = range(aug.blur_kernel[0] | 1, aug.blur_kernel[1] + 1, 2)
+        kernels = range(augment_config.blur_kernel[0] | 1, augment_config.blur_kernel[1] + 1, 2)
 
         def blur_k(k: int):
             sigma = 0.3 * ((k - 1) * 0.5 - 1) + 0.8  # OpenCV's sigma for a k x k kernel.
@@ -71,20 +71,23 @@ def tf_data_reference(
         image = tf.io.decode_png(record["image"], channels=3)
         image = tf.image.resize(image, [size, size], method="area")
         image = tf.cond(
-            chance(aug.flip_prob), lambda: tf.image.flip_left_right(image), lambda: image
+            chance(augment_config.flip_prob), lambda: tf.image.flip_left_right(image), lambda: image
         )
-        image = tf.cond(chance(aug.blur_prob), lambda: blur(image), lambda: image)
+        image = tf.cond(chance(augment_config.blur_prob), lambda: blur(image), lambda: image)
 
         def brightness_contrast():
-            c = tf.random.uniform([], -aug.contrast_limit, aug.contrast_limit)
-            b = tf.random.uniform([], -aug.brightness_limit, aug.brightness_limit)
+            contrast, brightness = augment_config.contrast_limit, augment_config.brightness_limit
+            c = tf.random.uniform([], -contrast, contrast)
+            b = tf.random.uniform([], -brightness, brightness)
             return image * (1 + c) + 255 * b
 
-        image = tf.cond(chance(aug.brightness_contrast_prob), brightness_contrast, lambda: image)
+        image = tf.cond(chance(augment_config.brightness_contrast_prob), brightness_contrast,
+                        lambda: image)
         image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-        quality = tf.random.uniform([], aug.jpeg_quality[0], aug.jpeg_quality[1] + 1, tf.int32)
+        low, high = augment_config.jpeg_quality
+        quality = tf.random.uniform([], low, high + 1, tf.int32)
         image = tf.cond(
-            chance(aug.jpeg_prob),
+            chance(augment_config.jpeg_prob),
             lambda: tf.image.adjust_jpeg_quality(image, quality),
             lambda: image,
         )
@@ -93,14 +96,14 @@ def tf_data_reference(
 
     streams, sizes = [], []
     for data_dir in data_dirs:
-        shards = split_shards(data_dir, inp.train_split)[process_index::process_count]
+        shards = split_shards(data_dir, input_config.train_split)[process_index::process_count]
         ds = records([path for path, _ in shards])
-        if inp.class_balance:
+        if input_config.class_balance:
             by_label = [ds.filter(lambda r, c=c: r["label"] == c) for c in (0, 1)]
             ds = tf.data.Dataset.sample_from_datasets(by_label, [0.5, 0.5], seed=config.seed)
         streams.append(ds)
         sizes.append(sum(count for _, count in shards))
-    weights = np.asarray(list(inp.weights) or sizes, np.float64)
+    weights = np.asarray(list(input_config.weights) or sizes, np.float64)
     ds = tf.data.Dataset.sample_from_datasets(streams, list(weights / weights.sum()))
     return (
         ds.map(example, num_parallel_calls=autotune, deterministic=False)

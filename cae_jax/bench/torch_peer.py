@@ -121,29 +121,31 @@ class LegacyXception(nn.Module):
 class TorchCAE(nn.Module):
     """legacy_xception features -> (classifier logit [N], decoder reconstruction)."""
 
-    def __init__(self, mc: ConfigDict):
+    def __init__(self, model_config: ConfigDict):
         super().__init__()
         self.encoder = LegacyXception()
-        momentum = 1.0 - mc.bn_momentum  # PyTorch counts momentum from the other side.
+        momentum = 1.0 - model_config.bn_momentum  # PyTorch counts momentum from the other side.
         layers = []
-        ins = [XCEPTION_WIDTHS["head_features"][-1], *mc.decoder.features[:-1]]
-        k = mc.decoder.kernel_size
-        for i, o in zip(ins, mc.decoder.features, strict=True):
+        ins = [XCEPTION_WIDTHS["head_features"][-1], *model_config.decoder.features[:-1]]
+        k = model_config.decoder.kernel_size
+        for width_in, width_out in zip(ins, model_config.decoder.features, strict=True):
             layers += [
-                nn.ConvTranspose2d(i, o, k, stride=2, padding=(k - 2) // 2, bias=False),
-                nn.BatchNorm2d(o, eps=mc.bn_epsilon, momentum=momentum),
+                nn.ConvTranspose2d(width_in, width_out, k, stride=2, padding=(k - 2) // 2,
+                                   bias=False),
+                nn.BatchNorm2d(width_out, eps=model_config.bn_epsilon, momentum=momentum),
                 nn.ReLU(inplace=True),
             ]
-        layers.append(nn.Conv2d(mc.decoder.features[-1], 3, 3, padding=1))
+        layers.append(nn.Conv2d(model_config.decoder.features[-1], 3, 3, padding=1))
         self.decoder = nn.Sequential(*layers)
         head = []
         width = XCEPTION_WIDTHS["head_features"][-1]
-        for h in mc.classifier.hidden:
-            head += [nn.Linear(width, h), nn.ReLU(inplace=True), nn.Dropout(mc.classifier.dropout)]
+        for h in model_config.classifier.hidden:
+            head += [nn.Linear(width, h), nn.ReLU(inplace=True),
+                     nn.Dropout(model_config.classifier.dropout)]
             width = h
         head.append(nn.Linear(width, 1))
         self.classifier = nn.Sequential(*head)
-        self.image_size = mc.image_size
+        self.image_size = model_config.image_size
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         z = self.encoder.forward_features(x)
@@ -178,10 +180,11 @@ def for_device(model: TorchCAE, device: torch.device, compile_backend: str = "")
 def make_train_step(config: ConfigDict, model: nn.Module, device: torch.device | None = None):
     """`step(images NCHW float, labels float) -> loss`, one AdamW update as in `train_step.py`,
     the forward pass in the config's compute dtype."""
-    o = config.optim
+    optim_config = config.optim
     device = device or torch.device("cpu")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=o.learning_rate, betas=(o.b1, o.b2),
-                                  weight_decay=o.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=optim_config.learning_rate,
+        betas=(optim_config.b1, optim_config.b2), weight_decay=optim_config.weight_decay)
     model.train()
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> float:
@@ -191,8 +194,8 @@ def make_train_step(config: ConfigDict, model: nn.Module, device: torch.device |
             loss = F.binary_cross_entropy_with_logits(logit.float(), labels)
             loss = loss + config.loss.recon_weight * F.mse_loss(recon.float(), images)
         loss.backward()
-        if o.clip_grad_norm > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad_norm)
+        if optim_config.clip_grad_norm > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), optim_config.clip_grad_norm)
         optimizer.step()
         return loss.item()
 

@@ -84,25 +84,26 @@ def jpeg(image: np.ndarray, quality: int) -> np.ndarray:
     return cv2.cvtColor(cv2.imdecode(encoded, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 
-def draw(rng: np.random.Generator, cfg) -> dict:
+def draw(rng: np.random.Generator, augment_config) -> dict:
     """The random choices of `augment` for one image, drawn in its order from `rng`.
 
-    `cfg`: `config.input.augment`, or any object with its fields as attributes.
+    `augment_config`: `config.input.augment`, or any object with its fields as attributes.
 
     {"flip": bool, "blur_kernel": odd size or 0 (none), "alpha", "beta": the brightness/
     contrast scale and shift (1, 0: none), "jpeg_quality": int or 0 (none)}. With
     `input.augment.on_device` the host draws them so and the train step applies all but the
     JPEG: the same rng stream gives the same choices wherever they are applied.
     """
-    params = {"flip": bool(rng.random() < cfg.flip_prob), "blur_kernel": 0, "alpha": 1.0,
-              "beta": 0.0, "jpeg_quality": 0}
-    if rng.random() < cfg.blur_prob:
-        params["blur_kernel"] = int(rng.choice(blur_sizes(cfg.blur_kernel)))
-    if rng.random() < cfg.brightness_contrast_prob:
-        params["alpha"] = 1.0 + rng.uniform(-cfg.contrast_limit, cfg.contrast_limit)
-        params["beta"] = 255.0 * rng.uniform(-cfg.brightness_limit, cfg.brightness_limit)
-    if rng.random() < cfg.jpeg_prob:
-        low, high = cfg.jpeg_quality
+    params = {"flip": bool(rng.random() < augment_config.flip_prob), "blur_kernel": 0,
+              "alpha": 1.0, "beta": 0.0, "jpeg_quality": 0}
+    if rng.random() < augment_config.blur_prob:
+        params["blur_kernel"] = int(rng.choice(blur_sizes(augment_config.blur_kernel)))
+    if rng.random() < augment_config.brightness_contrast_prob:
+        contrast, brightness = augment_config.contrast_limit, augment_config.brightness_limit
+        params["alpha"] = 1.0 + rng.uniform(-contrast, contrast)
+        params["beta"] = 255.0 * rng.uniform(-brightness, brightness)
+    if rng.random() < augment_config.jpeg_prob:
+        low, high = augment_config.jpeg_quality
         params["jpeg_quality"] = int(rng.integers(low, high + 1))
     return params
 
@@ -122,18 +123,18 @@ def apply(image: np.ndarray, params: dict, *, geometric_and_colour: bool = True)
     return image
 
 
-def augment(image: np.ndarray, rng: np.random.Generator, cfg: ConfigDict) -> np.ndarray:
-    """Flip, blur, brightness/contrast and JPEG, each applied with its probability in `cfg`.
-
-    `cfg` is `config.input.augment`. The input is already at its final size (the resize runs
-    first so every later step costs the same per image).
+def augment(image: np.ndarray, rng: np.random.Generator, augment_config: ConfigDict) -> np.ndarray:
+    """Flip, blur, brightness/contrast and JPEG, each applied with its probability in
+    `augment_config` (`config.input.augment`). The input is already at its final size (the
+    resize runs first so every later step costs the same per image).
     """
-    return apply(image, draw(rng, cfg))
+    return apply(image, draw(rng, augment_config))
 
 
-def on_device(cfg: ConfigDict, backend: str) -> bool:
-    """Whether flip, blur and brightness/contrast run in the train step (`cfg.on_device`:
-    "auto" = on GPU and TPU, where host cores are the scarce resource; "on"; "off")."""
-    if cfg.on_device not in ("auto", "on", "off"):
-        raise ValueError(f"input.augment.on_device must be auto, on or off, got {cfg.on_device!r}")
-    return cfg.on_device == "on" or (cfg.on_device == "auto" and backend in ("gpu", "tpu"))
+def on_device(augment_config: ConfigDict, backend: str) -> bool:
+    """Whether flip, blur and brightness/contrast run in the train step (`on_device`: "auto" =
+    on GPU and TPU, where host cores are the scarce resource; "on"; "off")."""
+    choice = augment_config.on_device
+    if choice not in ("auto", "on", "off"):
+        raise ValueError(f"input.augment.on_device must be auto, on or off, got {choice!r}")
+    return choice == "on" or (choice == "auto" and backend in ("gpu", "tpu"))

@@ -196,11 +196,12 @@ def evaluate_checkpoint(
     if batch_size:
         config.input.eval_batch_size = batch_size
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, jax.devices())
+    abstract = train_step.abstract_state(config, mesh)
     if imported:
-        state = train_step.create_train_state(config, mesh)
+        state = train_step.create_train_state(config, abstract)
     else:
-        state = checkpoints.restore_state(step_dir, config, mesh)
-    eval_step = train_step.make_eval_step(config, mesh)
+        state = checkpoints.restore_state(step_dir, abstract.shapes)
+    eval_step = train_step.make_eval_step(config, abstract)
     results, curves, protocol_rows = {}, {}, []
     keys = data_keys(data_dirs)
     for name, data_dir in keys.items():

@@ -91,10 +91,6 @@ def cast_for_export(model_config: ConfigDict, params: nnx.State, dtype: str):
     return mc, params
 
 
-def _abstract_weights(model_config: ConfigDict) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    return train_step.split_model(nnx.eval_shape(lambda: models.build_model(model_config)))
-
-
 def _write_saved_model(
     fns: dict[str, Callable], weights: Weights, size: int, platforms, out: Path
 ) -> None:
@@ -172,7 +168,7 @@ def export_bundle(
         raise FileExistsError(f"{tmp} exists (an interrupted export?); remove it first")
     mc, params = cast_for_export(config.model, params, dtype)
     params, batch_stats = jax.device_get((params, batch_stats))
-    graphdef, _, _ = _abstract_weights(mc)
+    graphdef, _, _ = train_step.abstract_model(mc)
     tmp.mkdir(parents=True)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(tmp / PARAMS_DIR, {"params": flat_state.flatten(params),
@@ -222,7 +218,7 @@ class Predictor:
         self.meta = meta
         self.image_size = int(meta["image_size"])
         self.batch_size = batch_size
-        graphdef, _, _ = _abstract_weights(ConfigDict(meta["model"]))
+        graphdef, _, _ = train_step.abstract_model(ConfigDict(meta["model"]))
         self.params = params
         self.batch_stats = batch_stats
         self._fns = {name: jit_serving(fn) for name, fn in serving_fns(graphdef).items()}
@@ -259,7 +255,7 @@ def load_bundle(export_dir: str | os.PathLike, batch_size: int = 32) -> Predicto
     if meta.get("bundle_version", 0) > BUNDLE_VERSION:
         raise ValueError(f"{meta_path}: bundle_version {meta['bundle_version']} is newer than "
                          f"this cae-jax reads ({BUNDLE_VERSION}); upgrade cae-jax to load it")
-    _, abstract_params, abstract_stats = _abstract_weights(ConfigDict(meta["model"]))
+    _, abstract_params, abstract_stats = train_step.abstract_model(ConfigDict(meta["model"]))
     params_dtype = jnp.bfloat16 if meta["dtype"] == "bfloat16" else None
     target = {
         "params": flat_state.restore_target(flat_state.flatten(abstract_params), params_dtype),

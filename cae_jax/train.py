@@ -169,22 +169,17 @@ def train(config: ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
             raise
     checkpoints.write_config(workdir, config)
     data = input_pipeline.make_train_iterator(config, mesh)
-    step_fn = train_step.make_train_step(config, mesh)
-    eval_step = train_step.make_eval_step(config, mesh)
-    graphdef, _, _ = train_step.abstract_model(config)
+    abstract = train_step.abstract_state(config, mesh)
+    step_fn = train_step.make_train_step(config, abstract)
+    eval_step = train_step.make_eval_step(config, abstract)
     recon_fn = jax.jit(lambda state, images: train_step.forward(
-        graphdef, state.params, state.batch_stats, images, train=False)[1])
+        abstract.graphdef, state.params, state.batch_stats, images, train=False)[1])
     with_validation = _has_validation(config)
 
     if latest is None:
-        state = train_step.create_train_state(config, mesh)
+        state = train_step.create_train_state(config, abstract)
     else:
-        target = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-            jax.eval_shape(lambda: train_step.init_state(config)),
-            train_step.state_shardings(config, mesh),
-        )
-        state = checkpoints.restore_train(manager, latest, target, data)
+        state = checkpoints.restore_train(manager, latest, abstract.shapes, data)
         if jax.process_index() == 0:
             tqdm.write(f"resumed from {workdir / checkpoints.CHECKPOINT_DIR} at step {latest}")
     step = int(state.step)

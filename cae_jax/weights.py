@@ -24,7 +24,6 @@ from pathlib import Path
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from cae_jax import config as config_lib
@@ -271,7 +270,7 @@ def detector_config(import_dir: str | Path, base: ConfigDict | None = None) -> C
     return config
 
 
-def load_encoder(state, config: ConfigDict, mesh: Mesh):
+def load_encoder(state, config: ConfigDict):
     """Replaces the encoder of a TrainState by imported weights, checking conventions."""
     import orbax.checkpoint as ocp
 

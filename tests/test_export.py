@@ -23,7 +23,8 @@ def tiny_config():
 
 def initial_state(config) -> train_step.TrainState:
     """A fresh train state sharded over a (data 4, fsdp 2) mesh, as the trainer makes it."""
-    return train_step.create_train_state(config, sharding.make_mesh(4, 2, jax.devices()))
+    mesh = sharding.make_mesh(4, 2, jax.devices())
+    return train_step.create_train_state(config, train_step.abstract_state(config, mesh))
 
 
 def calibrated_model(config, state):
@@ -33,7 +34,7 @@ def calibrated_model(config, state):
     init gives logits in the hundreds (probability exactly 0 or 1), which would hide any
     mismatch, so the output layer is rescaled.
     """
-    graphdef, _, _ = train_step.abstract_model(config)
+    graphdef, _, _ = train_step.abstract_model(config.model)
     batch_stats = random_batch_stats(state.batch_stats)
     images = models.normalize(jnp.asarray(face_batch(8, seed=1)))
     logits, _, _ = train_step.forward(graphdef, state.params, batch_stats, images, train=False)

@@ -61,7 +61,8 @@ def arrays(workdir: Path, step: int):
 
 def full_state(workdir: Path, config, step: int) -> train_step.TrainState:
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, jax.devices())
-    return checkpoints.restore_state(workdir / "checkpoints" / str(step), config, mesh)
+    return checkpoints.restore_state(workdir / "checkpoints" / str(step),
+                                     train_step.abstract_state(config, mesh).shapes)
 
 
 def assert_trees_equal(got, want) -> None:
@@ -92,8 +93,8 @@ def instrument_steps(monkeypatch, nan_at: tuple[int, ...] = ()) -> list[int]:
     make = train_step.make_train_step
     produced = []
 
-    def make_instrumented(config, mesh):
-        step_fn = make(config, mesh)
+    def make_instrumented(config, abstract):
+        step_fn = make(config, abstract)
 
         def step(state, batch):
             produced.append(int(state.step) + 1)
@@ -236,3 +237,4 @@ def test_nan_validation_auc_never_selects_a_step(tmp_path, caplog):
     assert sum("Validation AUC is NaN" in r.getMessage() for r in caplog.records) == 1
     assert saved_steps(tmp_path / "run") == [2, 4]
     assert checkpoints.restore_inference(tmp_path / "run")[3] == 4  # The latest, not the first.
+

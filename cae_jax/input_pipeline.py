@@ -38,6 +38,7 @@ from ml_collections import ConfigDict
 from tensorflow.core.example import example_pb2
 
 from cae_jax import augment, device_augment, sbi, sharding, tfrecord
+from cae_jax import config as config_lib
 from cae_jax.models import normalize
 
 METADATA_FIELDS = ("video_id", "method", "dataset")  # Text features kept for video metrics.
@@ -455,11 +456,10 @@ def eval_batches(
     Every host yields the same number of batches (the collective eval step needs it), each
     of b = eval batch / process_count rows: `image` uint8, `label` int32, `mask` bool
     (False on padding), `frame_index` int64 and `video_id`, `method`, `dataset` (object
-    arrays of str). Defaults: config.input.eval_dir (else the first train dir) and
-    config.input.eval_split.
+    arrays of str). Defaults: `config.eval_data_dir` and config.input.eval_split.
     """
     inp = config.input
-    data_dir = data_dir or inp.eval_dir or (inp.train_dirs[0] if inp.train_dirs else None)
+    data_dir = data_dir or config_lib.eval_data_dir(config)
     if not data_dir:
         raise ValueError("no evaluation data: pass data_dir or set config.input.eval_dir")
     split = split or inp.eval_split

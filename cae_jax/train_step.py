@@ -179,18 +179,27 @@ def make_train_step(config: ConfigDict, abstract: AbstractState) -> Callable:
     )
 
 
-def make_eval_step(config: ConfigDict, abstract: AbstractState) -> Callable:
-    """`eval_step(state, batch) -> {"logit", "prob", "recon_error"}`, each [B], batch-sharded."""
+def make_eval_step(
+    config: ConfigDict, abstract: AbstractState, *, with_reconstructions: bool = False
+) -> Callable:
+    """`eval_step(state, batch) -> {"logit", "prob", "recon_error"}`, each [B], batch-sharded.
+
+    `with_reconstructions` adds "reconstruction" ([B, H, W, 3] in [-1, 1]), so the trainer
+    draws its reconstruction grid from the same forward pass that scores the batch.
+    """
 
     def eval_step(state: TrainState, batch: dict[str, jax.Array]):
         logits, recon, _ = forward(
             abstract.graphdef, state.params, state.batch_stats, batch["image"], train=False
         )
-        return {
+        outputs = {
             "logit": logits,
             "prob": jax.nn.sigmoid(logits),
             "recon_error": losses.reconstruction_error(recon, batch["image"], config.loss.recon),
         }
+        if with_reconstructions:
+            outputs["reconstruction"] = recon
+        return outputs
 
     batch_sharding = sharding.batch_sharding(abstract.mesh)
     return jax.jit(

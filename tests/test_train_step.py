@@ -128,3 +128,20 @@ def test_abstract_state_matches_the_created_state(name):
         assert (shape.shape, shape.dtype) == (leaf.shape, leaf.dtype)
         assert shape.sharding == sharding_ == leaf.sharding
 
+
+def test_eval_step_with_reconstructions_adds_them_and_changes_nothing_else():
+    config = tiny_config()
+    mesh = sharding.make_mesh(2, 4, jax.devices())
+    abstract = train_step.abstract_state(config, mesh)
+    state = train_step.create_train_state(config, abstract)
+    batch = jax.device_put(face_batch(), sharding.batch_sharding(mesh))
+    plain = jax.device_get(train_step.make_eval_step(config, abstract)(state, batch))
+    full = jax.device_get(
+        train_step.make_eval_step(config, abstract, with_reconstructions=True)(state, batch))
+    assert set(full) == {*plain, "reconstruction"}
+    for key, value in plain.items():
+        np.testing.assert_allclose(full[key], value, rtol=1e-6, err_msg=key)
+    _, recon, _ = train_step.forward(abstract.graphdef, jax.device_get(state.params),
+                                     jax.device_get(state.batch_stats), face_batch()["image"],
+                                     train=False)
+    np.testing.assert_allclose(full["reconstruction"], recon, rtol=1e-5, atol=1e-5)

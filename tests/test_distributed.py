@@ -230,14 +230,11 @@ def worker(out_dir: Path, peer_dir: Path, data_dir: str) -> None:
         (out_dir / "saved.json").write_text(json.dumps(info))
     log("saved")
     wait_for(peer_dir / "saved.json")
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
-    )
     next_items = {}
     for name, workdir in [("own", out_dir), ("peer", peer_dir)]:
         data = new_data()
         with checkpoints.make_manager(workdir, config) as manager:
-            restored = checkpoints.restore_train(manager, STEPS, abstract, data)
+            restored = checkpoints.restore_train(manager, STEPS, abstract.shapes, data)
         save_npz(restored, out_dir / f"restored_{name}.npz", mesh)
         next_items[name] = int(next(data))
     if jax.process_index() == 0:

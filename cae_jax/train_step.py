@@ -79,7 +79,7 @@ class AbstractState:
 
 
 def abstract_state(config: ConfigDict, mesh: Mesh) -> AbstractState:
-    """The model graph and the train state's shapes and shardings, from one shape-only trace."""
+    """The model graph and the train state's shapes and shardings, from shapes alone."""
     graphdef, params, batch_stats = abstract_model(config.model)
     shapes = TrainState(
         step=jax.ShapeDtypeStruct((), jnp.int32),

@@ -159,9 +159,10 @@ def save(
 
 
 def restore_train(
-    manager: ocp.CheckpointManager, step: int, abstract_state: Any, data_iterator: Any
+    manager: ocp.CheckpointManager, step: int, target: Any, data_iterator: Any
 ) -> Any:
-    """The train state at `step` laid out as `abstract_state`; moves `data_iterator` there.
+    """The train state at `step` laid out as `target` (ShapeDtypeStructs with shardings:
+    `train_step.abstract_state(...).shapes`); moves `data_iterator` there.
 
     The data position is per host (grain writes process_<i>-of-<n>.json) and each host
     reads its own shards, so a run resumed on a different number of processes cannot
@@ -172,7 +173,7 @@ def restore_train(
 
     position = (manager.directory / str(step) / DATA_ITEM
                 / f"process_{jax.process_index()}-of-{jax.process_count()}.json")
-    items = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
+    items = {STATE_ITEM: ocp.args.StandardRestore(target)}
     if position.exists():
         items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
     else:
@@ -239,15 +240,9 @@ def resolve_config_and_step(path: str | os.PathLike) -> tuple[ConfigDict, epath.
     return read_config(workdir), step_dir
 
 
-def restore_state(step_dir: str | os.PathLike, config: ConfigDict, mesh) -> Any:
-    """The full `TrainState` of one step directory, sharded over `mesh` as in training."""
-    from cae_jax import train_step
-
-    shardings = train_step.state_shardings(config, mesh)
-    target = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        jax.eval_shape(lambda: train_step.init_state(config)), shardings,
-    )
+def restore_state(step_dir: str | os.PathLike, target: Any) -> Any:
+    """The full `TrainState` of one step directory laid out as `target`, as `restore_train`
+    takes it: sharded as in training."""
     with ocp.StandardCheckpointer() as checkpointer:
         return checkpointer.restore(as_path(step_dir) / STATE_ITEM, target)
 
@@ -258,13 +253,13 @@ def restore_inference(path: str | os.PathLike) -> tuple[ConfigDict, Any, Any, in
     `path` is a training workdir, whose kept step with the best validation AUC is used (the
     latest when none was validated), or one step directory `WORKDIR/checkpoints/<step>`.
     Only params and batch_stats are read (no optimizer state), onto this process's first
-    local device, as `nnx.State` pytrees shaped like `train_step.abstract_model(config)`.
+    local device, as `nnx.State` pytrees shaped like `train_step.abstract_model`'s.
     Raises FileNotFoundError for a path without a complete checkpoint or config.json.
     """
     from cae_jax import train_step
 
     config, step_dir = resolve_config_and_step(path)
-    _, params, batch_stats = train_step.abstract_model(config)
+    _, params, batch_stats = train_step.abstract_model(config.model)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),

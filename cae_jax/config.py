@@ -330,6 +330,12 @@ def validate(config: ConfigDict) -> None:
         raise ValueError("invalid config: " + "; ".join(problems))
 
 
+def eval_data_dir(config: ConfigDict) -> str:
+    """The prepared dir the trainer validates on and evaluation reads by default:
+    `input.eval_dir`, else the first train dir; "" where the config names neither."""
+    return config.input.eval_dir or next(iter(config.input.train_dirs), "")
+
+
 def to_json(config: ConfigDict) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True)
 

@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from cae_jax import augment, prepared_data
+from cae_jax import config as config_lib
 from cae_jax.input_pipeline import check_divides, per_host_batch, to_global
 from cae_jax.prepared_data import METADATA_FIELDS
 
@@ -76,12 +77,10 @@ def eval_batches(
     Every host yields the same number of batches (the collective eval step needs it), each
     of b = eval batch / process_count rows: `image` uint8, `label` int32, `mask` bool
     (False on padding), `frame_index` int64 and `video_id`, `method`, `dataset` (object
-    arrays of str). Defaults: config.input.eval_dir (else the first train dir) and
-    config.input.eval_split.
+    arrays of str). Defaults: `config.eval_data_dir` and config.input.eval_split.
     """
     input_config = config.input
-    data_dir = data_dir or input_config.eval_dir or (
-        input_config.train_dirs[0] if input_config.train_dirs else None)
+    data_dir = data_dir or config_lib.eval_data_dir(config)
     if not data_dir:
         raise ValueError("no evaluation data: pass data_dir or set config.input.eval_dir")
     split = split or input_config.eval_split

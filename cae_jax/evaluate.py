@@ -45,15 +45,20 @@ def score_split(
     split: str,
     *,
     progress: bool = True,
+    examples: int = 0,
 ) -> dict[str, np.ndarray]:
     """Every record of a split scored once: prob, recon_error, label and metadata arrays.
 
     Rows are the whole split's, in record order, on every host (padding dropped): each host
     scores its contiguous part and `gather_hosts` joins them, so all hosts report the same
-    metrics and agree on the best checkpoint.
+    metrics and agree on the best checkpoint. With `examples` (and an eval step made
+    `with_reconstructions=True`), "example_image" and "example_reconstruction" also hold up
+    to that many of this host's first batch's faces and their reconstructions, kept while
+    scoring so the split is read once.
     """
     columns: dict[str, list] = {k: [] for k in ("prob", "recon_error", "label", "frame_index",
                                                 "video_id", "method", "dataset")}
+    kept = {}
     batches = eval_pipeline.make_eval_iterator(config, mesh, data_dir, split)
     bar = tqdm(batches, desc=f"eval {Path(data_dir).name}/{split}", unit="batch",
                disable=not progress or jax.process_index() != 0, leave=False)
@@ -61,11 +66,14 @@ def score_split(
         out = eval_step(state, {"image": batch["image"], "label": batch["label"]})
         meta = batch["meta"]
         keep = meta["mask"]
+        if examples and not kept:
+            kept = {"example_image": host_rows(batch["image"])[keep][:examples],
+                    "example_reconstruction": host_rows(out["reconstruction"])[keep][:examples]}
         columns["prob"].append(host_rows(out["prob"])[keep])
         columns["recon_error"].append(host_rows(out["recon_error"])[keep])
         for name in ("label", "frame_index", "video_id", "method", "dataset"):
             columns[name].append(meta[name][keep])
-    return gather_hosts({k: np.concatenate(v) for k, v in columns.items()})
+    return {**gather_hosts({k: np.concatenate(v) for k, v in columns.items()}), **kept}
 
 
 def gather_hosts(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -194,11 +202,12 @@ def evaluate_checkpoint(
     if batch_size:
         config.input.eval_batch_size = batch_size
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, jax.devices())
+    abstract = train_step.abstract_state(config, mesh)
     if imported:
-        state = train_step.create_train_state(config, mesh)
+        state = train_step.create_train_state(config, abstract)
     else:
-        state = checkpoints.restore_state(step_dir, config, mesh)
-    eval_step = train_step.make_eval_step(config, mesh)
+        state = checkpoints.restore_state(step_dir, abstract.shapes)
+    eval_step = train_step.make_eval_step(config, abstract)
     results, curves, protocol_rows = {}, {}, []
     keys = data_keys(data_dirs)
     for name, data_dir in keys.items():

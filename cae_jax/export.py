@@ -5,6 +5,7 @@ iterator state, no training config):
 
   model.json         model config, export dtype, step, image size, signature description
   params/            Orbax checkpoint of {"params", "batch_stats"} as flat {"a.b.c": array}
+                     (`flat_state`)
   saved_model/       TF SavedModel: "serving_default" (uint8 faces -> probability) and
                      "reconstruct" (-> probability, reconstruction, error map)
   classify.jax       `jax.export` artifact, weights inside: uint8 faces -> probability
@@ -30,7 +31,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from cae_jax import models, pixels, train_step
+from cae_jax import flat_state, pixels, train_step
 from cae_jax.ops import cpu_serving
 
 MODEL_JSON = "model.json"
@@ -88,25 +89,6 @@ def cast_for_export(model_config: ConfigDict, params: nnx.State, dtype: str):
     if dtype == "bfloat16":
         params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
     return mc, params
-
-
-def flat(state: nnx.State) -> dict[str, jax.Array]:
-    return {".".join(map(str, path)): leaf.get_value() for path, leaf in nnx.to_flat_state(state)}
-
-
-def unflat(abstract: nnx.State, arrays: dict[str, jax.Array]) -> nnx.State:
-    """Fills a (shape-only) state with arrays saved by `flat`, naming any that are missing."""
-    state = jax.tree.map(lambda x: x, abstract)
-    for path, leaf in nnx.to_flat_state(state):
-        key = ".".join(map(str, path))
-        if key not in arrays:
-            raise ValueError(f"bundle parameters lack {key!r}: not written for this model.json")
-        leaf.set_value(arrays[key])
-    return state
-
-
-def _abstract_weights(model_config: ConfigDict) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    return train_step.split_model(nnx.eval_shape(lambda: models.build_model(model_config)))
 
 
 def _write_saved_model(
@@ -186,10 +168,11 @@ def export_bundle(
         raise FileExistsError(f"{tmp} exists (an interrupted export?); remove it first")
     mc, params = cast_for_export(config.model, params, dtype)
     params, batch_stats = jax.device_get((params, batch_stats))
-    graphdef, _, _ = _abstract_weights(mc)
+    graphdef, _, _ = train_step.abstract_model(mc)
     tmp.mkdir(parents=True)
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(tmp / PARAMS_DIR, {"params": flat(params), "batch_stats": flat(batch_stats)})
+        ckptr.save(tmp / PARAMS_DIR, {"params": flat_state.flatten(params),
+                                      "batch_stats": flat_state.flatten(batch_stats)})
     fns = serving_fns(graphdef)
     size = mc.image_size
     if "saved_model" in formats:
@@ -235,7 +218,7 @@ class Predictor:
         self.meta = meta
         self.image_size = int(meta["image_size"])
         self.batch_size = batch_size
-        graphdef, _, _ = _abstract_weights(ConfigDict(meta["model"]))
+        graphdef, _, _ = train_step.abstract_model(ConfigDict(meta["model"]))
         self.params = params
         self.batch_stats = batch_stats
         self._fns = {name: jit_serving(fn) for name, fn in serving_fns(graphdef).items()}
@@ -272,20 +255,16 @@ def load_bundle(export_dir: str | os.PathLike, batch_size: int = 32) -> Predicto
     if meta.get("bundle_version", 0) > BUNDLE_VERSION:
         raise ValueError(f"{meta_path}: bundle_version {meta['bundle_version']} is newer than "
                          f"this cae-jax reads ({BUNDLE_VERSION}); upgrade cae-jax to load it")
-    _, abstract_params, abstract_stats = _abstract_weights(ConfigDict(meta["model"]))
+    _, abstract_params, abstract_stats = train_step.abstract_model(ConfigDict(meta["model"]))
+    params_dtype = jnp.bfloat16 if meta["dtype"] == "bfloat16" else None
     target = {
-        "params": {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
-                   for k, v in flat(abstract_params).items()},
-        "batch_stats": {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
-                        for k, v in flat(abstract_stats).items()},
+        "params": flat_state.restore_target(flat_state.flatten(abstract_params), params_dtype),
+        "batch_stats": flat_state.restore_target(flat_state.flatten(abstract_stats)),
     }
-    if meta["dtype"] == "bfloat16":
-        target["params"] = {k: jax.ShapeDtypeStruct(v.shape, jnp.bfloat16)
-                            for k, v in target["params"].items()}
     with ocp.StandardCheckpointer() as ckptr:
         loaded = ckptr.restore(root / PARAMS_DIR, target)
-    params = unflat(abstract_params, loaded["params"])
-    batch_stats = unflat(abstract_stats, loaded["batch_stats"])
+    params = flat_state.unflatten(abstract_params, loaded["params"])
+    batch_stats = flat_state.unflatten(abstract_stats, loaded["batch_stats"])
     return Predictor(meta, params, batch_stats, batch_size)
 
 

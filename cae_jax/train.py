@@ -30,7 +30,6 @@ from tqdm import tqdm
 from cae_jax import (
     checkpoints,
     distributed,
-    eval_pipeline,
     evaluate,
     input_pipeline,
     pixels,
@@ -125,11 +124,15 @@ def recon_grid(images: np.ndarray, recons: np.ndarray) -> np.ndarray:
                            for x in (images, recons)], axis=0)
 
 
-def validate(config, eval_step, recon_fn, state, mesh, logger, step) -> dict[str, float]:
-    """Validation metrics (`val_*`), logged, with a reconstruction grid of the first images."""
-    data_dir = config.input.eval_dir or config.input.train_dirs[0]
-    scores = evaluate.score_split(config, eval_step, state, mesh, data_dir,
-                                  config.input.eval_split)
+def validate(config, eval_step, state, mesh, logger, step) -> dict[str, float]:
+    """Validation metrics (`val_*`), logged, with a reconstruction grid of the first images.
+
+    One pass over the split: `eval_step` (made `with_reconstructions=True`) scores every
+    batch and the first batch's faces and reconstructions are kept for the grid.
+    """
+    scores = evaluate.score_split(config, eval_step, state, mesh,
+                                  config_lib.eval_data_dir(config), config.input.eval_split,
+                                  examples=config.train.recon_images)
     summary = evaluate.summarize(scores)["all"]
     values = {
         "val_auc": summary["frame"]["auc"],
@@ -141,20 +144,15 @@ def validate(config, eval_step, recon_fn, state, mesh, logger, step) -> dict[str
         "val_recon_error": float(np.mean(scores["recon_error"])),
     }
     logger.scalars(step, values)
-    first = next(iter(eval_pipeline.make_eval_iterator(config, mesh, data_dir,
-                                                        config.input.eval_split)))
-    count = min(config.train.recon_images, int(np.sum(first["meta"]["mask"])))
-    if count:
-        recons = evaluate.host_rows(recon_fn(state, first["image"]))[:count]
-        images = evaluate.host_rows(first["image"])[:count]
-        logger.image(step, "reconstruction", recon_grid(images, recons))
+    if config.train.recon_images and len(scores["example_image"]):
+        logger.image(step, "reconstruction",
+                     recon_grid(scores["example_image"], scores["example_reconstruction"]))
     return values
 
 
 def _has_validation(config: ConfigDict) -> bool:
-    data_dir = config.input.eval_dir or config.input.train_dirs[0]
     try:
-        prepared_data.split_shards(data_dir, config.input.eval_split)
+        prepared_data.split_shards(config_lib.eval_data_dir(config), config.input.eval_split)
     except ValueError as err:
         logging.warning("No validation (%s); the latest checkpoint counts as the best.", err)
         return False
@@ -178,22 +176,15 @@ def train(config: ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
             raise
     checkpoints.write_config(workdir, config)
     data = input_pipeline.make_train_iterator(config, mesh)
-    step_fn = train_step.make_train_step(config, mesh)
-    eval_step = train_step.make_eval_step(config, mesh)
-    graphdef, _, _ = train_step.abstract_model(config)
-    recon_fn = jax.jit(lambda state, images: train_step.forward(
-        graphdef, state.params, state.batch_stats, images, train=False)[1])
+    abstract = train_step.abstract_state(config, mesh)
+    step_fn = train_step.make_train_step(config, abstract)
+    eval_step = train_step.make_eval_step(config, abstract, with_reconstructions=True)
     with_validation = _has_validation(config)
 
     if latest is None:
-        state = train_step.create_train_state(config, mesh)
+        state = train_step.create_train_state(config, abstract)
     else:
-        target = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-            jax.eval_shape(lambda: train_step.init_state(config)),
-            train_step.state_shardings(config, mesh),
-        )
-        state = checkpoints.restore_train(manager, latest, target, data)
+        state = checkpoints.restore_train(manager, latest, abstract.shapes, data)
         if jax.process_index() == 0:
             tqdm.write(f"resumed from {workdir / checkpoints.CHECKPOINT_DIR} at step {latest}")
     step = int(state.step)
@@ -235,7 +226,7 @@ def train(config: ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
                 logger.scalars(step, last)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['learning_rate']:.2e}")
                 tick, tick_step = now, step
-            val = validate(config, eval_step, recon_fn, state, mesh, logger, step) \
+            val = validate(config, eval_step, state, mesh, logger, step) \
                 if validate_now else None
             if val:
                 last.update(val)

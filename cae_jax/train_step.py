@@ -7,6 +7,7 @@ statistics are means over the sharded global batch, so they are global-batch sta
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -57,14 +58,39 @@ def split_model(model: models.CAE) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     return graphdef, params, batch_stats
 
 
-def abstract_model(config: ConfigDict) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    """GraphDef and shape-only states: no memory, no compute."""
-    return split_model(nnx.eval_shape(lambda: models.build_model(config.model, config.seed)))
+def abstract_model(model_config: ConfigDict) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """GraphDef and shape-only states of the model: no memory, no compute."""
+    return split_model(nnx.eval_shape(lambda: models.build_model(model_config)))
 
 
-def state_shardings(config: ConfigDict, mesh: Mesh) -> TrainState:
-    """NamedShardings of every TrainState leaf, by the one rule in `sharding.py`."""
-    return sharding.tree_shardings(mesh, jax.eval_shape(lambda: init_state(config)))
+@dataclasses.dataclass(frozen=True)
+class AbstractState:
+    """What a run derives once from its config and mesh and hands to every step and restore.
+
+    `shapes` is the TrainState as ShapeDtypeStructs carrying their shardings: the target an
+    Orbax restore lays the saved arrays into. `shardings` are the same NamedShardings alone,
+    as `jax.jit` takes them.
+    """
+
+    mesh: Mesh
+    graphdef: nnx.GraphDef
+    shapes: TrainState
+    shardings: TrainState
+
+
+def abstract_state(config: ConfigDict, mesh: Mesh) -> AbstractState:
+    """The model graph and the train state's shapes and shardings, from shapes alone."""
+    graphdef, params, batch_stats = abstract_model(config.model)
+    shapes = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=jax.eval_shape(make_optimizer(config).init, params),
+    )
+    shardings = sharding.tree_shardings(mesh, shapes)
+    shapes = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          shapes, shardings)
+    return AbstractState(mesh=mesh, graphdef=graphdef, shapes=shapes, shardings=shardings)
 
 
 def init_state(config: ConfigDict) -> TrainState:
@@ -77,13 +103,13 @@ def init_state(config: ConfigDict) -> TrainState:
     )
 
 
-def create_train_state(config: ConfigDict, mesh: Mesh) -> TrainState:
+def create_train_state(config: ConfigDict, abstract: AbstractState) -> TrainState:
     """Initializes the state directly in its sharded layout (no full copy on one device)."""
-    state = jax.jit(lambda: init_state(config), out_shardings=state_shardings(config, mesh))()
+    state = jax.jit(lambda: init_state(config), out_shardings=abstract.shardings)()
     if config.init_from:
         from cae_jax import weights  # Only needed when starting from imported weights.
 
-        state = weights.load_encoder(state, config, mesh)
+        state = weights.load_encoder(state, config)
     return state
 
 
@@ -94,7 +120,7 @@ def forward(graphdef: nnx.GraphDef, params, batch_stats, images, *, train, dropo
     return logits, recon, nnx.state(model, nnx.BatchStat)
 
 
-def make_train_step(config: ConfigDict, mesh: Mesh) -> Callable:
+def make_train_step(config: ConfigDict, abstract: AbstractState) -> Callable:
     """`train_step(state, batch) -> (state, metrics)`, jitted with donated state.
 
     `batch` holds "image" (float [B, H, W, 3] in [-1, 1]) and "label" (int [B]); with
@@ -103,7 +129,7 @@ def make_train_step(config: ConfigDict, mesh: Mesh) -> Callable:
     loss or gradient norm is not finite leaves parameters, statistics and optimizer untouched
     (`metrics["finite"]` is 0): the trainer then stops or goes on, per `train.nan_policy`.
     """
-    graphdef, _, _ = abstract_model(config)
+    graphdef, mesh = abstract.graphdef, abstract.mesh
     tx = make_optimizer(config)
     schedule = learning_rate_schedule(config)
     base_key = jax.random.key(config.seed)
@@ -145,33 +171,39 @@ def make_train_step(config: ConfigDict, mesh: Mesh) -> Callable:
         }
         return new_state, metrics
 
-    shardings = state_shardings(config, mesh)
-    batch_sharding = sharding.batch_sharding(mesh)
     return jax.jit(
         train_step,
-        in_shardings=(shardings, batch_sharding),
-        out_shardings=(shardings, sharding.replicated(mesh)),
+        in_shardings=(abstract.shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(abstract.shardings, sharding.replicated(mesh)),
         donate_argnums=0,
     )
 
 
-def make_eval_step(config: ConfigDict, mesh: Mesh) -> Callable:
-    """`eval_step(state, batch) -> {"logit", "prob", "recon_error"}`, each [B], batch-sharded."""
-    graphdef, _, _ = abstract_model(config)
+def make_eval_step(
+    config: ConfigDict, abstract: AbstractState, *, with_reconstructions: bool = False
+) -> Callable:
+    """`eval_step(state, batch) -> {"logit", "prob", "recon_error"}`, each [B], batch-sharded.
+
+    `with_reconstructions` adds "reconstruction" ([B, H, W, 3] in [-1, 1]), so the trainer
+    draws its reconstruction grid from the same forward pass that scores the batch.
+    """
 
     def eval_step(state: TrainState, batch: dict[str, jax.Array]):
         logits, recon, _ = forward(
-            graphdef, state.params, state.batch_stats, batch["image"], train=False
+            abstract.graphdef, state.params, state.batch_stats, batch["image"], train=False
         )
-        return {
+        outputs = {
             "logit": logits,
             "prob": jax.nn.sigmoid(logits),
             "recon_error": losses.reconstruction_error(recon, batch["image"], config.loss.recon),
         }
+        if with_reconstructions:
+            outputs["reconstruction"] = recon
+        return outputs
 
-    batch_sharding = sharding.batch_sharding(mesh)
+    batch_sharding = sharding.batch_sharding(abstract.mesh)
     return jax.jit(
         eval_step,
-        in_shardings=(state_shardings(config, mesh), batch_sharding),
+        in_shardings=(abstract.shardings, batch_sharding),
         out_shardings=batch_sharding,
     )

@@ -24,10 +24,10 @@ from pathlib import Path
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from cae_jax import config as config_lib
+from cae_jax import flat_state
 
 IMPORT_META = "import.json"
 CLASSIFIER_ITEM = "classifier"  # The imported classifier head, where the source has one.
@@ -234,11 +234,6 @@ def from_keras(path: str | Path, mc: ConfigDict) -> tuple[Flat, Flat]:
     return params, stats
 
 
-def flat_encoder_state(state: nnx.State) -> dict[str, jax.Array]:
-    """`encoder` subtree of a model state as {"a.b.c": leaf}."""
-    return _flat(state, "encoder")
-
-
 def save(out_dir: str | Path, params: Flat, stats: Flat, source_format: str, source: str,
          classifier: Flat | None = None) -> None:
     import orbax.checkpoint as ocp
@@ -275,7 +270,7 @@ def detector_config(import_dir: str | Path, base: ConfigDict | None = None) -> C
     return config
 
 
-def load_encoder(state, config: ConfigDict, mesh: Mesh):
+def load_encoder(state, config: ConfigDict):
     """Replaces the encoder of a TrainState by imported weights, checking conventions."""
     import orbax.checkpoint as ocp
 
@@ -290,39 +285,27 @@ def load_encoder(state, config: ConfigDict, mesh: Mesh):
                 f"{src} holds {meta['format']} weights, which need model.{key}={meta[key]!r}; "
                 f"the config has {config.model[key]!r} (override --config.model.{key}={meta[key]})"
             )
-    params_flat = flat_encoder_state(state.params)
-    stats_flat = flat_encoder_state(state.batch_stats)
-    target = {
-        "params": {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
-                   for k, v in params_flat.items()},
-        "batch_stats": {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
-                        for k, v in stats_flat.items()},
-    }
+    encoder = {"params": flat_state.flatten(state.params["encoder"]),
+               "batch_stats": flat_state.flatten(state.batch_stats["encoder"])}
     with ocp.StandardCheckpointer() as ckptr:
-        loaded = ckptr.restore(src / "weights", target)
+        loaded = ckptr.restore(src / "weights", {name: flat_state.restore_target(arrays)
+                                                 for name, arrays in encoder.items()})
         # The source's own head (a trained detector), where our head has its shape.
         head = None
         if meta.get("classifier") and not config.model.classifier.hidden:
-            head_flat = _flat(state.params, "classifier")
-            head = ckptr.restore(src / CLASSIFIER_ITEM, {
-                k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
-                for k, v in head_flat.items()})
+            head = ckptr.restore(src / CLASSIFIER_ITEM, flat_state.restore_target(
+                flat_state.flatten(state.params["classifier"])))
 
-    def replace(tree: nnx.State, flat: dict[str, jax.Array], part: str = "encoder") -> nnx.State:
+    def replace(tree: nnx.State, part: str, arrays: dict[str, jax.Array]) -> nnx.State:
         tree = jax.tree.map(lambda x: x, tree)  # A copy: the input state stays as it was.
-        for path, leaf in nnx.to_flat_state(tree[part]):
-            leaf[...] = flat[".".join(map(str, path))]
+        tree[part] = flat_state.unflatten(tree[part], arrays)
         return tree
 
-    params = replace(state.params, loaded["params"])
+    params = replace(state.params, "encoder", loaded["params"])
     if head is not None:
-        params = replace(params, head, "classifier")
+        params = replace(params, "classifier", head)
     return state.replace(params=params,
-                         batch_stats=replace(state.batch_stats, loaded["batch_stats"]))
-
-
-def _flat(state: nnx.State, part: str) -> dict[str, jax.Array]:
-    return {".".join(map(str, path)): leaf for path, leaf in nnx.to_flat_state(state[part])}
+                         batch_stats=replace(state.batch_stats, "encoder", loaded["batch_stats"]))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -17,7 +17,8 @@ def setup(tmp_path_factory):
     config.input.train_dirs = (str(data),)
     config.train.keep_checkpoints = 2
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, jax.devices())
-    return root, config, mesh, train_step.create_train_state(config, mesh)
+    return root, config, mesh, train_step.create_train_state(
+        config, train_step.abstract_state(config, mesh))
 
 
 def test_keeps_last_k_and_best_by_validation_and_restores_it(setup):
@@ -44,7 +45,8 @@ def test_keeps_last_k_and_best_by_validation_and_restores_it(setup):
                          jax.tree.leaves((state.params, state.batch_stats)), strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     assert checkpoints.restore_inference(workdir / "checkpoints" / "6")[3] == 6
-    full = checkpoints.restore_state(workdir / "checkpoints" / "5", config, mesh)
+    full = checkpoints.restore_state(workdir / "checkpoints" / "5",
+                                     train_step.abstract_state(config, mesh).shapes)
     assert int(full.step) == 5
 
 

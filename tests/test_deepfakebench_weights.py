@@ -153,8 +153,8 @@ def test_detector_import_gives_their_probabilities(tmp_path):
     assert (config.model.image_size, config.model.bn_epsilon, config.model.pool_padding,
             config.model.classifier.hidden) == (SIDE, 1e-5, "torch", ())
     mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
-    state = train_step.create_train_state(config, mesh)
-    graphdef, _, _ = train_step.abstract_model(config)
+    state = train_step.create_train_state(config, train_step.abstract_state(config, mesh))
+    graphdef, _, _ = train_step.abstract_model(config.model)
     logits = jax.jit(lambda p, s, x: train_step.forward(graphdef, p, s, x, train=False)[0])(
         state.params, state.batch_stats, images)
     ours = np.asarray(jax.nn.sigmoid(logits))

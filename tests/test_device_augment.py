@@ -162,8 +162,9 @@ def test_train_step_augments_on_device_before_the_model():
                 {"flip": True, "blur_kernel": 0, "alpha": 1.0, "beta": 0.0}).items()}}),
     ):
         config.input.augment.on_device = mode
-        step = train_step_lib.make_train_step(config, mesh)
-        state, metrics = step(train_step_lib.create_train_state(config, mesh), batch)
+        abstract = train_step_lib.abstract_state(config, mesh)
+        step = train_step_lib.make_train_step(config, abstract)
+        state, metrics = step(train_step_lib.create_train_state(config, abstract), batch)
         results.append((jax.device_get(state.params), float(metrics["loss"])))
     # The same computation up to XLA's fusion of the normalization (float32 rounding).
     assert results[0][1] == pytest.approx(results[1][1], rel=1e-6)

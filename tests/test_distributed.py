@@ -196,8 +196,9 @@ def worker(out_dir: Path, peer_dir: Path, data_dir: str) -> None:
     log(f"process {jax.process_index()} of {jax.process_count()}")
     config = tiny_config()
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-    state = train_lib.create_train_state(config, mesh)
-    train_step = train_lib.make_train_step(config, mesh)
+    abstract = train_lib.abstract_state(config, mesh)
+    state = train_lib.create_train_state(config, abstract)
+    train_step = train_lib.make_train_step(config, abstract)
     save_npz(state, out_dir / "initial.npz", mesh)
     log("initialized")
     batch_sharding = sharding.batch_sharding(mesh)
@@ -211,7 +212,7 @@ def worker(out_dir: Path, peer_dir: Path, data_dir: str) -> None:
         state, _ = train_step(state, batch)
         log(f"step {step}")
     save_npz(state, out_dir / "trained.npz", mesh)
-    scores = evaluate.score_split(config, train_lib.make_eval_step(config, mesh), state, mesh,
+    scores = evaluate.score_split(config, train_lib.make_eval_step(config, abstract), state, mesh,
                                   data_dir, "validation", progress=False)
     np.savez(out_dir / f"scores{jax.process_index()}.npz",
              **{k: v.astype(str) if v.dtype == object else v for k, v in scores.items()})
@@ -229,14 +230,11 @@ def worker(out_dir: Path, peer_dir: Path, data_dir: str) -> None:
         (out_dir / "saved.json").write_text(json.dumps(info))
     log("saved")
     wait_for(peer_dir / "saved.json")
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
-    )
     next_items = {}
     for name, workdir in [("own", out_dir), ("peer", peer_dir)]:
         data = new_data()
         with checkpoints.make_manager(workdir, config) as manager:
-            restored = checkpoints.restore_train(manager, STEPS, abstract, data)
+            restored = checkpoints.restore_train(manager, STEPS, abstract.shapes, data)
         save_npz(restored, out_dir / f"restored_{name}.npz", mesh)
         next_items[name] = int(next(data))
     if jax.process_index() == 0:

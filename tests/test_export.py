@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from cae_jax import config as config_lib
-from cae_jax import export, pixels, sharding, train_step
+from cae_jax import export, flat_state, pixels, sharding, train_step
 from cae_jax.ops import cpu_serving
 
 SIZE = 64
@@ -23,7 +23,8 @@ def tiny_config():
 
 def initial_state(config) -> train_step.TrainState:
     """A fresh train state sharded over a (data 4, fsdp 2) mesh, as the trainer makes it."""
-    return train_step.create_train_state(config, sharding.make_mesh(4, 2, jax.devices()))
+    mesh = sharding.make_mesh(4, 2, jax.devices())
+    return train_step.create_train_state(config, train_step.abstract_state(config, mesh))
 
 
 def calibrated_model(config, state):
@@ -33,7 +34,7 @@ def calibrated_model(config, state):
     init gives logits in the hundreds (probability exactly 0 or 1), which would hide any
     mismatch, so the output layer is rescaled.
     """
-    graphdef, _, _ = train_step.abstract_model(config)
+    graphdef, _, _ = train_step.abstract_model(config.model)
     batch_stats = random_batch_stats(state.batch_stats)
     images = pixels.normalize(jnp.asarray(face_batch(8, seed=1)))
     logits, _, _ = train_step.forward(graphdef, state.params, batch_stats, images, train=False)
@@ -143,9 +144,9 @@ def test_bundle_keeps_the_batch_norm_statistics(trained, images_and_reference, s
     images, ref = images_and_reference
     fresh = reference(graphdef, params, state.batch_stats, images)["probability"]
     assert np.abs(fresh - ref["probability"]).max() > 0.05  # The statistics matter here.
-    loaded = export.flat(export.load_bundle(bundle).batch_stats)
-    assert loaded.keys() == export.flat(batch_stats).keys()
-    for key, value in export.flat(batch_stats).items():
+    loaded = flat_state.flatten(export.load_bundle(bundle).batch_stats)
+    assert loaded.keys() == flat_state.flatten(batch_stats).keys()
+    for key, value in flat_state.flatten(batch_stats).items():
         np.testing.assert_array_equal(loaded[key], value, err_msg=key)
 
 
@@ -157,10 +158,10 @@ def test_model_json_describes_model_without_training_state(trained):
     assert meta["formats"] == list(export.FORMATS) and meta["platforms"] == ["cpu", "tpu"]
     predictor = export.load_bundle(bundle)
     loaded_params, loaded_stats = predictor.params, predictor.batch_stats
-    assert export.flat(loaded_params).keys() == export.flat(params).keys()
-    for key, value in export.flat(loaded_params).items():
-        np.testing.assert_array_equal(value, export.flat(params)[key], err_msg=key)
-    assert export.flat(loaded_stats).keys() == export.flat(batch_stats).keys()
+    assert flat_state.flatten(loaded_params).keys() == flat_state.flatten(params).keys()
+    for key, value in flat_state.flatten(loaded_params).items():
+        np.testing.assert_array_equal(value, flat_state.flatten(params)[key], err_msg=key)
+    assert flat_state.flatten(loaded_stats).keys() == flat_state.flatten(batch_stats).keys()
 
 
 def test_wrong_dtype_or_shape_is_rejected(trained):
@@ -200,14 +201,14 @@ def test_bfloat16_bundle_stores_bf16_and_stays_close(trained, images_and_referen
     images, ref = images_and_reference
     mc, bf16_params = export.cast_for_export(config.model, params, "bfloat16")
     assert mc.dtype == "bfloat16" and config.model.dtype == "float32"
-    assert {v.dtype for v in export.flat(bf16_params).values()} == {jnp.dtype(jnp.bfloat16)}
+    assert {v.dtype for v in flat_state.flatten(bf16_params).values()} == {jnp.dtype(jnp.bfloat16)}
     with pytest.raises(ValueError, match="float16"):
         export.cast_for_export(config.model, params, "float16")
     bundle = export.export_bundle(config, params, batch_stats, tmp_path / "bf16",
                                   dtype="bfloat16", formats=())
     predictor = export.load_bundle(bundle)
     loaded = predictor.params
-    assert {v.dtype for v in export.flat(loaded).values()} == {jnp.dtype(jnp.bfloat16)}
+    assert {v.dtype for v in flat_state.flatten(loaded).values()} == {jnp.dtype(jnp.bfloat16)}
     assert json.loads((bundle / export.MODEL_JSON).read_text())["model"]["dtype"] == "bfloat16"
     prob = predictor.predict_proba(images)
     assert not np.allclose(prob, ref["probability"], atol=1e-6, rtol=0)  # bf16 really ran.
@@ -243,8 +244,8 @@ def test_cli_exports_best_checkpoint_of_a_workdir(state, tmp_path, capsys):
     assert meta["step"] == 10 and meta["source"] == str(workdir)
     assert sorted(p.name for p in out.iterdir()) == [export.MODEL_JSON, export.PARAMS_DIR]
     loaded = export.load_bundle(out).params
-    expected = export.flat(jax.device_get(state.params))
-    for key, value in export.flat(loaded).items():
+    expected = flat_state.flatten(jax.device_get(state.params))
+    for key, value in flat_state.flatten(loaded).items():
         np.testing.assert_array_equal(value, expected[key], err_msg=key)
 
     with pytest.raises(SystemExit, match="nowhere: neither a training workdir"):

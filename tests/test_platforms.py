@@ -55,14 +55,16 @@ def traced_programs(config) -> dict:
     train_batch = {**batch, "image": jax.ShapeDtypeStruct((BATCH, size, size, 3), jnp.uint8),
                    **{f"aug_{name}": jax.ShapeDtypeStruct((BATCH,), dtype)
                       for name, dtype in device_augment.PARAM_DTYPES.items()}}
-    graphdef, params, batch_stats = train_step.abstract_model(config)
+    graphdef, params, batch_stats = train_step.abstract_model(config.model)
     params = jax.eval_shape(
         lambda p: export.cast_for_export(config.model, p, config.model.dtype)[1], params)
     weights = (params, batch_stats)
     images = jax.ShapeDtypeStruct((BATCH, size, size, 3), jnp.uint8)
     programs = {
-        "train step": train_step.make_train_step(train_config, mesh).trace(state, train_batch),
-        "eval step": train_step.make_eval_step(config, mesh).trace(state, batch),
+        "train step": train_step.make_train_step(
+            train_config, train_step.abstract_state(train_config, mesh)).trace(state, train_batch),
+        "eval step": train_step.make_eval_step(
+            config, train_step.abstract_state(config, mesh)).trace(state, batch),
     }
     for name, fn in export.serving_fns(graphdef).items():
         programs[f"serving {name}"] = jax.jit(fn).trace(weights, images)
@@ -179,7 +181,7 @@ def test_native_layer_forms_train_export_and_serve_end_to_end(tmp_path):
     bundle = export.export_bundle(restored, params, batch_stats, tmp_path / "bundle",
                                   platforms=("cpu", "cuda"))
     images = np.stack([datasets.face_crop(i) for i in range(4)])
-    graphdef, _, _ = train_step.abstract_model(restored)
+    graphdef, _, _ = train_step.abstract_model(restored.model)
     logits, _, _ = train_step.forward(graphdef, params, batch_stats,
                                       pixels.normalize(jnp.asarray(images)), train=False)
     classify = jax.export.deserialize((bundle / "classify.jax").read_bytes())

@@ -36,8 +36,8 @@ def test_timm_import_gives_timm_features(tmp_path):
     config.model.pool_padding = "torch"
     config.model.bn_epsilon = 1e-5
     mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
-    state = train_step.create_train_state(config, mesh)
-    graphdef, _, _ = train_step.abstract_model(config)
+    state = train_step.create_train_state(config, train_step.abstract_state(config, mesh))
+    graphdef, _, _ = train_step.abstract_model(config.model)
 
     images = np.random.default_rng(1).uniform(-1, 1, (2, 299, 299, 3)).astype(np.float32)
 

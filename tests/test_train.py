@@ -61,7 +61,8 @@ def arrays(workdir: Path, step: int):
 
 def full_state(workdir: Path, config, step: int) -> train_step.TrainState:
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, jax.devices())
-    return checkpoints.restore_state(workdir / "checkpoints" / str(step), config, mesh)
+    return checkpoints.restore_state(workdir / "checkpoints" / str(step),
+                                     train_step.abstract_state(config, mesh).shapes)
 
 
 def assert_trees_equal(got, want) -> None:
@@ -92,8 +93,8 @@ def instrument_steps(monkeypatch, nan_at: tuple[int, ...] = ()) -> list[int]:
     make = train_step.make_train_step
     produced = []
 
-    def make_instrumented(config, mesh):
-        step_fn = make(config, mesh)
+    def make_instrumented(config, abstract):
+        step_fn = make(config, abstract)
 
         def step(state, batch):
             produced.append(int(state.step) + 1)
@@ -236,3 +237,50 @@ def test_nan_validation_auc_never_selects_a_step(tmp_path, caplog):
     assert sum("Validation AUC is NaN" in r.getMessage() for r in caplog.records) == 1
     assert saved_steps(tmp_path / "run") == [2, 4]
     assert checkpoints.restore_inference(tmp_path / "run")[3] == 4  # The latest, not the first.
+
+
+class RecordingLogger:
+    """Stands in for `train.Logger`: keeps what validation logs."""
+
+    def __init__(self):
+        self.scalars_logged, self.images = [], {}
+
+    def scalars(self, step, values):
+        self.scalars_logged.append((step, values))
+
+    def image(self, step, name, image):
+        self.images[name] = image
+
+
+def test_validation_reads_the_split_once_and_draws_the_grid_from_that_pass(data_dir,
+                                                                           monkeypatch):
+    config = config_for(data_dir, recon_images=5)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, jax.devices())
+    abstract = train_step.abstract_state(config, mesh)
+    state = train_step.create_train_state(config, abstract)
+    eval_step = train_step.make_eval_step(config, abstract, with_reconstructions=True)
+    make_iterator = train.input_pipeline.make_eval_iterator
+    opened = []
+
+    def counting_iterator(*args, **kwargs):
+        opened.append(args[2:])
+        return make_iterator(*args, **kwargs)
+
+    monkeypatch.setattr(train.input_pipeline, "make_eval_iterator", counting_iterator)
+    logger = RecordingLogger()
+    values = train.validate(config, eval_step, state, mesh, logger, step=3)
+    assert opened == [(str(data_dir), "validation")]
+    assert logger.scalars_logged == [(3, values)]
+
+    # The grid equals one drawn from a separate forward pass over the same first batch.
+    first = next(iter(make_iterator(config, mesh, str(data_dir), "validation")))
+    images = np.asarray(first["image"])[:5]
+    _, recons, _ = jax.jit(lambda s, x: train_step.forward(
+        abstract.graphdef, s.params, s.batch_stats, x, train=False))(state, images)
+    expected = train.recon_grid(images, np.asarray(recons))
+    grid = logger.images["reconstruction"]
+    assert grid.shape == expected.shape == (2 * 64, 5 * 64, 3)
+    half = grid.shape[0] // 2
+    np.testing.assert_array_equal(grid[:half], expected[:half])  # The same input faces.
+    # Reconstructions from another program layout: at most one uint8 rounding step apart.
+    assert np.abs(grid[half:].astype(int) - expected[half:]).max() <= 1

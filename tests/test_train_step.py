@@ -29,8 +29,9 @@ def face_batch(size=64, n=8):
 def run_steps(config, mesh_shape, batch, steps):
     data_size, fsdp = mesh_shape
     mesh = sharding.make_mesh(data_size, fsdp, jax.devices()[: data_size * fsdp])
-    state = train_step.create_train_state(config, mesh)
-    step = train_step.make_train_step(config, mesh)
+    abstract = train_step.abstract_state(config, mesh)
+    state = train_step.create_train_state(config, abstract)
+    step = train_step.make_train_step(config, abstract)
     batch = jax.device_put(batch, sharding.batch_sharding(mesh))
     history = []
     for _ in range(steps):
@@ -64,13 +65,15 @@ def test_sharded_step_equals_one_device(runs, name):
     assert ref["learning_rate"] > 0
     assert max_abs_diff(ref_state.params, state.params) < 1e-5
     assert max_abs_diff(ref_state.batch_stats, state.batch_stats) < 1e-5  # Global-batch BN.
-    init = jax.device_get(train_step.create_train_state(tiny_config(), runs[name][2]))
+    mesh = runs[name][2]
+    init = jax.device_get(train_step.create_train_state(
+        tiny_config(), train_step.abstract_state(tiny_config(), mesh)))
     assert max_abs_diff(init.params, state.params) > 1e-4  # The step did move the parameters.
 
 
 def test_fsdp_shards_large_parameters(runs):
     _, _, mesh = runs["data=2,fsdp=4"]
-    shardings = train_step.state_shardings(tiny_config(), mesh)
+    shardings = train_step.abstract_state(tiny_config(), mesh).shardings
     specs = [s.spec for s in jax.tree.leaves(shardings.params)]
     assert any(sharding.FSDP in spec for spec in specs)  # The 32x16x4x4 decoder kernel, e.g.
     assert any(spec == jax.sharding.PartitionSpec() for spec in specs)  # BN scales replicated.
@@ -89,11 +92,12 @@ def test_tiny_model_overfits_one_batch():
 def test_non_finite_step_leaves_the_state_unchanged():
     config = tiny_config()
     mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
-    state = train_step.create_train_state(config, mesh)
+    abstract = train_step.abstract_state(config, mesh)
+    state = train_step.create_train_state(config, abstract)
     before = jax.device_get(state)
     batch = face_batch()
     batch["image"][0, 0, 0, 0] = np.nan
-    state, metrics = train_step.make_train_step(config, mesh)(state, batch)
+    state, metrics = train_step.make_train_step(config, abstract)(state, batch)
     assert float(metrics["finite"]) == 0.0
     assert int(state.step) == 1
     after = jax.device_get(state)
@@ -107,3 +111,37 @@ def test_bfloat16_compute_keeps_float32_parameters():
     state, history, _ = run_steps(config, (1, 1), face_batch(), steps=1)
     assert {x.dtype for x in jax.tree.leaves(state.params)} == {np.dtype("float32")}
     assert np.isfinite(history[0]["loss"])
+
+
+@pytest.mark.parametrize("name", ["data=8", "data=2,fsdp=4"])
+def test_abstract_state_matches_the_created_state(name):
+    config = tiny_config()
+    data_size, fsdp = MESHES[name]
+    mesh = sharding.make_mesh(data_size, fsdp, jax.devices()[: data_size * fsdp])
+    abstract = train_step.abstract_state(config, mesh)
+    state = train_step.create_train_state(config, abstract)
+    assert jax.tree.structure(abstract.shapes) == jax.tree.structure(state)
+    assert jax.tree.structure(abstract.shardings) == jax.tree.structure(state)
+    for shape, sharding_, leaf in zip(jax.tree.leaves(abstract.shapes),
+                                      jax.tree.leaves(abstract.shardings),
+                                      jax.tree.leaves(state), strict=True):
+        assert (shape.shape, shape.dtype) == (leaf.shape, leaf.dtype)
+        assert shape.sharding == sharding_ == leaf.sharding
+
+
+def test_eval_step_with_reconstructions_adds_them_and_changes_nothing_else():
+    config = tiny_config()
+    mesh = sharding.make_mesh(2, 4, jax.devices())
+    abstract = train_step.abstract_state(config, mesh)
+    state = train_step.create_train_state(config, abstract)
+    batch = jax.device_put(face_batch(), sharding.batch_sharding(mesh))
+    plain = jax.device_get(train_step.make_eval_step(config, abstract)(state, batch))
+    full = jax.device_get(
+        train_step.make_eval_step(config, abstract, with_reconstructions=True)(state, batch))
+    assert set(full) == {*plain, "reconstruction"}
+    for key, value in plain.items():
+        np.testing.assert_allclose(full[key], value, rtol=1e-6, err_msg=key)
+    _, recon, _ = train_step.forward(abstract.graphdef, jax.device_get(state.params),
+                                     jax.device_get(state.batch_stats), face_batch()["image"],
+                                     train=False)
+    np.testing.assert_allclose(full["reconstruction"], recon, rtol=1e-5, atol=1e-5)

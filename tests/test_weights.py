@@ -42,7 +42,7 @@ def randomize(model, seed=0):
 
 def test_full_size_parameter_count_and_shapes():
     config = config_lib.default_config()
-    graphdef, params, stats = train_step.abstract_model(config)
+    graphdef, params, stats = train_step.abstract_model(config.model)
     assert count(params["encoder"]) == 20_806_952  # timm legacy_xception without its fc.
     assert count(params["encoder"]) + count(stats["encoder"]) == 20_861_480  # Keras notop.
     # Decoder: ConvTranspose 4x4 (no bias) + BatchNorm scale/bias per stage from 2048
@@ -84,13 +84,13 @@ def test_keras_import_gives_keras_features(size, batch, latent, tmp_path):
     config.model.image_size = size
     config.init_from = str(out)
     mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
-    with pytest.raises(ValueError, match="pool_padding"):
-        train_step.create_train_state(config, mesh)  # Keras weights need TF's conventions.
+    with pytest.raises(ValueError, match="pool_padding"):  # Keras weights need TF's conventions.
+        train_step.create_train_state(config, train_step.abstract_state(config, mesh))
     config.model.pool_padding = "same"
     config.model.bn_epsilon = 1e-3
-    state = train_step.create_train_state(config, mesh)
+    state = train_step.create_train_state(config, train_step.abstract_state(config, mesh))
 
-    graphdef, _, _ = train_step.abstract_model(config)
+    graphdef, _, _ = train_step.abstract_model(config.model)
     images = np.random.default_rng(1).uniform(-1, 1, (batch, size, size, 3))
     images = images.astype(np.float32)
     ours = np.asarray(jax.jit(encode, static_argnums=0)(

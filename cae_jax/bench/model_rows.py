@@ -41,8 +41,9 @@ def train_jax(config: ConfigDict) -> tuple[Callable[[], object], dict]:
     Returns the step as a callable and its compile seconds and GFLOP.
     """
     mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
-    state = train_step.create_train_state(config, mesh)
-    step = train_step.make_train_step(config, mesh)
+    abstract = train_step.abstract_state(config, mesh)
+    state = train_step.create_train_state(config, abstract)
+    step = train_step.make_train_step(config, abstract)
     images, labels = random_batch(config, config.train.batch_size)
     batch = train_batch(config, images, labels)
     start = time.perf_counter()

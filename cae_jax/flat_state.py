@@ -1,0 +1,37 @@
+"""Model states as flat {"a.b.c": array} mappings: the layout bundles and imported weights use.
+
+Dotted paths keep a saved file readable by name and independent of how NNX nests its pytrees,
+so an export bundle or an `import-weights` output restores into any state with those paths.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from flax import nnx
+
+
+def flatten(state: nnx.State) -> dict[str, Any]:
+    """{"a.b.c": array (or ShapeDtypeStruct)} of every leaf of `state`."""
+    return {".".join(map(str, path)): leaf.get_value() for path, leaf in nnx.to_flat_state(state)}
+
+
+def unflatten(state: nnx.State, arrays: dict[str, Any]) -> nnx.State:
+    """A copy of `state` (real or shape-only) with each leaf taken from `arrays` by its path.
+
+    Raises KeyError naming the first path `arrays` lacks (arrays of another model).
+    """
+    state = jax.tree.map(lambda x: x, state)
+    for path, leaf in nnx.to_flat_state(state):
+        key = ".".join(map(str, path))
+        if key not in arrays:
+            raise KeyError(f"no array for {key!r}: saved from another model")
+        leaf.set_value(arrays[key])
+    return state
+
+
+def restore_target(arrays: dict[str, Any], dtype: Any = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes, dtypes (or `dtype`) and shardings of flat arrays: what Orbax restores into."""
+    return {key: jax.ShapeDtypeStruct(value.shape, dtype or value.dtype, sharding=value.sharding)
+            for key, value in arrays.items()}

@@ -84,11 +84,11 @@ def cast_for_export(model_config: ConfigDict, params: nnx.State, dtype: str):
     """bf16 export stores parameters in bfloat16 and computes in it; fp32 is unchanged."""
     if dtype not in DTYPES:
         raise ValueError(f"export dtype must be one of {DTYPES}, got {dtype!r}")
-    mc = ConfigDict(model_config.to_dict())
-    mc.dtype = dtype
+    export_config = ConfigDict(model_config.to_dict())
+    export_config.dtype = dtype
     if dtype == "bfloat16":
         params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
-    return mc, params
+    return export_config, params
 
 
 def _write_saved_model(
@@ -166,22 +166,22 @@ def export_bundle(
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         raise FileExistsError(f"{tmp} exists (an interrupted export?); remove it first")
-    mc, params = cast_for_export(config.model, params, dtype)
+    export_config, params = cast_for_export(config.model, params, dtype)
     params, batch_stats = jax.device_get((params, batch_stats))
-    graphdef, _, _ = train_step.abstract_model(mc)
+    graphdef, _, _ = train_step.abstract_model(export_config)
     tmp.mkdir(parents=True)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(tmp / PARAMS_DIR, {"params": flat_state.flatten(params),
                                       "batch_stats": flat_state.flatten(batch_stats)})
     fns = serving_fns(graphdef)
-    size = mc.image_size
+    size = export_config.image_size
     if "saved_model" in formats:
         _write_saved_model(fns, (params, batch_stats), size, platforms, tmp / SAVED_MODEL_DIR)
     if "jax_export" in formats:
         _write_jax_exports(fns, (params, batch_stats), size, platforms, tmp)
     meta = {
         "bundle_version": BUNDLE_VERSION,
-        "model": mc.to_dict(),
+        "model": export_config.to_dict(),
         "dtype": dtype,
         "formats": list(formats),
         "platforms": list(platforms),

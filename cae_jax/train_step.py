@@ -31,25 +31,26 @@ class TrainState:
 
 
 def learning_rate_schedule(config: ConfigDict) -> optax.Schedule:
-    o = config.optim
+    optim_config = config.optim
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
-        peak_value=o.learning_rate,
-        warmup_steps=o.warmup_steps,
-        decay_steps=max(config.train.steps, o.warmup_steps + 1),
-        end_value=o.learning_rate * o.end_learning_rate_factor,
+        peak_value=optim_config.learning_rate,
+        warmup_steps=optim_config.warmup_steps,
+        decay_steps=max(config.train.steps, optim_config.warmup_steps + 1),
+        end_value=optim_config.learning_rate * optim_config.end_learning_rate_factor,
     )
 
 
 def make_optimizer(config: ConfigDict) -> optax.GradientTransformation:
     """AdamW on a warmup + cosine schedule, after global-norm clipping; no decay on 1-D arrays."""
-    o = config.optim
+    optim_config = config.optim
     adamw = optax.adamw(
-        learning_rate_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+        learning_rate_schedule(config), b1=optim_config.b1, b2=optim_config.b2,
+        eps=optim_config.eps, weight_decay=optim_config.weight_decay,
         mask=lambda params: jax.tree.map(lambda p: p.ndim > 1, params),
     )
-    if o.clip_grad_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(o.clip_grad_norm), adamw)
+    if optim_config.clip_grad_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(optim_config.clip_grad_norm), adamw)
     return adamw
 
 
@@ -133,14 +134,15 @@ def make_train_step(config: ConfigDict, abstract: AbstractState) -> Callable:
     tx = make_optimizer(config)
     schedule = learning_rate_schedule(config)
     base_key = jax.random.key(config.seed)
-    aug = config.input.augment
-    on_device = augment.on_device(aug, sharding.platform(mesh))
+    augment_config = config.input.augment
+    on_device = augment.on_device(augment_config, sharding.platform(mesh))
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         dropout_key = jax.random.fold_in(base_key, state.step)
         images = batch["image"]
         if on_device:
-            images = pixels.normalize(device_augment.augment_batch(batch, aug.blur_kernel[1]))
+            max_kernel = augment_config.blur_kernel[1]
+            images = pixels.normalize(device_augment.augment_batch(batch, max_kernel))
 
         def loss_fn(params, batch_stats):
             logits, recon, new_stats = forward(

@@ -47,20 +47,20 @@ class Layer:
     keras: str  # Keras layer name; "" for the unnamed residual layers (matched by order).
 
 
-def encoder_layout(mc: ConfigDict) -> Iterator[Layer]:
+def encoder_layout(model_config: ConfigDict) -> Iterator[Layer]:
     """Every weighted layer of the encoder, in forward order."""
     yield Layer("conv1", "conv", "conv1", "block1_conv1")
     yield Layer("bn1", "bn", "bn1", "block1_conv1_bn")
     yield Layer("conv2", "conv", "conv2", "block1_conv2")
     yield Layer("bn2", "bn", "bn2", "block1_conv2_bn")
-    ec = mc.encoder
-    widths = [(o, o) for o in ec.entry_features]
-    widths += [(ec.entry_features[-1],) * 3] * ec.middle_blocks
-    widths += [tuple(ec.exit_features)]
-    in_width = ec.stem_features[-1]
+    encoder = model_config.encoder
+    widths = [(width, width) for width in encoder.entry_features]
+    widths += [(encoder.entry_features[-1],) * 3] * encoder.middle_blocks
+    widths += [tuple(encoder.exit_features)]
+    in_width = encoder.stem_features[-1]
     for b, block_widths in enumerate(widths):
         ours, timm, keras = f"blocks.{b}", f"block{b + 1}", f"block{b + 2}"
-        strided = b < len(ec.entry_features) or b == len(widths) - 1
+        strided = b < len(encoder.entry_features) or b == len(widths) - 1
         if block_widths[-1] != in_width or strided:  # As in models.Block.
             yield Layer(f"{ours}.skip", "conv", f"{timm}.skip", "")
             yield Layer(f"{ours}.skipbn", "bn", f"{timm}.skipbn", "")
@@ -94,7 +94,7 @@ def _put(params: Flat, stats: Flat, layer: Layer, arrays: dict[str, np.ndarray])
         stats[f"{p}.mean"], stats[f"{p}.var"] = arrays["mean"], arrays["var"]
 
 
-def from_timm(state_dict: dict[str, np.ndarray], mc: ConfigDict) -> tuple[Flat, Flat]:
+def from_timm(state_dict: dict[str, np.ndarray], model_config: ConfigDict) -> tuple[Flat, Flat]:
     """timm `legacy_xception` tensors (OIHW convs) -> our flat params and batch stats."""
     params: Flat = {}
     stats: Flat = {}
@@ -106,7 +106,7 @@ def from_timm(state_dict: dict[str, np.ndarray], mc: ConfigDict) -> tuple[Flat, 
         used.add(key)
         return np.asarray(state_dict[key], np.float32)
 
-    for layer in encoder_layout(mc):
+    for layer in encoder_layout(model_config):
         t = layer.timm
         if layer.kind == "conv":
             arrays = {"kernel": take(f"{t}.weight").transpose(2, 3, 1, 0)}
@@ -125,7 +125,7 @@ def from_timm(state_dict: dict[str, np.ndarray], mc: ConfigDict) -> tuple[Flat, 
 
 
 def from_deepfakebench(
-    state_dict: dict[str, np.ndarray], mc: ConfigDict
+    state_dict: dict[str, np.ndarray], model_config: ConfigDict
 ) -> tuple[Flat, Flat, Flat]:
     """DeepfakeBench `XceptionDetector` state dict -> our encoder params, batch stats and head.
 
@@ -149,7 +149,7 @@ def from_deepfakebench(
     if weight.shape[0] != 2:
         raise ValueError(f"last_linear has {weight.shape[0]} outputs, not 2 (real, fake)")
     backbone = {k: v for k, v in backbone.items() if not k.startswith("adjust_channel.")}
-    params, stats = from_timm(backbone, mc)
+    params, stats = from_timm(backbone, model_config)
     classifier = {"out.kernel": (weight[1] - weight[0])[:, None].astype(np.float32),
                   "out.bias": np.array([bias[1] - bias[0]], np.float32)}
     return params, stats, classifier
@@ -201,7 +201,7 @@ def _read_legacy_h5(path: Path) -> list[tuple[str, dict[str, np.ndarray]]]:
     return layers
 
 
-def from_keras(path: str | Path, mc: ConfigDict) -> tuple[Flat, Flat]:
+def from_keras(path: str | Path, model_config: ConfigDict) -> tuple[Flat, Flat]:
     """Keras Xception (HWIO convs, (3,3,C,1) depthwise) -> our flat params and batch stats."""
     path = Path(path)
     layers = _read_legacy_h5(path)
@@ -210,7 +210,7 @@ def from_keras(path: str | Path, mc: ConfigDict) -> tuple[Flat, Flat]:
     residual_bns = [w for n, w in layers if not n.startswith("block") and "gamma" in w]
     params: Flat = {}
     stats: Flat = {}
-    for layer in encoder_layout(mc):
+    for layer in encoder_layout(model_config):
         if layer.keras:
             if layer.keras not in named:
                 raise KeyError(f"{path}: no layer {layer.keras!r}: not an Xception of this size")
@@ -323,18 +323,19 @@ def run(args: argparse.Namespace) -> int:
         config = config_lib.load_config(args.config) if args.config else config_lib.default_config()
     except (FileNotFoundError, KeyError, ValueError) as err:
         raise SystemExit(f"error: {err}") from err
-    mc = config.model
+    model_config = config.model
     if not args.input.is_file():
         raise SystemExit(f"error: {args.input}: no such file")
     classifier = None
     if args.format == "timm":
         from safetensors.numpy import load_file
 
-        params, stats = from_timm(load_file(str(args.input)), mc)
+        params, stats = from_timm(load_file(str(args.input)), model_config)
     elif args.format == "deepfakebench":
-        params, stats, classifier = from_deepfakebench(read_torch_state_dict(args.input), mc)
+        state_dict = read_torch_state_dict(args.input)
+        params, stats, classifier = from_deepfakebench(state_dict, model_config)
     else:
-        params, stats = from_keras(args.input, mc)
+        params, stats = from_keras(args.input, model_config)
     save(args.output, params, stats, args.format, args.input, classifier)
     overrides = " ".join(f"--config.model.{k}={v}" for k, v in CONVENTIONS[args.format].items())
     if classifier:

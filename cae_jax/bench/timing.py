@@ -84,10 +84,9 @@ def gflops(compiled) -> float:
 
 def in_fresh_process(fn: Callable, *args):
     """fn(*args) run in a new interpreter, for a timed row that must not inherit the heap the
-    rows before it left. Measured in one process: classify at batch 32 ran 7-10% slower after
-    the train-step row than before it (PyTorch's 0-3%), and most of that went away once the heap
-    was trimmed. The child gets this process's environment (so its huge pages) and
-    `host_memory.retain_freed_memory`."""
+    rows before it left: in one process, inference timed after the train-step row ran slower
+    than before it, from the heap that row left (numbers: docs/benchmarks.md). The child gets
+    this process's environment (so its huge pages) and `host_memory.retain_freed_memory`."""
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(
             1, mp_context=context, initializer=host_memory.retain_freed_memory) as pool:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cae_jax import checkpoints, main, sharding, train, train_step
+from cae_jax import checkpoints, eval_pipeline, main, sharding, train, train_step
 from cae_jax.config import load_config
 from tests import datasets
 
@@ -259,14 +259,14 @@ def test_validation_reads_the_split_once_and_draws_the_grid_from_that_pass(data_
     abstract = train_step.abstract_state(config, mesh)
     state = train_step.create_train_state(config, abstract)
     eval_step = train_step.make_eval_step(config, abstract, with_reconstructions=True)
-    make_iterator = train.input_pipeline.make_eval_iterator
+    make_iterator = eval_pipeline.make_eval_iterator
     opened = []
 
     def counting_iterator(*args, **kwargs):
         opened.append(args[2:])
         return make_iterator(*args, **kwargs)
 
-    monkeypatch.setattr(train.input_pipeline, "make_eval_iterator", counting_iterator)
+    monkeypatch.setattr(eval_pipeline, "make_eval_iterator", counting_iterator)
     logger = RecordingLogger()
     values = train.validate(config, eval_step, state, mesh, logger, step=3)
     assert opened == [(str(data_dir), "validation")]

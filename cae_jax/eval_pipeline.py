@@ -38,7 +38,6 @@ class EvalTransform(grain.transforms.Map):
         return {**example, "image": augment.isotropic_resize(image, self.image_size)}
 
 
-
 def host_range(num_records: int, process_index: int, process_count: int) -> tuple[int, int]:
     """The contiguous [start, stop) records of one host; sizes differ by at most one."""
     base, extra = divmod(num_records, process_count)
@@ -126,4 +125,3 @@ def make_eval_iterator(
         device = to_global({k: batch[k] for k in ("image", "label", "mask")}, mesh)
         meta = {k: v for k, v in batch.items() if k != "image"}
         yield {**device, "meta": meta}
-

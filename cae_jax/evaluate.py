@@ -272,4 +272,3 @@ def run(args: argparse.Namespace) -> int:
             print(deepfakebench.markdown_table(report["deepfakebench"]), end="")
         print(f"wrote {args.out}")
     return 0
-

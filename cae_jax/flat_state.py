@@ -20,13 +20,14 @@ def flatten(state: nnx.State) -> dict[str, Any]:
 def unflatten(state: nnx.State, arrays: dict[str, Any]) -> nnx.State:
     """A copy of `state` (real or shape-only) with each leaf taken from `arrays` by its path.
 
-    Raises KeyError naming the first path `arrays` lacks (arrays of another model).
+    Raises ValueError naming the first path `arrays` lacks (arrays of another model), which
+    the commands report as a bad input file.
     """
     state = jax.tree.map(lambda x: x, state)
     for path, leaf in nnx.to_flat_state(state):
         key = ".".join(map(str, path))
         if key not in arrays:
-            raise KeyError(f"no array for {key!r}: saved from another model")
+            raise ValueError(f"no array for {key!r}: saved from another model")
         leaf.set_value(arrays[key])
     return state
 

@@ -89,14 +89,12 @@ class TrainTransform(grain.transforms.RandomMap):
         return example
 
 
-
 # ----------------------------------------------------------------------------- train
 
 
 def _stream_seed(seed: int, dataset_id: int, process_index: int) -> int:
     """A distinct 32-bit seed per (run seed, dataset, host)."""
     return int(np.random.SeedSequence([seed, dataset_id, process_index]).generate_state(1)[0])
-
 
 
 def _dataset_stream(

@@ -57,7 +57,6 @@ def split_shards(data_dir: str | os.PathLike, split: str) -> list[tuple[str, int
     return shards
 
 
-
 def class_counts(data_dir: str, split: str) -> tuple[int, int]:
     """(real, fake) frames of a split from `manifest.json` (written by `cae-jax prepare`)."""
     path = epath.Path(data_dir) / "manifest.json"
@@ -69,18 +68,15 @@ def class_counts(data_dir: str, split: str) -> tuple[int, int]:
     return counts["real"]["frames"], counts["fake"]["frames"]
 
 
-
 def source(shards: list[tuple[str, int]], skip_corrupt: bool) -> tfrecord.IndexedTFRecords:
     paths, counts = zip(*shards, strict=True)
     return tfrecord.IndexedTFRecords(paths, num_records=counts, skip_corrupt=skip_corrupt)
-
 
 
 def read_options(config: ConfigDict) -> grain.ReadOptions:
     return grain.ReadOptions(
         num_threads=config.input.threads, prefetch_buffer_size=config.input.buffer
     )
-
 
 
 def _feature(features, name: str, kind: str, where: tuple[str, int]):
@@ -144,4 +140,3 @@ def decode_or_skip(record: dict, skip_corrupt: bool) -> np.ndarray | None:
     except tfrecord.CorruptRecordError as err:
         tfrecord.skip_or_raise(err, skip_corrupt)
         return None
-

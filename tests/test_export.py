@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -148,6 +149,15 @@ def test_bundle_keeps_the_batch_norm_statistics(trained, images_and_reference, s
     assert loaded.keys() == flat_state.flatten(batch_stats).keys()
     for key, value in flat_state.flatten(batch_stats).items():
         np.testing.assert_array_equal(loaded[key], value, err_msg=key)
+
+
+def test_arrays_of_another_model_are_named_not_restored(trained):
+    _, _, params, _, _ = trained
+    arrays = flat_state.flatten(params)
+    missing = sorted(arrays)[0]
+    del arrays[missing]
+    with pytest.raises(ValueError, match=f"no array for '{re.escape(missing)}'"):
+        flat_state.unflatten(params, arrays)
 
 
 def test_model_json_describes_model_without_training_state(trained):

@@ -11,7 +11,6 @@ from cae_jax import main, sharding, train_step
 keras = pytest.importorskip("keras")
 
 
-
 def count(tree) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 

@@ -225,7 +225,7 @@ def _crop_in_pool(
 ) -> None:
     context = multiprocessing.get_context("spawn")  # Never fork a process holding TF.
     with concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_init_worker
+        workers, mp_context=context, initializer=work.init_pool_worker
     ) as pool:
         futures = {
             pool.submit(work.process, entry, settings, os.fspath(work_dir)): entry
@@ -234,15 +234,6 @@ def _crop_in_pool(
         for future in concurrent.futures.as_completed(futures):
             summaries[futures[future].video_id] = future.result()
             bar.update()
-
-
-def _init_worker() -> None:
-    """One thread per worker (OpenCV, and TensorFlow for mtcnn): the pool is the parallelism."""
-    os.environ.update(TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1", OMP_NUM_THREADS="1")
-    import cv2
-
-    cv2.setNumThreads(1)
-    work.withdraw_attempt_on_sigterm()
 
 
 def write_from_cache(

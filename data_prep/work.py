@@ -147,10 +147,17 @@ def process(entry: Entry, settings: Settings, work_dir: str | os.PathLike) -> di
 _in_flight: epath.Path | None = None  # The attempt marker of the file this process works on.
 
 
-def withdraw_attempt_on_sigterm() -> None:
-    """For pool workers: SIGTERM (the pool stopping healthy workers after another one died)
-    removes this process's attempt marker before exiting, so a file's attempts count only
-    deaths of the process working on that very file."""
+def init_pool_worker() -> None:
+    """Sets up a `prepare` pool worker (here, not in `prepare`, so that a spawned worker
+    imports this module's light dependencies and not TensorFlow).
+
+    One thread per worker (OpenCV, and TensorFlow for mtcnn): the pool is the parallelism.
+    SIGTERM (the pool stopping healthy workers after another one died) removes this
+    process's attempt marker before exiting, so a file's attempts count only deaths of the
+    process working on that very file.
+    """
+    os.environ.update(TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1", OMP_NUM_THREADS="1")
+    cv2.setNumThreads(1)
     signal.signal(signal.SIGTERM, _withdraw_and_exit)
 
 

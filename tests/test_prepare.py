@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import json
 import logging
-import os
 import re
-import signal
-import time
 from pathlib import Path
 
 import cv2
@@ -21,7 +17,8 @@ from skimage import data as skdata
 
 from cae_jax import main as cli
 from data_prep import datasets, faces, prepare, video, work, writer
-from data_prep.entries import DatasetLayoutError, Entry, Options
+from data_prep.entries import DatasetLayoutError, Options
+from tests.crashing_entries import CrashingEntry, SelfKillingEntry, SlowEntry
 
 CANVAS = (240, 180)  # Video frame width, height.
 FACE = 96  # Side of the pasted face in the synthetic clips.
@@ -637,15 +634,6 @@ def test_prepare_process_pool_matches_inline(raw_folder, tmp_path):
         assert shard.read_bytes() == (pooled / shard.name).read_bytes()
 
 
-@dataclasses.dataclass(frozen=True)
-class CrashingEntry(Entry):
-    """An entry whose processing kills its worker process, as a decoder crash would."""
-
-    @property
-    def is_image(self) -> bool:
-        os._exit(3)
-
-
 def test_pool_survives_a_file_that_kills_its_worker(raw_folder, tmp_path):
     root, _ = raw_folder
     good = [e for e in datasets.list_entries("folder", root / "list.csv", Options())]
@@ -673,45 +661,6 @@ def test_pool_charges_each_of_several_crashing_files(raw_folder, tmp_path):
     assert sorted(reasons) == [f"real/crash{i}.avi" for i in range(3)]
     for reason in reasons.values():
         assert reason.startswith(f"crashed its worker process {work.MAX_ATTEMPTS} times")
-
-
-def _wait_for(pattern: str, folder: str, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while not list(Path(folder).glob(pattern)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
-@dataclasses.dataclass(frozen=True)
-class SelfKillingEntry(Entry):
-    """Kills its own process with SIGKILL, as a decoder crash would, once `other` is in flight
-    in another worker (its attempt marker exists). The first attempt waits for that (both
-    start together); a retry may run while `other` waits in the pool's queue, so it waits
-    only briefly."""
-
-    other: str = ""
-    work_dir: str = ""
-
-    @property
-    def is_image(self) -> bool:
-        first = Path(self.work_dir, "first-crash")
-        _wait_for(f"{work.cache_key(self.other)}.attempt*", self.work_dir,
-                  seconds=5 if first.exists() else 60)
-        first.touch()
-        os.kill(os.getpid(), signal.SIGKILL)
-        return False
-
-
-@dataclasses.dataclass(frozen=True)
-class SlowEntry(Entry):
-    """A healthy video that stays in flight until `other` is finished (cached)."""
-
-    other: str = ""
-    work_dir: str = ""
-
-    @property
-    def is_image(self) -> bool:
-        _wait_for(f"{work.cache_key(self.other)}.json", self.work_dir)
-        return False
 
 
 def test_only_the_video_whose_process_died_is_charged_the_crash(raw_folder, tmp_path):

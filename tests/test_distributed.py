@@ -244,8 +244,12 @@ def worker(out_dir: Path, peer_dir: Path, data_dir: str) -> None:
 
 def spawn(out_dir: Path, peer_dir: Path, data_dir: Path, devices: int, launch: dict[str, str]):
     out_dir.mkdir(exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "CAE_JAX"))}
-    env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), **launch)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAE_JAX")}
+    # The device count is the process's own; conftest's compile flags stay.
+    flags = [f for f in env.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    env.update(XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices),
+               **launch)
     log = open(out_dir / f"log{launch.get('CAE_JAX_PROCESS_ID', '')}.txt", "w")
     command = [sys.executable, __file__, str(out_dir), str(peer_dir), str(data_dir)]
     return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), log

@@ -18,6 +18,7 @@ of the stream: a given worker count always gives the same batches (0 and 1 the s
 from __future__ import annotations
 
 import json
+import threading
 import types
 import weakref
 from collections.abc import Sequence
@@ -89,6 +90,52 @@ class TrainTransform(grain.transforms.RandomMap):
         return example
 
 
+class EpochShuffle(grain.MapDataset):
+    """The parent's records in a fresh order each epoch (index // len), from (seed, epoch).
+
+    Replaces grain's `shuffle`, whose per-index cipher walk costs about 40,000 / len
+    microseconds per record: 0.6 ms at 64 records, 47 us at 1,000, 5 us at a million. Here
+    each epoch's order is one numpy permutation (milliseconds per million records), and a
+    record costs a lookup. The last two epochs' orders are kept: reader threads straddle an
+    epoch boundary.
+    """
+
+    def __init__(self, parent: grain.MapDataset, seed: int):
+        super().__init__(parent)
+        self._seed = seed
+        self._orders: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def __str__(self) -> str:
+        return f"EpochShuffle(seed={self._seed})"
+
+    def __getstate__(self) -> dict:
+        # grain pickles the dataset into its worker processes; each builds its own orders.
+        return {**self.__dict__, "_orders": {}, "_lock": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
+
+    def _order(self, epoch: int) -> np.ndarray:
+        with self._lock:
+            order = self._orders.get(epoch)
+            if order is None:
+                rng = np.random.default_rng([self._seed, epoch])
+                order = rng.permutation(len(self._parent))
+                self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
+                self._orders[epoch] = order
+            return order
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        epoch, position = divmod(index, len(self._parent))
+        return self._parent[int(self._order(epoch)[position])]
+
+
 # ----------------------------------------------------------------------------- train
 
 
@@ -111,10 +158,9 @@ def _dataset_stream(
             f"{process_count} hosts; prepare it with at least that many shards"
         )
     source = prepared_data.source(host_shards, input_config.skip_corrupt)
+    seed = _stream_seed(config.seed, dataset_id, process_index)
     records = (
-        grain.MapDataset.source(source)
-        .seed(_stream_seed(config.seed, dataset_id, process_index))
-        .shuffle()
+        EpochShuffle(grain.MapDataset.source(source).seed(seed), seed)
         .repeat()
         .map(prepared_data.ParseRecord(input_config.skip_corrupt))
     )

@@ -150,6 +150,27 @@ def test_each_host_reads_its_own_shards_once_per_epoch(tmp_path):
     assert sorted(seen) == list(range(48))
 
 
+def test_epoch_shuffle_permutes_each_epoch_afresh_and_survives_pickling():
+    import pickle
+
+    def epochs(ds, n=3):
+        return np.array([ds[i] for i in range(n * 50)]).reshape(n, 50)
+
+    shuffled = input_pipeline.EpochShuffle(grain.MapDataset.range(50), seed=7)
+    orders = epochs(shuffled)
+    for order in orders:
+        np.testing.assert_array_equal(np.sort(order), np.arange(50))  # Each record once.
+    assert len({tuple(o) for o in orders}) == 3  # A new order every epoch.
+    np.testing.assert_array_equal(epochs(pickle.loads(pickle.dumps(shuffled))), orders)
+    np.testing.assert_array_equal(
+        epochs(input_pipeline.EpochShuffle(grain.MapDataset.range(50), seed=7)), orders)
+    other = epochs(input_pipeline.EpochShuffle(grain.MapDataset.range(50), seed=8))
+    assert not np.array_equal(other, orders)
+    # Random access in any order, as reader threads ask: the same records.
+    late_first = [shuffled[i] for i in (149, 0, 75)]
+    assert late_first == [orders[2, 49], orders[0, 0], orders[1, 25]]
+
+
 def _parsed(path):
     source = tfrecord.IndexedTFRecords([path])
     parse = prepared_data.ParseRecord(skip_corrupt=False)

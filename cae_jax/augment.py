@@ -19,6 +19,12 @@ RESIZE_INTERPOLATIONS = (
 )
 
 
+def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
+    """The (height, width) that `isotropic_resize` scales an image to: longer side `size`."""
+    scale = size / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
 def isotropic_resize(image: np.ndarray, size: int, interpolations=RESIZE_INTERPOLATIONS[0]):
     """Scales the longer side to `size` keeping the aspect ratio, then zero-pads to a square.
 
@@ -26,9 +32,8 @@ def isotropic_resize(image: np.ndarray, size: int, interpolations=RESIZE_INTERPO
     """
     h, w = image.shape[:2]
     if (h, w) != (size, size):
-        scale = size / max(h, w)
-        new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
-        interpolation = interpolations[0] if scale < 1 else interpolations[1]
+        new_h, new_w = resized_shape(h, w, size)
+        interpolation = interpolations[0] if max(h, w) > size else interpolations[1]
         image = cv2.resize(image, (new_w, new_h), interpolation=interpolation)
         top, left = (size - new_h) // 2, (size - new_w) // 2
         image = cv2.copyMakeBorder(
@@ -37,11 +42,16 @@ def isotropic_resize(image: np.ndarray, size: int, interpolations=RESIZE_INTERPO
     return image
 
 
+def draw_interpolations(rng: np.random.Generator, prob: float) -> tuple[int, int]:
+    """`random_resize`'s interpolation pair: with probability `prob` a random one of the three."""
+    if rng.random() < prob:
+        return RESIZE_INTERPOLATIONS[rng.integers(3)]
+    return RESIZE_INTERPOLATIONS[0]
+
+
 def random_resize(image: np.ndarray, size: int, rng: np.random.Generator, prob: float):
     """`isotropic_resize`, with probability `prob` by a randomly chosen interpolation pair."""
-    if rng.random() < prob:
-        return isotropic_resize(image, size, RESIZE_INTERPOLATIONS[rng.integers(3)])
-    return isotropic_resize(image, size)
+    return isotropic_resize(image, size, draw_interpolations(rng, prob))
 
 
 def blur_sizes(kernel_range: tuple[int, int]) -> list[int]:
@@ -132,8 +142,9 @@ def augment(image: np.ndarray, rng: np.random.Generator, augment_config: ConfigD
 
 
 def on_device(augment_config: ConfigDict, backend: str) -> bool:
-    """Whether flip, blur and brightness/contrast run in the train step (`on_device`: "auto" =
-    on GPU and TPU, where host cores are the scarce resource; "on"; "off")."""
+    """Whether upscaling, flip, blur and brightness/contrast run in the train step
+    (`on_device`: "auto" = on GPU and TPU, where host cores are the scarce resource; "on";
+    "off")."""
     choice = augment_config.on_device
     if choice not in ("auto", "on", "off"):
         raise ValueError(f"input.augment.on_device must be auto, on or off, got {choice!r}")

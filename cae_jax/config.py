@@ -121,8 +121,9 @@ def default_config() -> ConfigDict:
     # JPEG re-compression at a quality drawn from jpeg_quality.
     config.input.augment.jpeg_prob = 0.5
     config.input.augment.jpeg_quality = (40, 100)
-    # Where flip, blur and brightness/contrast run: "auto" (in the train step on GPU/TPU, on
-    # the host on CPU), "on" or "off". Decode, resize, SBI and JPEG stay on the host.
+    # Where upscaling, flip, blur and brightness/contrast run: "auto" (in the train step on
+    # GPU/TPU, on the host on CPU), "on" or "off". Decode, downscaling, SBI and JPEG stay on
+    # the host.
     config.input.augment.on_device = "auto"
     # Self-blended images: real training faces turned into fakes on the fly (cae_jax/sbi.py).
     config.input.sbi = ConfigDict()

@@ -57,9 +57,10 @@ class LabelIs(grain.transforms.Filter):
 class TrainTransform(grain.transforms.RandomMap):
     """Decode, resize, maybe self-blend a real face, augment: one training example.
 
-    With `input.augment.on_device` only the JPEG step runs here; the other augmentation
-    choices, drawn from the same generator in the same order, travel as `aug_*` fields for
-    the train step to apply.
+    With `input.augment.on_device` only decoding, downscaling, self-blending and the JPEG step
+    run here: a crop no larger than `model.image_size` that is not self-blended travels
+    top-left in a zero canvas, for the train step to upscale. Every choice, drawn from the
+    same generator in the same order as without the option, travels as `aug_*` fields.
     """
 
     def __init__(self, config: ConfigDict, dataset_id: int, on_device: bool):
@@ -76,18 +77,22 @@ class TrainTransform(grain.transforms.RandomMap):
         image = prepared_data.decode_or_skip(record, self.skip_corrupt)
         if image is None:
             return None
-        image = augment.random_resize(image, self.image_size, rng, self.augment.resize_prob)
+        interpolations = augment.draw_interpolations(rng, self.augment.resize_prob)
         label = record["label"]
-        if label == 0 and rng.random() < self.sbi_prob:
+        blend = label == 0 and rng.random() < self.sbi_prob
+        # Self-blending places its mask where the face sits at the final size.
+        if not self.on_device or blend or max(image.shape[:2]) > self.image_size:
+            image = augment.isotropic_resize(image, self.image_size, interpolations)
+        if blend:
             image, _ = sbi.self_blend(image, rng)
             label = 1
         params = augment.draw(rng, self.augment)
         image = augment.apply(image, params, geometric_and_colour=not self.on_device)
-        example = {"image": image, "label": np.int32(label),
-                   "dataset_id": np.int32(self.dataset_id)}
+        example = {"label": np.int32(label), "dataset_id": np.int32(self.dataset_id)}
         if self.on_device:
-            example.update(device_augment.param_fields(params))
-        return example
+            image, resize = device_augment.place(image, self.image_size, interpolations)
+            example.update(device_augment.param_fields({**params, **resize}))
+        return {"image": image, **example}
 
 
 class EpochShuffle(grain.MapDataset):
@@ -198,7 +203,8 @@ def train_dataset(
     `aug_*` fields of `device_augment.PARAM_DTYPES`. `data_dirs` defaults to
     config.input.train_dirs; they are mixed by config.input.weights. `platform` is that of
     the devices the batches feed (default: JAX's default backend): with
-    `input.augment.on_device` "auto" it decides where flip, blur and brightness/contrast run.
+    `input.augment.on_device` "auto" it decides where upscaling, flip, blur and
+    brightness/contrast run.
     """
     input_config = config.input
     on_device = augment.on_device(input_config.augment, platform or jax.default_backend())

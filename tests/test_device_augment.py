@@ -27,15 +27,32 @@ def config_with(on_device: str, **augment_fields):
     return config
 
 
-def record(index: int) -> dict:
-    png = cv2.imencode(".png", cv2.cvtColor(datasets.face_crop(index, SIZE), cv2.COLOR_RGB2BGR))[1]
-    return {"png": png.tobytes(), "label": 1, "path": "mem", "offset": index}
+ONLY_RESIZE = {"resize_prob": 1.0, "flip_prob": 0.0, "blur_prob": 0.0,
+               "brightness_contrast_prob": 0.0, "jpeg_prob": 0.0}
 
 
-def examples(config, seeds) -> list[dict]:
+def crop(index: int, shape: tuple[int, int] = (SIZE, SIZE)) -> np.ndarray:
+    """`datasets.face_crop(index, SIZE)` at the default shape; any height and width."""
+    return cv2.resize(datasets.face_crop(index, 128), shape[::-1], interpolation=cv2.INTER_AREA)
+
+
+def record(index: int, shape: tuple[int, int] = (SIZE, SIZE), label: int = 1) -> dict:
+    png = cv2.imencode(".png", cv2.cvtColor(crop(index, shape), cv2.COLOR_RGB2BGR))[1]
+    return {"png": png.tobytes(), "label": label, "path": "mem", "offset": index}
+
+
+def examples(config, seeds, shape=(SIZE, SIZE), label=1) -> list[dict]:
     on = augment.on_device(config.input.augment, "cpu")
     transform = input_pipeline.TrainTransform(config, dataset_id=0, on_device=on)
-    return [transform.random_map(record(s % 7), np.random.default_rng(s)) for s in seeds]
+    return [transform.random_map(record(s % 7, shape, label), np.random.default_rng(s))
+            for s in seeds]
+
+
+def choices(size: int = SIZE, **overrides) -> dict:
+    """`param_fields` of an image at `size` that the device leaves as it is, but `overrides`."""
+    return device_augment.param_fields(
+        {"height": size, "width": size, "resized_height": size, "resized_width": size,
+         "cubic": True, "flip": False, "blur_kernel": 0, "alpha": 1.0, "beta": 0.0, **overrides})
 
 
 def on_device(examples_: list[dict]) -> np.ndarray:
@@ -127,15 +144,76 @@ def test_device_flip_is_exactly_a_mirror():
 def test_device_blur_and_brightness_match_opencv():
     image = datasets.face_crop(3, SIZE)
     for k in (3, 5, 7):
-        example = {"image": image, **device_augment.param_fields(
-            {"flip": False, "blur_kernel": k, "alpha": 1.0, "beta": 0.0})}
+        example = {"image": image, **choices(blur_kernel=k)}
         diff = on_device([example])[0].astype(int) - augment.blur(image, k)
         assert np.abs(diff).max() <= 1 and np.mean(diff == 0) > 0.95
-    example = {"image": image, **device_augment.param_fields(
-        {"flip": False, "blur_kernel": 0, "alpha": 1.07, "beta": -12.3})}
+    example = {"image": image, **choices(alpha=1.07, beta=-12.3)}
     diff = on_device([example])[0].astype(int) - augment.scale_shift(image, 1.07, -12.3)
     # Off by one only where x * alpha + beta is a half in float64 but not in float32.
     assert np.abs(diff).max() <= 1 and np.mean(diff == 0) > 0.99
+
+
+@pytest.mark.parametrize("shape", [(20, 20), (24, 17), (13, 30), (32, 32), (32, 21), (45, 45),
+                                   (40, 27)])
+def test_device_resize_matches_the_hosts(shape):
+    """Crops no larger than the model's input are resized on the device (bicubic or bilinear
+    as drawn), larger ones arrive downscaled by the host; either way `random_resize`'s image."""
+    seeds = range(30)
+    host = np.stack([e["image"] for e in examples(config_with("off", **ONLY_RESIZE), seeds, shape)])
+    fields = examples(config_with("on", **ONLY_RESIZE), seeds, shape)
+    diff = np.abs(on_device(fields).astype(int) - host)
+    cubic = np.array([e["aug_cubic"] for e in fields])
+    assert 0 < cubic.mean() < 1  # Both kernels drawn.
+    sent = shape if max(shape) <= SIZE else (SIZE, SIZE)
+    assert all((e["aug_height"], e["aug_width"]) == sent for e in fields)
+    if max(shape) >= SIZE:  # Nothing to upscale: the device passes the pixels unchanged.
+        assert diff.max() == 0
+    else:
+        # Measured: bicubic exact (OpenCV's rounded fixed point, float32 Keys a = -0.75 here;
+        # on noisy images off by one on 0.2% of pixels);
+        # bilinear off by one on 5-11% of pixels (OpenCV's bilinear truncates its fixed point).
+        assert diff[cubic].max() == 0
+        assert diff[~cubic].max() == 1 and diff[~cubic].mean() < 0.12
+
+
+def test_canvas_beyond_the_crop_does_not_bleed_into_the_upscale():
+    canvas, resize = device_augment.place(crop(1, (20, 13)), SIZE)
+    dirty = canvas.copy()
+    dirty[20:], dirty[:, 13:] = 255, 255
+    for cubic in (True, False):
+        fields = choices(**resize | {"cubic": cubic})
+        clean, smudged = on_device([{"image": canvas, **fields}, {"image": dirty, **fields}])
+        np.testing.assert_array_equal(clean, smudged)
+
+
+def blended_small_crops(mode: str, jpeg_prob: float) -> tuple[list[dict], list[float]]:
+    """20x26 real faces, half self-blended, through `TrainTransform`; and the next draw of each
+    record's generator after it."""
+    config = config_with(mode, resize_prob=0.5, jpeg_prob=jpeg_prob)
+    config.input.sbi.prob = 0.5
+    transform = input_pipeline.TrainTransform(config, 0, on_device=mode == "on")
+    rngs = [np.random.default_rng(s) for s in range(60)]
+    out = [transform.random_map(record(s % 7, (20, 26), label=0), rng)
+           for s, rng in enumerate(rngs)]
+    return out, [rng.random() for rng in rngs]
+
+
+def test_on_device_resize_keeps_every_draw_of_the_host_path():
+    """The interpolation pair and every later draw are the host path's: the generators end in
+    the same state, and (without JPEG, which then comes before the upscale) the device yields
+    the host's images. Self-blended faces are resized on the host, where the mask is placed."""
+    for jpeg_prob in (0.5, 0.0):
+        assert blended_small_crops("on", jpeg_prob)[1] == blended_small_crops("off", jpeg_prob)[1]
+    host, device = blended_small_crops("off", 0.0)[0], blended_small_crops("on", 0.0)[0]
+    blended = np.array([e["label"] == 1 for e in device])
+    assert [e["label"] for e in host] == [e["label"] for e in device]
+    assert 0.3 < blended.mean() < 0.7
+    assert np.array_equal([e["aug_height"] < SIZE for e in device], ~blended)
+    cubic = np.array([e["aug_cubic"] for e in device])
+    assert 0.5 < cubic.mean() < 1  # resize_prob 0.5: the default pair (cubic) or a drawn one.
+    diff = np.abs(on_device(device).astype(int) - np.stack([e["image"] for e in host]))
+    # Measured: at most 2 (the upscale's and the blur's rounding), mean 0.017.
+    assert diff.max() <= 2 and diff.mean() < 0.02
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
@@ -158,8 +236,7 @@ def test_train_step_augments_on_device_before_the_model():
     for mode, batch in (
         ("off", {"image": pixels.normalize(jnp.asarray(images[:, :, ::-1])), "label": labels}),
         ("on", {"image": jnp.asarray(images), "label": labels, **{
-            k: jnp.asarray(np.stack([v] * 8)) for k, v in device_augment.param_fields(
-                {"flip": True, "blur_kernel": 0, "alpha": 1.0, "beta": 0.0}).items()}}),
+            k: jnp.asarray(np.stack([v] * 8)) for k, v in choices(64, flip=True).items()}}),
     ):
         config.input.augment.on_device = mode
         abstract = train_step_lib.abstract_state(config, mesh)

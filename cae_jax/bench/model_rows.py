@@ -28,9 +28,10 @@ def train_batch(config: ConfigDict, images: np.ndarray, labels: np.ndarray) -> d
     them, so the timed step includes the on-device augmentation."""
     if not augment.on_device(config.input.augment, jax.default_backend()):
         return {"image": pixels.normalize(jnp.asarray(images)), "label": jnp.asarray(labels)}
-    rng = np.random.default_rng(config.seed)
-    draws = [device_augment.param_fields(augment.draw(rng, config.input.augment))
-             for _ in images]
+    rng, size = np.random.default_rng(config.seed), config.model.image_size
+    draws = [device_augment.param_fields({**augment.draw(rng, config.input.augment),
+                                          **device_augment.place(image, size)[1]})
+             for image in images]
     return {"image": jnp.asarray(images), "label": jnp.asarray(labels),
             **{k: jnp.asarray(np.stack([d[k] for d in draws])) for k in draws[0]}}
 

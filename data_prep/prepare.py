@@ -227,6 +227,12 @@ def _crop_in_pool(
     with concurrent.futures.ProcessPoolExecutor(
         workers, mp_context=context, initializer=work.init_pool_worker
     ) as pool:
+        # Every worker started and idle before the work goes out. The pool spawns workers as
+        # work is submitted, after waking its manager thread, which can go back to waiting
+        # without the new worker among those it watches: that worker's death (a decoder
+        # crash) would go unnoticed until some other result arrives.
+        for started in [pool.submit(os.getpid) for _ in range(workers)]:
+            started.result()
         futures = {
             pool.submit(work.process, entry, settings, os.fspath(work_dir)): entry
             for entry in entries

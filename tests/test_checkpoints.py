@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from cae_jax import checkpoints, input_pipeline, sharding, train_step
-from cae_jax.config import load_config
+from cae_jax.config import load_config, to_json
 from tests import datasets
 
 
@@ -107,3 +107,25 @@ def test_workdir_paths_keep_uris_and_make_local_ones_absolute(given, expected, m
     monkeypatch.chdir(tmp_path)
     path = checkpoints.as_path(given) / checkpoints.CHECKPOINT_DIR / "7"
     assert str(path) == expected.replace("CWD", str(tmp_path)) + "/checkpoints/7"
+
+
+def test_a_workdir_config_is_validated_when_read_back(setup, tmp_path):
+    import json
+
+    _, config, _, _ = setup
+    checkpoints.write_config(tmp_path, config)
+    assert to_json(checkpoints.read_config(tmp_path)) == to_json(config)  # Tuples as lists.
+    path = tmp_path / checkpoints.CONFIG_FILE
+    edited = json.loads(path.read_text())
+    edited["model"]["image_size"] = -3
+    path.write_text(json.dumps(edited))
+    with pytest.raises(ValueError, match=r"config\.json: .*model\.image_size=-3"):
+        checkpoints.read_config(tmp_path)
+    del edited["model"]
+    path.write_text(json.dumps(edited))
+    with pytest.raises(ValueError, match=r"config\.json: not a config written by cae-jax"):
+        checkpoints.read_config(tmp_path)
+    path.write_text("{")
+    with pytest.raises(ValueError, match="not a config written by cae-jax"):
+        checkpoints.read_config(tmp_path)
+

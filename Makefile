@@ -21,9 +21,9 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q --numprocesses $(TEST_WORKERS) --dist loadfile --durations=15
 
+# ruff's rules only: the code is wrapped by hand (big_vision's style), not by a formatter.
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
 
 demo: install
 	$(BIN)/cae-jax demo --workdir $(WORKDIR)

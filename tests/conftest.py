@@ -39,3 +39,15 @@ def ffpp_mini() -> Path:
     if not FFPP_MINI.is_dir():
         pytest.skip(f"{FFPP_MINI} not present")
     return FFPP_MINI
+
+
+# Files of a minute or more of the suite (`--durations`), started first: with `--dist
+# loadfile` a long file handed out last keeps one process busy while the other idles.
+LONG_FILES = ("test_train.py", "test_export.py", "test_device_augment.py", "test_train_step.py",
+              "test_bench_accelerator.py", "test_platforms.py", "test_deepfakebench_weights.py",
+              "test_ops.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))

@@ -45,6 +45,17 @@ RESUMABLE = frozenset({
     "model.layer_impl", "mesh.data", "mesh.fsdp",
 })
 
+# Orbax saves a replicated array from all its replicas at once ("replica-parallel"), cutting
+# it into one device slice per replica, each sliced by its own dispatch. A train state is
+# mostly small arrays (BatchNorm vectors, biases and their optimizer moments), for which that
+# costs more than it spreads: a tiny model on 8 devices spent 1.7 s of each save slicing.
+# Arrays whose slice would be smaller than this are written whole by one replica.
+REPLICA_PARALLEL_MIN_SLICE_BYTES = 1 << 20
+ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+    array_metadata_store=getattr(ocp.type_handlers.get_type_handler(jax.Array),
+                                 "_array_metadata_store", None),
+    min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_SLICE_BYTES), override=True)
+
 
 class ConfigMismatchError(ValueError):
     """A workdir's checkpoints were written under a config that differs in fixed fields."""

@@ -106,11 +106,13 @@ def init_state(config: ConfigDict) -> TrainState:
 
 def create_train_state(config: ConfigDict, abstract: AbstractState) -> TrainState:
     """Initializes the state directly in its sharded layout (no full copy on one device)."""
-    state = jax.jit(lambda: init_state(config), out_shardings=abstract.shardings)()
-    if config.init_from:
+    if config.init_from:  # Checked first: a convention mismatch fails before a full init.
         from cae_jax import weights  # Only needed when starting from imported weights.
 
-        state = weights.load_encoder(state, config)
+        meta = weights.import_meta(config)
+    state = jax.jit(lambda: init_state(config), out_shardings=abstract.shardings)()
+    if config.init_from:
+        state = weights.load_encoder(state, config, meta)
     return state
 
 

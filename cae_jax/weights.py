@@ -270,10 +270,9 @@ def detector_config(import_dir: str | Path, base: ConfigDict | None = None) -> C
     return config
 
 
-def load_encoder(state, config: ConfigDict):
-    """Replaces the encoder of a TrainState by imported weights, checking conventions."""
-    import orbax.checkpoint as ocp
-
+def import_meta(config: ConfigDict) -> dict:
+    """What `config.init_from` was imported from, once its conventions are checked against
+    the config's model (cheap: run before initializing a model only to throw it away)."""
     src = Path(config.init_from).absolute()
     meta_path = src / IMPORT_META
     if not meta_path.is_file():
@@ -285,6 +284,14 @@ def load_encoder(state, config: ConfigDict):
                 f"{src} holds {meta['format']} weights, which need model.{key}={meta[key]!r}; "
                 f"the config has {config.model[key]!r} (override --config.model.{key}={meta[key]})"
             )
+    return meta
+
+
+def load_encoder(state, config: ConfigDict, meta: dict):
+    """Replaces the encoder of a TrainState by the imported weights `meta` describes."""
+    import orbax.checkpoint as ocp
+
+    src = Path(config.init_from).absolute()
     encoder = {"params": flat_state.flatten(state.params["encoder"]),
                "batch_stats": flat_state.flatten(state.batch_stats["encoder"])}
     with ocp.StandardCheckpointer() as ckptr:

@@ -51,10 +51,23 @@ RESUMABLE = frozenset({
 # costs more than it spreads: a tiny model on 8 devices spent 1.7 s of each save slicing.
 # Arrays whose slice would be smaller than this are written whole by one replica.
 REPLICA_PARALLEL_MIN_SLICE_BYTES = 1 << 20
-ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
-    array_metadata_store=getattr(ocp.type_handlers.get_type_handler(jax.Array),
-                                 "_array_metadata_store", None),
-    min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_SLICE_BYTES), override=True)
+
+
+def _replica_parallel_for_large_arrays_only() -> None:
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # Orbax warns of the override it is asked for.
+    try:
+        ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+            array_metadata_store=getattr(ocp.type_handlers.get_type_handler(jax.Array),
+                                         "_array_metadata_store", None),
+            min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_SLICE_BYTES),
+            override=True)
+    finally:
+        absl_logger.setLevel(level)
+
+
+_replica_parallel_for_large_arrays_only()
 
 
 class ConfigMismatchError(ValueError):

@@ -17,9 +17,8 @@ import numpy as np
 from etils import epath
 from google.protobuf.message import DecodeError
 from ml_collections import ConfigDict
-from tensorflow.core.example import example_pb2
 
-from cae_jax import tfrecord
+from cae_jax import example_proto, tfrecord
 
 METADATA_FIELDS = ("video_id", "method", "dataset")  # Text features kept for video metrics.
 TFDS_SHARD_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"  # TFDS's default.
@@ -91,8 +90,8 @@ def _feature(features, name: str, kind: str, where: tuple[str, int]):
 class ParseRecord(grain.transforms.Map):
     """Raw record -> dict of the fields the pipeline uses (the image stays PNG bytes).
 
-    Reads the `tf.train.Example` with protobuf directly: the same wire format as
-    `records.features()`, without a TensorFlow op per record.
+    Reads the `tf.train.Example` with protobuf directly (`example_proto`): the same wire
+    format as `records.features()`, without TensorFlow.
     """
 
     def __init__(self, skip_corrupt: bool):
@@ -102,7 +101,7 @@ class ParseRecord(grain.transforms.Map):
         where = (raw["path"], raw["offset"])
         try:
             try:
-                features = example_pb2.Example.FromString(raw["data"]).features.feature
+                features = example_proto.Example.FromString(raw["data"]).features.feature
             except DecodeError as err:
                 raise tfrecord.CorruptRecordError(
                     *where, f"not a tf.train.Example ({err})"

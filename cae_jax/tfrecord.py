@@ -65,6 +65,12 @@ def masked_crc(data: bytes) -> int:
     return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
 
 
+def frame(data: bytes) -> bytes:
+    """`data` as one TFRecord frame, checksums included."""
+    length = struct.pack("<Q", len(data))
+    return length + _FOOTER.pack(masked_crc(length)) + data + _FOOTER.pack(masked_crc(data))
+
+
 def index_file(path: str, *, skip_corrupt: bool = False) -> np.ndarray:
     """Byte offsets of every record frame in one shard, from the headers only.
 

@@ -35,6 +35,7 @@ from cae_jax import (
     pixels,
     prepared_data,
     sharding,
+    tensorboard_writer,
     train_step,
 )
 from cae_jax import config as config_lib
@@ -57,32 +58,26 @@ class Logger:
         self.active = jax.process_index() == 0
         if not self.active:
             return
-        import tensorflow as tf
-
-        self._tf = tf
         path = workdir / "metrics.jsonl"
         truncate_records(path, step)
         self._jsonl = path.open("a")
-        self._writer = tf.summary.create_file_writer(str(workdir / "tensorboard"))
+        self._tensorboard = tensorboard_writer.SummaryWriter(workdir / "tensorboard")
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.active:
             return
         self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
         self._jsonl.flush()
-        with self._writer.as_default(step=step):
-            for name, value in values.items():
-                self._tf.summary.scalar(name, value)
+        self._tensorboard.scalars(step, values)
 
     def image(self, step: int, name: str, image: np.ndarray) -> None:
         if self.active:
-            with self._writer.as_default(step=step):
-                self._tf.summary.image(name, image[None])
+            self._tensorboard.image(step, name, image)
 
     def close(self) -> None:
         if self.active:
             self._jsonl.close()
-            self._writer.close()
+            self._tensorboard.close()
 
 
 def truncate_records(path: epath.Path, step: int) -> None:

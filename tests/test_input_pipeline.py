@@ -1,6 +1,8 @@
 """The grain input pipeline: order, resume, hosts, mixing, corruption, device arrays."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -11,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from cae_jax import config as config_lib
-from cae_jax import eval_pipeline, input_pipeline, prepared_data, sharding, tfrecord
+from cae_jax import eval_pipeline, example_proto, input_pipeline, prepared_data, sharding, tfrecord
 from cae_jax.bench.tf_data_reference import tf_data_reference
 from data_prep import preview, records, writer
 from tests import datasets
@@ -429,20 +431,43 @@ def _skips_logged(caplog) -> int:
     return sum("skipped corrupt record" in r.getMessage() for r in caplog.records)
 
 
-def _frame(data: bytes) -> bytes:
-    """`data` as one TFRecord frame with valid length and data checksums."""
-    length = len(data).to_bytes(8, "little")
-    crc = tfrecord.masked_crc
-    return length + crc(length).to_bytes(4, "little") + data + crc(data).to_bytes(4, "little")
+def test_frames_and_examples_are_tensorflows(tmp_path):
+    """`tfrecord.frame` writes TFRecordWriter's bytes; `example_proto.Example` reads and
+    writes tf.train.Example's wire format, every kind of feature included."""
+    example = tf.train.Example(features=tf.train.Features(feature={
+        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"\x89PNG", b""])),
+        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[1, -5, 2**40])),
+        "box": tf.train.Feature(float_list=tf.train.FloatList(value=[0.5, -2.25])),
+        "empty": tf.train.Feature()}))
+    serialized = example.SerializeToString()
+    with tf.io.TFRecordWriter(str(tmp_path / "r")) as w:
+        w.write(serialized)
+        w.write(b"")
+    assert (tmp_path / "r").read_bytes() == tfrecord.frame(serialized) + tfrecord.frame(b"")
+    ours = example_proto.Example.FromString(serialized)
+    feature = ours.features.feature
+    assert list(feature["image"].bytes_list.value) == [b"\x89PNG", b""]
+    assert list(feature["label"].int64_list.value) == [1, -5, 2**40]
+    assert list(feature["box"].float_list.value) == [0.5, -2.25]
+    assert feature["empty"].WhichOneof("kind") is None
+    assert tf.train.Example.FromString(ours.SerializeToString()) == example
+
+
+def test_reading_prepared_data_does_not_import_tensorflow():
+    program = ("import sys; from cae_jax import eval_pipeline, evaluate, input_pipeline, train; "
+               "print(sorted(m for m in sys.modules if m.split('.')[0] == 'tensorflow'))")
+    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_length_checksum_mismatch_names_file_and_offset(tmp_path):
     good = tf.train.Example().SerializeToString() + b"x"
     path = tmp_path / "bad.tfrecord"
-    second = bytearray(_frame(b"abc"))
+    second = bytearray(tfrecord.frame(b"abc"))
     second[8] ^= 0xFF  # The length's checksum.
-    path.write_bytes(_frame(good) + bytes(second))
-    offset = len(_frame(good))
+    path.write_bytes(tfrecord.frame(good) + bytes(second))
+    offset = len(tfrecord.frame(good))
     with pytest.raises(tfrecord.CorruptRecordError, match=f"{path}.*{offset}.*length checksum"):
         tfrecord.index_file(str(path))
     assert tfrecord.index_file(str(path), skip_corrupt=True).tolist() == [0]

@@ -182,8 +182,8 @@ def test_native_layer_forms_train_export_and_serve_end_to_end(tmp_path):
                                   platforms=("cpu", "cuda"))
     images = np.stack([datasets.face_crop(i) for i in range(4)])
     graphdef, _, _ = train_step.abstract_model(restored.model)
-    logits, _, _ = train_step.forward(graphdef, params, batch_stats,
-                                      pixels.normalize(jnp.asarray(images)), train=False)
+    logits = jax.jit(lambda p, s, x: train_step.forward(graphdef, p, s, x, train=False)[0])(
+        params, batch_stats, pixels.normalize(jnp.asarray(images)))
     classify = jax.export.deserialize((bundle / "classify.jax").read_bytes())
     np.testing.assert_allclose(classify.call(images)["probability"], jax.nn.sigmoid(logits),
                                rtol=1e-5, atol=1e-6)

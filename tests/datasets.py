@@ -6,6 +6,7 @@ at its own position so every record's pixels are distinct.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -16,9 +17,17 @@ from skimage import data
 from data_prep import writer
 
 
+@functools.cache
+def _astronaut() -> np.ndarray:
+    """Decoded once: a PNG read per crop made thousands of crops take seconds."""
+    photo = data.astronaut()
+    photo.flags.writeable = False
+    return photo
+
+
 def face_crop(index: int, size: int = 64) -> np.ndarray:
     """A distinct uint8 RGB crop per index, around the astronaut's face."""
-    photo = data.astronaut()
+    photo = _astronaut()
     y, x = 40 + (index * 7) % 120, 120 + (index * 13) % 140
     return cv2.resize(photo[y : y + 128, x : x + 128], (size, size), interpolation=cv2.INTER_AREA)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+import uuid
 
 import cv2
 import numpy as np
@@ -27,7 +28,10 @@ class SummaryWriter:
     def __init__(self, logdir: str | os.PathLike):
         logdir = epath.Path(logdir)
         logdir.mkdir(parents=True, exist_ok=True)
-        name = f"events.out.tfevents.{time.time():.0f}.{socket.gethostname()}.{os.getpid()}"
+        # TensorBoard reads every file named *tfevents*; the uid keeps two writers of one
+        # process and second (a run resumed at once) from sharing a file.
+        name = (f"events.out.tfevents.{time.time():.0f}.{socket.gethostname()}.{os.getpid()}."
+                f"{uuid.uuid4().hex[:8]}")
         self._file = (logdir / name).open("wb")
         self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
 

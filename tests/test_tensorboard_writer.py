@@ -15,7 +15,9 @@ def test_scalars_and_images_read_back_in_tensorboard(tmp_path):
     grid = data.astronaut()[:64, :96]
     writer.image(4, "reconstruction", grid)
     writer.close()
-    (events,) = (tmp_path / "tb").glob("events.out.tfevents.*")
+    tensorboard_writer.SummaryWriter(tmp_path / "tb").close()  # A resume: a file of its own.
+    events, _ = sorted((tmp_path / "tb").glob("events.out.tfevents.*"),
+                       key=lambda p: p.stat().st_size, reverse=True)
 
     log = event_accumulator.EventAccumulator(str(events), size_guidance={"images": 0})
     log.Reload()

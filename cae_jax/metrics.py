@@ -144,3 +144,44 @@ def video_metrics(video_keys: Sequence[str], labels, scores) -> dict[str, float]
         "acc": accuracy(video_labels, video_probs),
         "videos": len(video_labels),
     }
+
+
+# Operating points: thresholds picked on one split (validation) and applied to another.
+# A face is called fake when its probability is >= the threshold.
+OPERATING_POINTS = {"eer": None, "fpr1": 0.01, "fpr5": 0.05, "fpr10": 0.10}
+
+
+def _finite_threshold(threshold: float, scores: np.ndarray) -> float:
+    """ROC's first threshold is +inf (nothing called fake); JSON needs a number that does so."""
+    return float(np.nextafter(scores.max(), np.inf)) if np.isinf(threshold) else float(threshold)
+
+
+def operating_points(labels, scores) -> dict[str, float]:
+    """Thresholds for each of `OPERATING_POINTS`; NaN unless both classes are present.
+
+    "eer": the ROC corner where |fnr - fpr| is smallest (ties: the higher threshold);
+    "fprN": the lowest threshold whose false positive rate is at most N%, i.e. the largest
+    true positive rate that keeps the false alarms within the budget.
+    """
+    labels, scores = _check(labels, scores)
+    if not _both_classes(labels):
+        return {name: float("nan") for name in OPERATING_POINTS}
+    fpr, tpr, thresholds = roc_curve(labels, scores)
+    points = {}
+    for name, budget in OPERATING_POINTS.items():
+        if budget is None:
+            i = int(np.argmin(np.abs(1.0 - tpr - fpr)))
+        else:
+            i = int(np.flatnonzero(fpr <= budget)[-1])
+        points[name] = _finite_threshold(thresholds[i], scores)
+    return points
+
+
+def rates_at(labels, scores, threshold: float) -> dict[str, float]:
+    """TPR, FPR and balanced accuracy when scores >= `threshold` are called fake."""
+    labels, scores = _check(labels, scores)
+    fake = scores >= threshold
+    real_labels, fake_labels = labels == 0, labels == 1
+    tpr = float(fake[fake_labels].mean()) if fake_labels.any() else float("nan")
+    fpr = float(fake[real_labels].mean()) if real_labels.any() else float("nan")
+    return {"tpr": tpr, "fpr": fpr, "balanced_acc": (tpr + 1.0 - fpr) / 2.0}

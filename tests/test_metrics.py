@@ -54,3 +54,27 @@ def test_video_aggregation_keeps_same_file_name_of_different_methods_apart():
 def test_video_key_shared_by_real_and_fake_frames_is_an_error():
     with pytest.raises(ValueError, match="both real and fake"):
         metrics.video_scores(["000.mp4", "000.mp4"], [0, 1], [0.1, 0.9])
+
+
+def test_operating_points_by_brute_force():
+    """Each threshold against a search over every candidate cut of the scores."""
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 400)
+    scores = np.round(rng.normal(labels * 0.8, 1.0), 2)  # Rounded: ties between classes.
+    points = metrics.operating_points(labels, scores)
+    cuts = np.r_[np.unique(scores), np.nextafter(scores.max(), np.inf)]
+    rates = [metrics.rates_at(labels, scores, t) for t in cuts]
+    for name, budget in (("fpr1", 0.01), ("fpr5", 0.05), ("fpr10", 0.10)):
+        allowed = [t for t, r in zip(cuts, rates, strict=True) if r["fpr"] <= budget]
+        assert points[name] == pytest.approx(min(allowed))
+        assert metrics.rates_at(labels, scores, points[name])["fpr"] <= budget
+    gaps = [abs(1 - r["tpr"] - r["fpr"]) for r in rates]
+    best = max(t for t, g in zip(cuts, gaps, strict=True) if g == min(gaps))
+    assert points["eer"] == pytest.approx(best)
+
+
+def test_operating_points_edge_cases():
+    assert metrics.operating_points([0, 1, 1], [0.9, 0.1, 0.2])["fpr1"] > 0.9  # Nothing fake.
+    assert np.isnan(metrics.operating_points([1, 1], [0.2, 0.3])["eer"])
+    rates = metrics.rates_at([0, 0, 1, 1], [0.1, 0.6, 0.7, 0.2], 0.5)
+    assert rates == {"tpr": 0.5, "fpr": 0.5, "balanced_acc": 0.5}

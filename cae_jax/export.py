@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,7 +32,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from cae_jax import flat_state, pixels, train_step
+from cae_jax import export_check, flat_state, pixels, stablehlo_target, train_step
 from cae_jax.ops import cpu_serving
 
 MODEL_JSON = "model.json"
@@ -94,7 +95,8 @@ def cast_for_export(model_config: ConfigDict, params: nnx.State, dtype: str):
 def _write_saved_model(
     fns: dict[str, Callable], weights: Weights, size: int, platforms, out: Path
 ) -> None:
-    """jax2tf (native serialization) with the weights as tf.Variables and a polymorphic batch."""
+    """jax2tf (native serialization) with the weights as tf.Variables and a polymorphic batch,
+    its StableHLO at a version this TensorFlow reads (`stablehlo_target`)."""
     import tensorflow as tf
     from jax.experimental import jax2tf
 
@@ -115,10 +117,11 @@ def _write_saved_model(
 
     module.classify = signature(fns["classify"])
     module.reconstruct = signature(fns["reconstruct"])
-    tf.saved_model.save(
-        module, os.fspath(out),
-        signatures={"serving_default": module.classify, "reconstruct": module.reconstruct},
-    )
+    with stablehlo_target.for_tensorflow():  # jax2tf serializes while the signatures trace.
+        tf.saved_model.save(
+            module, os.fspath(out),
+            signatures={"serving_default": module.classify, "reconstruct": module.reconstruct},
+        )
 
 
 def _write_jax_exports(
@@ -150,11 +153,10 @@ def export_bundle(
 
     `formats` picks the serving artifacts; `load_bundle` needs only params/ and model.json.
     `platforms` are those the artifacts run on, each in its own layer forms.
-    Written into `OUT_DIR.tmp` and renamed at the end, so a failed export leaves no bundle
-    that looks complete.
+    Written into `OUT_DIR.tmp`, each artifact loaded and run as its consumer would
+    (`export_check`; model.json lists the checks), then renamed: an export that fails removes
+    what it wrote.
     """
-    import orbax.checkpoint as ocp
-
     unknown = set(formats) - set(FORMATS)
     if unknown:
         raise ValueError(f"unknown export formats {sorted(unknown)}; choose from {FORMATS}")
@@ -170,6 +172,22 @@ def export_bundle(
     params, batch_stats = jax.device_get((params, batch_stats))
     graphdef, _, _ = train_step.abstract_model(export_config)
     tmp.mkdir(parents=True)
+    try:
+        _write_bundle(tmp, export_config, graphdef, params, batch_stats, dtype=dtype,
+                      formats=formats, platforms=platforms, step=step, source=source)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    tmp.rename(out)
+    return out
+
+
+def _write_bundle(tmp: Path, export_config: ConfigDict, graphdef: nnx.GraphDef,
+                  params: nnx.State, batch_stats: nnx.State, *, dtype: str,
+                  formats: tuple[str, ...], platforms: tuple[str, ...], step: int | None,
+                  source: str) -> None:
+    import orbax.checkpoint as ocp
+
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(tmp / PARAMS_DIR, {"params": flat_state.flatten(params),
                                       "batch_stats": flat_state.flatten(batch_stats)})
@@ -195,9 +213,9 @@ def export_bundle(
             "error_map": f"float32 [N, {size}, {size}], mean |reconstruction - input| over RGB",
         },
     }
+    meta["checks"] = export_check.verify(tmp, fns["reconstruct"], (params, batch_stats), size,
+                                         dtype, formats, platforms, JAX_EXPORTS, SAVED_MODEL_DIR)
     (tmp / MODEL_JSON).write_text(json.dumps(meta, indent=2, default=list))
-    tmp.rename(out)
-    return out
 
 
 def check_images(images, image_size: int) -> np.ndarray:
@@ -299,6 +317,10 @@ def run(args: argparse.Namespace) -> int:
                             step=int(step), source=os.fspath(path))
     except (FileExistsError, ValueError) as err:
         raise SystemExit(f"error: {err}") from err
+    except export_check.ArtifactError as err:
+        raise SystemExit(f"error: export: {err}; no bundle written") from err
+    for line in json.loads((out / MODEL_JSON).read_text())["checks"]:
+        print(f"checked {line}")
     print(f"wrote {out} (step {int(step)}, {args.dtype}): "
           + ", ".join(sorted(p.name for p in out.iterdir())))
     return 0

@@ -1,17 +1,26 @@
 """Tests see 8 virtual CPU devices, so sharding tests run on any machine. The suite is mostly
 compiling small programs, so XLA:CPU compiles them the quick way: without LLVM's optimization
-passes (`--xla_backend_optimization_level=0`, a third off a tiny train step's compile) and
-with its older loop emitters for fusions (`--xla_cpu_use_fusion_emitters=false`, half of what
-is left: 8 s to 4 s). Both change how XLA:CPU generates code, not the HLO it runs, and every
-process of a test (subprocesses inherit them) compiles the same way."""
+passes (`--xla_backend_optimization_level=0`, a third off a tiny train step's compile) and,
+where jaxlib still has them, with its older loop emitters for fusions
+(`--xla_cpu_use_fusion_emitters=false`, half of what is left: 8 s to 4 s; removed in jaxlib
+0.11.1, where an unknown flag aborts the process). Both change how XLA:CPU generates code, not
+the HLO it runs, and every process of a test (subprocesses inherit them) compiles the same way.
+`test_conftest.py` checks that the running XLA knows each flag."""
 
 import os
+from importlib import metadata
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "")
-    + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-    + " --xla_cpu_use_fusion_emitters=false"
-).strip()
+
+def _version(package: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in metadata.version(package).split(".")[:3] if part.isdigit())
+
+
+FAST_COMPILE_FLAGS = ["--xla_backend_optimization_level=0"]
+if _version("jaxlib") < (0, 11, 1):
+    FAST_COMPILE_FLAGS.append("--xla_cpu_use_fusion_emitters=false")
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8",
+     *FAST_COMPILE_FLAGS]).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Compiled programs are reused across tests and the subprocesses they start.

@@ -311,3 +311,44 @@ def test_cpu_serving_runs_in_chunks_with_the_same_outputs(count, monkeypatch):
     for key in ("probability", "reconstruction", "error_map"):
         assert got[key].shape == want[key].shape
         np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5)
+
+
+def test_model_json_lists_the_checks_export_ran(trained):
+    checks = json.loads((trained[-1] / export.MODEL_JSON).read_text())["checks"]
+    assert checks[0].startswith("saved_model: serving_default and reconstruct run in TensorFlow")
+    assert [c.split(":")[0] for c in checks[1:]] == ["classify.jax", "reconstruct.jax"]
+
+
+def zero_a_run_of_bytes(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["corrupt_jax_export", "saved_model_of_other_weights"])
+def test_export_refuses_an_artifact_that_does_not_run_as_the_model(trained, tmp_path,
+                                                                   monkeypatch, damage):
+    """Damage one artifact between its write and the check: no bundle, the artifact named."""
+    config, _, params, batch_stats, _ = trained
+    if damage == "corrupt_jax_export":
+        write = export._write_jax_exports
+
+        def damaged(fns, weights, size, platforms, out):
+            write(fns, weights, size, platforms, out)
+            zero_a_run_of_bytes(out / "reconstruct.jax")
+
+        monkeypatch.setattr(export, "_write_jax_exports", damaged)
+        formats, named = ("jax_export",), "reconstruct.jax"
+    else:
+        write = export._write_saved_model
+
+        def damaged(fns, weights, size, platforms, out):
+            other = jax.tree.map(lambda w: w * 0.5, weights)  # Another model's arrays.
+            write(fns, other, size, platforms, out)
+
+        monkeypatch.setattr(export, "_write_saved_model", damaged)
+        formats, named = ("saved_model",), "saved_model (serving_default): output 'probability'"
+    with pytest.raises(export.export_check.ArtifactError, match=re.escape(named)):
+        export.export_bundle(config, params, batch_stats, tmp_path / "b", formats=formats,
+                             platforms=("cpu",))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # Neither b nor b.tmp.

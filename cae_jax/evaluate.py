@@ -119,6 +119,18 @@ def video_keys(scores: dict[str, np.ndarray]) -> list[str]:
                                               scores["video_id"], strict=True)]
 
 
+def _rows(scores: dict[str, np.ndarray], keep: np.ndarray) -> dict[str, np.ndarray]:
+    return {name: values[keep] for name, values in scores.items()}
+
+
+def auc_intervals(rows: dict[str, np.ndarray], resamples: int, seed: int) -> dict:
+    """Bootstrap intervals of frame and video AUC of `rows`; None each with no resamples."""
+    if not resamples:
+        return {"frame": None, "video": None}
+    return bootstrap.frame_and_video_intervals(video_keys(rows), rows["label"], rows["prob"],
+                                               resamples=resamples, seed=seed)
+
+
 def summarize(scores: dict[str, np.ndarray], *, resamples: int = 0,
               seed: int = bootstrap.SEED) -> dict[str, dict]:
     """Frame and video metrics for all rows ("all") and per fake method (with all reals);
@@ -132,9 +144,7 @@ def summarize(scores: dict[str, np.ndarray], *, resamples: int = 0,
             "video": metrics.video_metrics(keys[rows], labels, probs),
         }
         if resamples:
-            intervals = bootstrap.frame_and_video_intervals(keys[rows], labels, probs,
-                                                            resamples=resamples, seed=seed)
-            for level, ci in intervals.items():
+            for level, ci in auc_intervals(_rows(scores, rows), resamples, seed).items():
                 out[level]["auc_ci"] = ci
         return out
 
@@ -160,10 +170,6 @@ def data_keys(data_dirs: list[str]) -> dict[str, str]:
         keys["/".join(mine[-depth:])] = data_dir
     return keys
 
-
-
-def _rows(scores: dict[str, np.ndarray], keep: np.ndarray) -> dict[str, np.ndarray]:
-    return {name: values[keep] for name, values in scores.items()}
 
 
 def labelled(scores: dict[str, np.ndarray], data: str, split: str,
@@ -196,11 +202,10 @@ def build_report(scores: dict[str, np.ndarray], split: str, val_split: str | Non
     for data, rows in sets.items():
         report["results"][data] = summarize(rows, resamples=resamples, seed=seed)
     if protocol_names is not None:
-        report["deepfakebench"] = [
+        report["deepfakebench"] = [  # The intervals of the same rows, as in "results".
             deepfakebench.report(rows, video_keys(rows), protocol_names[data],
-                                 bootstrap.frame_and_video_intervals(
-                                     video_keys(rows), rows["label"], rows["prob"],
-                                     resamples=resamples, seed=seed) if resamples else None)
+                                 {level: report["results"][data]["all"][level].get("auc_ci")
+                                  for level in ("frame", "video")})
             for data, rows in sets.items()]
     validation = _rows(scores, (scores["split"] == val_split) & clean) if val_split else None
     if validation is not None and validation["label"].size:
@@ -239,11 +244,14 @@ def calibration(rows: dict[str, np.ndarray]) -> dict:
 
 
 def robustness_row(name: str, rows: dict[str, np.ndarray], resamples: int, seed: int) -> dict:
-    summary = summarize({**rows, "method": np.full(len(rows["label"]), "", object)},
-                        resamples=resamples, seed=seed)["all"]
+    """Frame and video AUC, with intervals, of one perturbation's rows (or "none")."""
+    keys = video_keys(rows)
+    intervals = auc_intervals(rows, resamples, seed)
     return {"perturbation": name,
-            "frame_auc": summary["frame"]["auc"], "frame_auc_ci": summary["frame"].get("auc_ci"),
-            "video_auc": summary["video"]["auc"], "video_auc_ci": summary["video"].get("auc_ci")}
+            "frame_auc": metrics.auc(rows["label"], rows["prob"]),
+            "frame_auc_ci": intervals["frame"],
+            "video_auc": metrics.video_metrics(keys, rows["label"], rows["prob"])["auc"],
+            "video_auc_ci": intervals["video"]}
 
 
 def write_report(report: dict, scores: dict[str, np.ndarray], out: str | os.PathLike) -> None:

@@ -25,6 +25,7 @@ def evaluated(tmp_path_factory):
         assert cli.main(["evaluate", "--checkpoint", str(tmp / "run"), "--data", str(data),
                          "--out", str(out), "--val-data", str(data), "--bootstrap", "200",
                          "--perturb", "jpeg:90,10", "--perturb", "noise:40",
+                         "--protocol", "deepfakebench",
                          "--scores-out", str(tmp / ext / f"scores.{ext}")]) == 0
         runs[ext] = out
     return tmp, runs
@@ -40,10 +41,12 @@ def test_from_scores_reproduces_every_number(evaluated, ext):
     first = json.loads(runs[ext].read_text())
     again = tmp / ext / "again.json"
     assert cli.main(["evaluate", "--from-scores", str(tmp / ext / f"scores.{ext}"),
-                     "--out", str(again), "--bootstrap", "200"]) == 0
+                     "--out", str(again), "--bootstrap", "200",
+                     "--protocol", "deepfakebench"]) == 0
     assert without_source(json.loads(again.read_text())) == without_source(first)
-    tables = [(tmp / ext / f"{stem}_table.md").read_text() for stem in ("again", "metrics")]
-    assert tables[0] == tables[1]
+    for table in ("table.md", "table.json", "deepfakebench.md"):
+        texts = [(tmp / ext / f"{stem}_{table}").read_text() for stem in ("again", "metrics")]
+        assert texts[0] == texts[1]
     for plot in ("roc", "reliability", "robustness"):
         assert (tmp / ext / f"again_{plot}_toy.png").stat().st_size > 1000
 
@@ -67,6 +70,9 @@ def test_report_sections(evaluated):
     frame = report["results"]["toy"]["all"]["frame"]
     low, high = frame["auc_ci"]
     assert low <= frame["auc"] <= high
+    (protocol,) = report["deepfakebench"]
+    assert (protocol["frame_auc_ci"], protocol["video_auc_ci"]) == (
+        frame["auc_ci"], report["results"]["toy"]["all"]["video"]["auc_ci"])
     rows = report["robustness"]["toy"]
     assert [r["perturbation"] for r in rows] == ["none", "jpeg:90", "jpeg:10", "noise:40"]
     assert rows[0]["frame_auc"] == frame["auc"]

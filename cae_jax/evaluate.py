@@ -255,7 +255,8 @@ def robustness_row(name: str, rows: dict[str, np.ndarray], resamples: int, seed:
 
 
 def write_report(report: dict, scores: dict[str, np.ndarray], out: str | os.PathLike) -> None:
-    """OUT (JSON), OUT_table.json/.md, OUT_deepfakebench.md, and per test set
+    """OUT (JSON), OUT_table.json/.md (the cross-dataset table), OUT_report.md (every table),
+    OUT_deepfakebench.md, and per test set
     OUT_roc_DATA.png, OUT_reliability_DATA.png, OUT_robustness_DATA.png."""
     from cae_jax import checkpoints
 
@@ -268,7 +269,8 @@ def write_report(report: dict, scores: dict[str, np.ndarray], out: str | os.Path
                      "video_auc_ci": r["video"].get("auc_ci")}
                  for s, r in subsets.items()} for d, subsets in results.items()}
     out.with_name(out.stem + "_table.json").write_text(json.dumps(table, indent=2))
-    out.with_name(out.stem + "_table.md").write_text(eval_tables.report_markdown(report))
+    out.with_name(out.stem + "_table.md").write_text(eval_tables.markdown_table(results))
+    out.with_name(out.stem + "_report.md").write_text(eval_tables.report_markdown(report))
     if "deepfakebench" in report:
         table_md = deepfakebench.markdown_table(report["deepfakebench"])
         out.with_name(out.stem + "_deepfakebench.md").write_text(table_md)
@@ -289,28 +291,37 @@ def write_report(report: dict, scores: dict[str, np.ndarray], out: str | os.Path
                                              f"{data} {title}")
 
 
-def validation_source(config: ConfigDict, val_data: str | None,
-                      val_split: str | None) -> tuple[str, str] | None:
+def validation_source(config: ConfigDict, val_data: str | None, val_split: str | None,
+                      split: str) -> tuple[str, str] | None:
     """(dir, split) whose scores pick the operating points: `--val-data` / `--val-split`,
     else the checkpoint's own validation (input.eval_dir or its first train dir, at
-    input.eval_split); None (with a printed note) where that does not exist or is "none"."""
+    input.eval_split). None, with a printed note, for "none" and where the checkpoint's own
+    is unreadable or is the evaluated split itself; a named one that is so is an error."""
     from cae_jax import config as config_lib
     from cae_jax import prepared_data
 
-    split = val_split or config.input.eval_split
     if val_data == "none":
         return None
+    named = bool(val_data or val_split)
     data_dir = val_data or config_lib.eval_data_dir(config)
-    try:
-        prepared_data.split_shards(data_dir, split)
-    except (FileNotFoundError, ValueError) as err:
-        if val_data:  # Asked for by name: a bad one is an error.
-            raise ValueError(f"--val-data {data_dir}: {err}") from err
+    val_split = val_split or config.input.eval_split
+    problem = None
+    if val_split == split:
+        problem = f"validation split {val_split} is the evaluated split"
+    else:
+        try:
+            prepared_data.split_shards(data_dir, val_split)
+        except (FileNotFoundError, ValueError) as err:
+            problem = str(err)
+    if problem and named:
+        raise ValueError(f"--val-data/--val-split: {problem}")
+    if problem:
         if jax.process_index() == 0:
-            print(f"evaluate: no operating points (the checkpoint's validation data "
-                  f"{data_dir or '(none)'}/{split} is not readable: pass --val-data DIR)")
+            print(f"evaluate: no operating points: the checkpoint's validation data "
+                  f"({data_dir or 'none'}, split {val_split}): {problem}; pass --val-data "
+                  "DIR / --val-split NAME")
         return None
-    return data_dir, split
+    return data_dir, val_split
 
 
 def evaluate_checkpoint(
@@ -337,10 +348,7 @@ def evaluate_checkpoint(
         config, step_dir = checkpoints.resolve_config_and_step(checkpoint)
     if batch_size:
         config.input.eval_batch_size = batch_size
-    validation = validation_source(config, val_data, val_split)
-    if validation and validation[1] == split:
-        raise ValueError(f"--val-split {split} is the evaluated split: thresholds must be "
-                         "picked on other data")
+    validation = validation_source(config, val_data, val_split, split)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, jax.devices())
     abstract = train_step.abstract_state(config, mesh)
     if imported:
@@ -372,15 +380,19 @@ def evaluate_checkpoint(
     return report
 
 
-def evaluate_scores(path: str, split: str, val_split: str, out: str | os.PathLike, *,
+def evaluate_scores(path: str, split: str, val_split: str | None, out: str | os.PathLike, *,
                     protocol: str = "cae-jax", resamples: int = bootstrap.RESAMPLES,
                     seed: int = bootstrap.SEED) -> dict:
     """`--from-scores`: every table of `evaluate_checkpoint` from its scores file, no model.
-    DeepfakeBench's table names each test set by its data key (no data dir to read)."""
+    Thresholds come from the `val_split` rows (default "validation", unless that is the
+    evaluated split); DeepfakeBench's table names each test set by its data key (no data dir
+    to read)."""
     scores = scores_file.read(path)
-    if split == val_split:
+    if val_split == split:
         raise ValueError(f"--val-split {split} is the evaluated split: thresholds must be "
                          "picked on other data")
+    if val_split is None:
+        val_split = "validation" if split != "validation" else None
     if not (scores["split"] == split).any():
         raise ValueError(f"{path}: no rows of split {split!r} (has "
                          f"{', '.join(sorted(set(scores['split'])))}; --split)")
@@ -404,7 +416,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(with --checkpoint)")
     parser.add_argument("--split", default="test", help="split to score (default: test)")
     parser.add_argument("--out", required=True,
-                        help="metrics JSON; OUT_table.md/.json, OUT_roc_DATA.png, "
+                        help="metrics JSON; OUT_table.md/.json, OUT_report.md, OUT_roc_DATA.png, "
                         "OUT_reliability_DATA.png (and OUT_robustness_DATA.png) go beside it "
                         "(DATA: the dir's name, or a longer path suffix where names repeat)")
     parser.add_argument("--batch-size", type=int, default=0,
@@ -439,8 +451,7 @@ def run(args: argparse.Namespace) -> int:
             if args.data or args.perturb or args.val_data or args.scores_out:
                 raise ValueError("--from-scores takes no --data, --perturb, --val-data or "
                                  "--scores-out: the file holds the scores")
-            report = evaluate_scores(args.from_scores, args.split,
-                                     args.val_split or "validation", args.out,
+            report = evaluate_scores(args.from_scores, args.split, args.val_split, args.out,
                                      protocol=args.protocol, resamples=args.bootstrap,
                                      seed=args.seed)
         else:

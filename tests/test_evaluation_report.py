@@ -44,7 +44,7 @@ def test_from_scores_reproduces_every_number(evaluated, ext):
                      "--out", str(again), "--bootstrap", "200",
                      "--protocol", "deepfakebench"]) == 0
     assert without_source(json.loads(again.read_text())) == without_source(first)
-    for table in ("table.md", "table.json", "deepfakebench.md"):
+    for table in ("table.md", "table.json", "report.md", "deepfakebench.md"):
         texts = [(tmp / ext / f"{stem}_{table}").read_text() for stem in ("again", "metrics")]
         assert texts[0] == texts[1]
     for plot in ("roc", "reliability", "robustness"):
@@ -81,6 +81,23 @@ def test_report_sections(evaluated):
                                     "frames": 16}
     assert set(points["test"]["toy"]) == {"eer", "fpr1", "fpr5", "fpr10", "test_eer"}
     assert 0 <= report["calibration"]["toy"]["ece"] <= 1
+
+
+def test_validation_data_that_cannot_pick_thresholds(evaluated, capsys):
+    tmp, _ = evaluated
+    run, data = str(tmp / "run"), str(tmp / "toy")
+    common = ["evaluate", "--checkpoint", run, "--data", data, "--out", str(tmp / "v.json")]
+    for flags, message in ((["--val-data", str(tmp / "nowhere")], "dataset_info.json not found"),
+                           (["--val-data", data, "--val-split", "test"],
+                            "validation split test is the evaluated split")):
+        with pytest.raises(SystemExit, match=f"error: --val-data/--val-split: .*{message}"):
+            cli.main(common + flags)
+    assert not (tmp / "v.json").exists()
+    # Scoring the checkpoint's own validation split: no thresholds from it, said in one line.
+    assert cli.main(common[:-2] + ["--out", str(tmp / "v.json"), "--split", "validation",
+                                   "--bootstrap", "0"]) == 0
+    assert "operating_points" not in json.loads((tmp / "v.json").read_text())
+    assert "evaluate: no operating points: " in capsys.readouterr().out
 
 
 def scores_with(split, labels, probs, data="toy"):

@@ -67,7 +67,8 @@ def score_split(
     columns: dict[str, list] = {k: [] for k in ("prob", "recon_error", "label", "frame_index",
                                                 "video_id", "method", "dataset")}
     kept = {}
-    batches = eval_pipeline.make_eval_iterator(config, mesh, data_dir, split, perturbation)
+    batches = eval_pipeline.make_eval_iterator(config, mesh, data_dir, split,
+                                               perturbation=perturbation)
     what = f"{Path(data_dir).name}/{split}" + (f" {perturbation.name}" if perturbation else "")
     bar = tqdm(batches, desc=f"eval {what}", unit="batch",
                disable=not progress or jax.process_index() != 0, leave=False)

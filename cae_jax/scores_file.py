@@ -79,7 +79,8 @@ def _read_raw(path: epath.Path, kind: str) -> dict[str, list]:
             with path.open("rb") as f:
                 return pq.read_table(f).to_pydict()
         except pa.ArrowException as err:
-            raise ValueError(f"{path}: not a readable Parquet file ({err})") from err
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ValueError(f"{path}: not a readable Parquet file ({reason})") from err
     with path.open() as f:
         rows = list(csv.reader(f))
     if not rows:
@@ -106,7 +107,8 @@ def read(path: str | os.PathLike) -> dict[str, np.ndarray]:
         try:
             columns[name] = column(name, raw[name])
         except (TypeError, ValueError) as err:
-            raise ValueError(f"{path}: column {name} has a bad value ({err})") from err
+            raise ValueError(f"{path}: column {name} has a bad value "
+                             f"({str(err).splitlines()[0]})") from err
     if not columns["label"].size:
         raise ValueError(f"{path}: no rows")
     if not np.isin(columns["label"], (0, 1)).all():

@@ -159,6 +159,15 @@ def test_bad_scores_value_and_extension(tmp_path):
         scores_file.read(path)
     with pytest.raises(ValueError, match=r"scores.txt: scores file must end in \.parquet or \.csv"):
         scores_file.read(tmp_path / "scores.txt")
+    garbage = tmp_path / "scores.parquet"
+    garbage.write_bytes(b"not parquet")
+    with pytest.raises(ValueError, match=f"{garbage}: not a readable Parquet file"):
+        scores_file.read(garbage)
+    with pytest.raises(SystemExit, match="error: --checkpoint needs --data"):
+        cli.main(["evaluate", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "m.json")])
+    with pytest.raises(SystemExit, match="error: --from-scores takes no --data"):
+        cli.main(["evaluate", "--from-scores", str(path), "--data", str(tmp_path),
+                  "--out", str(tmp_path / "m.json")])
 
 
 def test_compare(tmp_path, capsys):

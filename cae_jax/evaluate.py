@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
@@ -124,30 +124,28 @@ def _rows(scores: dict[str, np.ndarray], keep: np.ndarray) -> dict[str, np.ndarr
     return {name: values[keep] for name, values in scores.items()}
 
 
-def auc_intervals(rows: dict[str, np.ndarray], resamples: int, seed: int) -> dict:
-    """Bootstrap intervals of frame and video AUC of `rows`; None each with no resamples."""
-    if not resamples:
-        return {"frame": None, "video": None}
-    return bootstrap.frame_and_video_intervals(video_keys(rows), rows["label"], rows["prob"],
-                                               resamples=resamples, seed=seed)
+def metrics_of(labels: np.ndarray, probs: np.ndarray, keys: Sequence[str], *, resamples: int = 0,
+               seed: int = bootstrap.SEED) -> dict:
+    """Frame and video metrics of rows (`keys`: their videos); with `resamples`, each AUC's
+    bootstrap interval over videos ("auc_ci")."""
+    out = {"frame": metrics.frame_metrics(labels, probs),
+           "video": metrics.video_metrics(keys, labels, probs)}
+    if resamples:
+        intervals = bootstrap.frame_and_video_intervals(keys, labels, probs,
+                                                        resamples=resamples, seed=seed)
+        for level, ci in intervals.items():
+            out[level]["auc_ci"] = ci
+    return out
 
 
 def summarize(scores: dict[str, np.ndarray], *, resamples: int = 0,
               seed: int = bootstrap.SEED) -> dict[str, dict]:
-    """Frame and video metrics for all rows ("all") and per fake method (with all reals);
-    with `resamples`, each AUC's bootstrap interval over videos ("auc_ci")."""
+    """`metrics_of` all rows ("all") and of each fake method's rows with all reals."""
     keys = np.asarray(video_keys(scores), dtype=object)
 
     def report(rows: np.ndarray) -> dict:
-        labels, probs = scores["label"][rows], scores["prob"][rows]
-        out = {
-            "frame": metrics.frame_metrics(labels, probs),
-            "video": metrics.video_metrics(keys[rows], labels, probs),
-        }
-        if resamples:
-            for level, ci in auc_intervals(_rows(scores, rows), resamples, seed).items():
-                out[level]["auc_ci"] = ci
-        return out
+        return metrics_of(scores["label"][rows], scores["prob"][rows], keys[rows],
+                          resamples=resamples, seed=seed)
 
     everything = np.ones(len(keys), bool)
     result = {"all": report(everything)}
@@ -214,12 +212,16 @@ def build_report(scores: dict[str, np.ndarray], split: str, val_split: str | Non
     report["calibration"] = {data: calibration(rows) for data, rows in sets.items()}
     perturbed = _rows(scores, is_split & ~clean)
     if perturbed["label"].size:
-        report["robustness"] = {
-            data: [robustness_row("none", rows, resamples, seed)]
-            + [robustness_row(name, _rows(perturbed, (perturbed["data"] == data)
-                                          & (perturbed["perturbation"] == name)), resamples, seed)
-               for name in dict.fromkeys(perturbed["perturbation"])]
-            for data, rows in sets.items()}
+        report["robustness"] = {}
+        for data in sets:
+            rows = [robustness_row("none", report["results"][data]["all"])]
+            for name in dict.fromkeys(perturbed["perturbation"]):
+                mine = _rows(perturbed, (perturbed["data"] == data)
+                             & (perturbed["perturbation"] == name))
+                rows.append(robustness_row(name, metrics_of(
+                    mine["label"], mine["prob"], video_keys(mine), resamples=resamples,
+                    seed=seed)))
+            report["robustness"][data] = rows
     return report
 
 
@@ -244,15 +246,11 @@ def calibration(rows: dict[str, np.ndarray]) -> dict:
             **{name: np.asarray(values).tolist() for name, values in bins.items()}}
 
 
-def robustness_row(name: str, rows: dict[str, np.ndarray], resamples: int, seed: int) -> dict:
-    """Frame and video AUC, with intervals, of one perturbation's rows (or "none")."""
-    keys = video_keys(rows)
-    intervals = auc_intervals(rows, resamples, seed)
+def robustness_row(name: str, summary: dict) -> dict:
+    """One perturbation's (or "none"'s) frame and video AUC with intervals (`metrics_of`)."""
     return {"perturbation": name,
-            "frame_auc": metrics.auc(rows["label"], rows["prob"]),
-            "frame_auc_ci": intervals["frame"],
-            "video_auc": metrics.video_metrics(keys, rows["label"], rows["prob"])["auc"],
-            "video_auc_ci": intervals["video"]}
+            **{f"{level}_{field}": summary[level].get(field) for level in ("frame", "video")
+               for field in ("auc", "auc_ci")}}
 
 
 def write_report(report: dict, scores: dict[str, np.ndarray], out: str | os.PathLike) -> None:

@@ -15,7 +15,7 @@ import json
 import numpy as np
 from etils import epath
 
-from cae_jax import metrics
+from cae_jax import eval_tables, metrics
 
 # DeepfakeBench's published frame-level AUC of Xception trained on FF++ c23 (their benchmark
 # table, v1 paper and README), by the dataset names of their JSON files.
@@ -54,23 +54,29 @@ def dataset_name(data_dir: str) -> str:
     return epath.Path(data_dir.rstrip("/")).name
 
 
-def report(scores: dict[str, np.ndarray], keys: list[str], data_dir: str) -> dict:
-    """One row of the protocol table: their name, our metrics, their published frame AUC."""
-    name = dataset_name(data_dir)
+def report(scores: dict[str, np.ndarray], keys: list[str], name: str,
+           intervals: dict | None = None) -> dict:
+    """One row of the protocol table: their name of the test set (`dataset_name`), our
+    metrics with the bootstrap intervals of frame and video AUC if given
+    (bootstrap.frame_and_video_intervals), their published frame AUC."""
+    intervals = intervals or {}
     return {"dataset": name, **protocol_metrics(scores["label"], scores["prob"], keys),
+            "frame_auc_ci": intervals.get("frame"), "video_auc_ci": intervals.get("video"),
             "published_frame_auc": PUBLISHED_XCEPTION_FRAME_AUC.get(name)}
 
 
 def markdown_table(rows: list[dict]) -> str:
     lines = [
-        "| test set | frame AUC | DeepfakeBench Xception frame AUC (published) | video AUC | EER |"
-        " AP | ACC | frames | videos |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| test set | frame AUC | 95% CI | DeepfakeBench Xception frame AUC (published) |"
+        " video AUC | 95% CI | EER | AP | ACC | frames | videos |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    ci = eval_tables.interval_text
     for r in rows:
         published = "-" if r["published_frame_auc"] is None else f"{r['published_frame_auc']:.4f}"
         lines.append(
-            f"| {r['dataset']} | {r['frame_auc']:.4f} | {published} | {r['video_auc']:.4f} | "
+            f"| {r['dataset']} | {r['frame_auc']:.4f} | {ci(r.get('frame_auc_ci'))} | "
+            f"{published} | {r['video_auc']:.4f} | {ci(r.get('video_auc_ci'))} | "
             f"{r['eer']:.4f} | {r['ap']:.4f} | {r['acc']:.4f} | {r['frames']} | {r['videos']} |"
         )
     return "\n".join(lines) + "\n"

@@ -17,24 +17,29 @@ import numpy as np
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
-from cae_jax import augment, prepared_data
+from cae_jax import augment, perturb, prepared_data
 from cae_jax import config as config_lib
 from cae_jax.input_pipeline import check_divides, per_host_batch, to_global
 from cae_jax.prepared_data import METADATA_FIELDS
 
 
 class EvalTransform(grain.transforms.Map):
-    """Decode and resize (area/cubic), nothing random: one evaluation example."""
+    """Decode, optionally perturb the stored crop (perturb.py, deterministic per face), and
+    resize (area/cubic): one evaluation example."""
 
-    def __init__(self, image_size: int, skip_corrupt: bool):
+    def __init__(self, image_size: int, skip_corrupt: bool,
+                 perturbation: perturb.Perturbation | None = None):
         self.image_size = image_size
         self.skip_corrupt = skip_corrupt
+        self.perturbation = perturbation
 
     def map(self, record: dict) -> dict | None:
         image = prepared_data.decode_or_skip(record, self.skip_corrupt)
         if image is None:
             return None
         example = {k: record[k] for k in (*METADATA_FIELDS, "frame_index", "label")}
+        if self.perturbation is not None:
+            image = perturb.apply(image, self.perturbation, example)
         return {**example, "image": augment.isotropic_resize(image, self.image_size)}
 
 
@@ -70,13 +75,15 @@ def eval_batches(
     *,
     process_index: int = 0,
     process_count: int = 1,
+    perturbation: perturb.Perturbation | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """This host's evaluation batches as numpy; across hosts, every record exactly once.
 
     Every host yields the same number of batches (the collective eval step needs it), each
     of b = eval batch / process_count rows: `image` uint8, `label` int32, `mask` bool
     (False on padding), `frame_index` int64 and `video_id`, `method`, `dataset` (object
-    arrays of str). Defaults: `config.eval_data_dir` and config.input.eval_split.
+    arrays of str). Defaults: `config.eval_data_dir` and config.input.eval_split. With
+    `perturbation`, every stored crop is perturbed before the resize.
     """
     input_config = config.input
     data_dir = data_dir or config_lib.eval_data_dir(config)
@@ -92,7 +99,7 @@ def eval_batches(
     examples = iter(
         grain.MapDataset.source(source)[start:stop]
         .map(prepared_data.ParseRecord(input_config.skip_corrupt))
-        .map(EvalTransform(config.model.image_size, input_config.skip_corrupt))
+        .map(EvalTransform(config.model.image_size, input_config.skip_corrupt, perturbation))
         .to_iter_dataset(prepared_data.read_options(config))
     )
     for _ in range(num_batches):
@@ -105,6 +112,7 @@ def make_eval_iterator(
     mesh: Mesh,
     data_dir: str | None = None,
     split: str | None = None,
+    perturbation: perturb.Perturbation | None = None,
 ) -> Iterator[dict]:
     """Evaluation batches: global arrays for the eval step plus this host's metadata.
 
@@ -120,6 +128,7 @@ def make_eval_iterator(
         split,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        perturbation=perturbation,
     )
     for batch in batches:
         device = to_global({k: batch[k] for k in ("image", "label", "mask")}, mesh)

@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("data_prep.prepare", "raw videos/images -> face crops in sharded TFRecords"),
     "train": ("cae_jax.train", "train a model from a config file"),
     "evaluate": ("cae_jax.evaluate", "frame/video metrics of a checkpoint on prepared data"),
+    "compare": ("cae_jax.compare", "paired bootstrap AUC difference of two models' scores"),
     "export": ("cae_jax.export", "training checkpoint -> inference bundle"),
     "predict": ("cae_jax.predict", "score images and videos with an exported model"),
     "demo": ("cae_jax.demo", "end-to-end run on built-in data (CPU)"),

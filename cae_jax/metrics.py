@@ -185,3 +185,29 @@ def rates_at(labels, scores, threshold: float) -> dict[str, float]:
     tpr = float(fake[fake_labels].mean()) if fake_labels.any() else float("nan")
     fpr = float(fake[real_labels].mean()) if real_labels.any() else float("nan")
     return {"tpr": tpr, "fpr": fpr, "balanced_acc": (tpr + 1.0 - fpr) / 2.0}
+
+
+# Calibration: does a probability of 0.8 mean that 80% of such faces are fake?
+CALIBRATION_BINS = 15
+
+
+def reliability(labels, scores, bins: int = CALIBRATION_BINS) -> dict[str, np.ndarray]:
+    """Per equal-width probability bin ([0, 1/bins), ..., [1 - 1/bins, 1]): face count, mean
+    probability and fraction fake (NaN in empty bins)."""
+    labels, scores = _check(labels, scores)
+    index = np.minimum((scores * bins).astype(np.int64), bins - 1)
+    count = np.bincount(index, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {"count": count,
+                "mean_prob": np.bincount(index, weights=scores, minlength=bins) / count,
+                "fraction_fake": np.bincount(index, weights=labels, minlength=bins) / count}
+
+
+def expected_calibration_error(labels, scores, bins: int = CALIBRATION_BINS) -> float:
+    """Sum over bins of |fraction fake - mean probability|, weighted by the bin's share."""
+    bins_ = reliability(labels, scores, bins)
+    used = bins_["count"] > 0
+    if not used.any():
+        return float("nan")
+    gap = np.abs(bins_["fraction_fake"][used] - bins_["mean_prob"][used])
+    return float(np.sum(gap * bins_["count"][used]) / bins_["count"].sum())

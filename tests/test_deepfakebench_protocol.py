@@ -67,8 +67,8 @@ def test_table_puts_published_numbers_beside_ours():
            "published_frame_auc": deepfakebench.PUBLISHED_XCEPTION_FRAME_AUC["Celeb-DF-v2"]}
     other = {**row, "dataset": "mine", "published_frame_auc": None}
     lines = deepfakebench.markdown_table([row, other]).splitlines()
-    assert lines[2].startswith(f"| Celeb-DF-v2 | {row['frame_auc']:.4f} | 0.7365 | ")
-    assert lines[3].startswith(f"| mine | {row['frame_auc']:.4f} | - | ")
+    assert lines[2].startswith(f"| Celeb-DF-v2 | {row['frame_auc']:.4f} | - | 0.7365 | ")
+    assert lines[3].startswith(f"| mine | {row['frame_auc']:.4f} | - | - | ")
 
 
 def test_configs_share_data_and_schedule():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from cae_jax import evaluate
+from cae_jax import eval_tables, evaluate
 
 
 def scores_table():
@@ -46,7 +46,7 @@ def test_summary_per_method_and_per_video():
 
 
 def test_markdown_table_lists_every_dataset_and_subset():
-    table = evaluate.markdown_table({"ffpp": evaluate.summarize(scores_table()),
+    table = eval_tables.markdown_table({"ffpp": evaluate.summarize(scores_table()),
                                      "celebdf": evaluate.summarize(scores_table())})
     lines = table.strip().splitlines()
     assert len(lines) == 2 + 6

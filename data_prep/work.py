@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 from etils import epath
 
+from cae_jax import atomic_file
 from data_prep import faces, video
 from data_prep.entries import Entry
 
@@ -58,13 +59,10 @@ class Settings:
 
 
 def _write_atomic(path: epath.Path, data: bytes, video_id: str = "") -> None:
-    """Writes through a temporary file; a failure removes it and raises `CacheWriteError`."""
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
+    """`atomic_file.write_bytes`; a failure raises `CacheWriteError`."""
     try:
-        tmp.write_bytes(data)
-        tmp.replace(path)
+        atomic_file.write_bytes(path, data)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         of = f" (for {video_id})" if video_id else ""
         raise CacheWriteError(
             f"cannot write {path}{of}: {err.strerror or err}; free space (or fix the folder) "

@@ -18,6 +18,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from etils import epath
 
+from cae_jax import atomic_file
 from data_prep import records
 
 SPLITS = ("train", "validation", "test")
@@ -39,10 +40,7 @@ def shard_name(name: str, split: str, index: int, num_shards: int) -> str:
 
 def write_json_atomic(path: epath.PathLike, obj) -> None:
     """Writes JSON through a temporary file, so readers see the old or the new file whole."""
-    path = epath.Path(path)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    atomic_file.write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 class SplitStats:

@@ -15,7 +15,7 @@ import math
 import multiprocessing
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures.process import BrokenProcessPool
 
 import cv2
@@ -56,6 +56,34 @@ def int_at_least(low: int):
     return parse
 
 
+def number_where(accept: Callable[[float], bool], wanted: str):
+    """An argparse type: a float that `accept`s, else a usage error naming the flag."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
+        return value
+
+    return parse
+
+
+# A margin of 0, nan or below gives flat or upside-down crops; fractions are of identities.
+positive_number = number_where(lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+fraction = number_where(lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+
+def flag_error(args: argparse.Namespace) -> str | None:
+    """What the flags' own types cannot check, each alone: how they go together."""
+    if args.val_fraction + args.test_fraction > 1:
+        return (f"--val-fraction {args.val_fraction} and --test-fraction {args.test_fraction} "
+                "add up to more than 1: no video would be left to train on")
+    return None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     positive, natural = int_at_least(1), int_at_least(0)
     parser.add_argument("dataset", choices=sorted(datasets.BUILDERS), help="raw dataset layout")
@@ -64,7 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames-per-video", type=positive, default=32, help="sampled uniformly")
     parser.add_argument("--image-size", type=positive, default=None,
                         help="side of the square crops (299; deepfakebench: 256, theirs)")
-    parser.add_argument("--margin", type=float, default=1.3, help="crop side / face box side")
+    parser.add_argument("--margin", type=positive_number, default=1.3,
+                        help="crop side / face box side")
     parser.add_argument(
         "--detector", choices=sorted(faces.DETECTORS), default=faces.DEFAULT_DETECTOR
     )
@@ -81,8 +110,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default="", help="deepfakebench: dataset name, e.g. Celeb-DF-v2")
     parser.add_argument("--detect", action="store_true",
                         help="deepfakebench: re-centre frames on the detected face (else as is)")
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="see docs/prepare.md")
-    parser.add_argument("--test-fraction", type=float, default=0.1, help="see docs/prepare.md")
+    parser.add_argument("--val-fraction", type=fraction, default=0.1, help="see docs/prepare.md")
+    parser.add_argument("--test-fraction", type=fraction, default=0.1, help="see docs/prepare.md")
     parser.add_argument("--seed", type=int, default=0, help="seed of carved splits and subsets")
     parser.add_argument("--examples-per-shard", type=positive, default=1024)
     parser.add_argument("--runner", choices=("local", "beam"), default="local")
@@ -94,6 +123,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    problem = flag_error(args)
+    if problem:
+        print(f"cae-jax prepare: {problem}", file=sys.stderr)
+        return 2
     dfb = args.dataset == "deepfakebench"
     settings = work.Settings(
         frames_per_video=args.frames_per_video,

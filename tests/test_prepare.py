@@ -6,6 +6,8 @@ import errno
 import json
 import logging
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -857,17 +859,57 @@ def test_ffpp_mini_lands_in_official_splits_with_faces(ffpp_mini, tmp_path):
     assert seen == on_disk
 
 
-@pytest.mark.parametrize("flag, value, low", [
-    ("--examples-per-shard", "0", 1), ("--examples-per-shard", "-3", 1),
-    ("--frames-per-video", "0", 1), ("--image-size", "x", 1), ("--workers", "0", 1),
-    ("--limit-videos", "-1", 0),
+@pytest.mark.parametrize("flag, value, wanted", [
+    ("--examples-per-shard", "0", "an integer >= 1"),
+    ("--examples-per-shard", "-3", "an integer >= 1"),
+    ("--frames-per-video", "0", "an integer >= 1"), ("--image-size", "x", "an integer >= 1"),
+    ("--workers", "0", "an integer >= 1"), ("--limit-videos", "-1", "an integer >= 0"),
+    ("--margin", "-1.3", "a finite number > 0"), ("--margin", "0", "a finite number > 0"),
+    ("--margin", "nan", "a finite number > 0"), ("--margin", "inf", "a finite number > 0"),
+    ("--val-fraction", "2", "a number in [0, 1]"), ("--test-fraction", "-1", "a number in [0, 1]"),
+    ("--test-fraction", "nan", "a number in [0, 1]"),
 ])
-def test_count_flags_out_of_range_are_refused_before_any_work(flag, value, low, tmp_path,
-                                                              capsys):
+def test_number_flags_out_of_range_are_refused_before_any_work(flag, value, wanted, tmp_path,
+                                                               capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["prepare", "folder", "--root", str(tmp_path / "absent"),
                   "--out", str(tmp_path / "out"), flag, value])
     assert exit_info.value.code == 2
-    assert (f"argument {flag}: must be an integer >= {low}, got {value!r}"
-            in capsys.readouterr().err)
+    assert f"argument {flag}: must be {wanted}, got {value!r}" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def _run_prepare(*argv: str) -> subprocess.CompletedProcess:
+    """The real `cae-jax prepare` command, as a user runs it."""
+    script = Path(sys.executable).with_name("cae-jax")
+    return subprocess.run([str(script), "prepare", *argv], capture_output=True, text=True,
+                          timeout=300)
+
+
+def _one_line_error(result: subprocess.CompletedProcess) -> str:
+    """The command's error: exit 2, no traceback, the last stderr line."""
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.stderr.strip().splitlines()[-1]
+
+
+def test_fractions_adding_up_past_one_are_refused_naming_both(tmp_path, capsys):
+    argv = ["prepare", "folder", "--root", str(tmp_path / "absent"), "--out",
+            str(tmp_path / "out"), "--val-fraction", "0.6", "--test-fraction", "0.5"]
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == (
+        "cae-jax prepare: --val-fraction 0.6 and --test-fraction 0.5 add up to more than 1: "
+        "no video would be left to train on\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_margin_is_refused_by_the_command_every_time(raw_folder, tmp_path):
+    """Once `--margin nan` wrote a cache whose settings no run could match (nan != nan); now
+    the command refuses it by name, the first time and the second, and writes nothing."""
+    root, _ = raw_folder
+    argv = ["folder", "--root", str(root / "list.csv"), "--out", str(tmp_path / "o"),
+            "--margin", "nan", "--workers", "1", "--detector", "haar"]
+    for _ in range(2):
+        assert _one_line_error(_run_prepare(*argv)) == (
+            "cae-jax prepare: error: argument --margin: must be a finite number > 0, got 'nan'")
+    assert not (tmp_path / "o").exists()

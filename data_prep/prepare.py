@@ -8,6 +8,7 @@ done yet; the cache is then written into the TFDS dataset directory OUT.
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import dataclasses
 import json
@@ -206,7 +207,7 @@ def prepare(
     if runner == "beam":
         from data_prep import beam_pipeline
 
-        out = beam_pipeline.run(
+        out, summaries = beam_pipeline.run(
             entries, name, out_dir, work_dir, settings, examples_per_shard, beam_options
         )
     else:
@@ -214,8 +215,19 @@ def prepare(
         out = write_from_cache(
             entries, summaries, name, out_dir, work_dir, settings, examples_per_shard
         )
+    print(cache_note(summaries.values(), work_dir), file=sys.stderr)
     write_preview(out / PREVIEW, entries, name, work_dir)
     return out
+
+
+def cache_note(summaries: Iterable[dict], work_dir: epath.Path) -> str:
+    """One line on what the run took from the crop cache and what it cropped."""
+    how = collections.Counter(s["cache"] for s in summaries)
+    note = (f"faces: {how['reused']} videos reused from {work_dir} (same file, size and "
+            f"modification time), {how['cropped'] + how['recropped']} cropped")
+    if how["recropped"]:
+        note += f" ({how['recropped']} of them again: their source changed since cached)"
+    return note
 
 
 def crop_all(
@@ -294,21 +306,25 @@ def write_from_cache(
         for split, group in by_split.items()
     }
     splits = {split: _examples(group, name, work_dir) for split, group in sorted(by_split.items())}
+    fields = run_manifest(entries, summaries, settings)
     return writer.write_dataset(
-        out_dir,
-        name,
-        splits,
-        num_shards,
-        skipped=skipped_list(entries, summaries),
-        extra_manifest=extra_manifest(entries, summaries, settings),
+        out_dir, name, splits, num_shards, skipped=fields.pop("skipped"), extra_manifest=fields
     )
 
 
-def extra_manifest(
+_CACHE_FIELDS = ("source", "cache")  # Summary fields about the cache, not the dataset.
+
+
+def run_manifest(
     entries: Sequence[Entry], summaries: dict[str, dict], settings: work.Settings
 ) -> dict:
-    """Manifest fields beside counts and skips: settings, and frames left out of kept videos."""
-    fields = {"settings": dataclasses.asdict(settings)}
+    """The manifest's fields beside the split counts, for both runners: the videos skipped
+    (every status but "ok") and why, the settings, and frames left out of kept videos."""
+    skipped = [summaries[e.video_id] for e in entries if summaries[e.video_id]["status"] != "ok"]
+    fields = {
+        "skipped": [{k: v for k, v in s.items() if k not in _CACHE_FIELDS} for s in skipped],
+        "settings": dataclasses.asdict(settings),
+    }
     if any(e.frames for e in entries):
         fields["skipped_frames"] = deepfakebench.skipped_frames(
             [summaries[e.video_id] for e in entries]
@@ -318,10 +334,6 @@ def extra_manifest(
 
 def frame_count(entries: Iterable[Entry], summaries: dict[str, dict]) -> int:
     return sum(summaries[e.video_id]["frames"] for e in entries)
-
-
-def skipped_list(entries: Sequence[Entry], summaries: dict[str, dict]) -> list[dict]:
-    return [summaries[e.video_id] for e in entries if summaries[e.video_id]["status"] == "skipped"]
 
 
 def _examples(group: Sequence[Entry], name: str, work_dir: epath.Path):

@@ -6,6 +6,7 @@ import errno
 import json
 import logging
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -760,6 +761,40 @@ def test_missing_or_corrupt_cached_crops_are_named_and_redone(
     assert {p.name: p.read_bytes() for p in again.glob("mine-*")} == shards
 
 
+def _face_rows(out: Path, video_id: str) -> list[bytes]:
+    rows = [r for split in ("train", "test") for r in load_split(out, split)]
+    return [r["image"].tobytes() for r in rows if r["video_id"] == video_id.encode()]
+
+
+def test_cache_is_not_reused_for_another_file_of_the_same_id(
+    raw_folder, face_bank, tmp_path, capsys
+):
+    """Another --root into the same --out, or a file edited in place, gives that file's faces;
+    the run says what it reused."""
+    root, _ = raw_folder
+    other = tmp_path / "other"
+    shutil.copytree(root, other)
+    write_clip(other / "real/r0.avi", face_bank[4])  # Same id, another person.
+    fresh = _face_rows(_prepare(other, tmp_path / "fresh"), "real/r0.avi")
+    capsys.readouterr()
+    first = _face_rows(_prepare(root, tmp_path / "o"), "real/r0.avi")
+    assert first != fresh
+    assert "faces: 0 videos reused" in capsys.readouterr().err
+    assert _face_rows(_prepare(other, tmp_path / "o"), "real/r0.avi") == fresh
+    # Every listed file is in another folder now: none is taken from the cache.
+    assert ("faces: 0 videos reused from {}".format(tmp_path / "o" / prepare.WORK_DIR)
+            in capsys.readouterr().err)
+    write_clip(other / "real/r0.avi", face_bank[2])  # Edited in place.
+    edited = _face_rows(_prepare(other, tmp_path / "o"), "real/r0.avi")
+    assert edited not in (first, fresh)
+    assert edited == _face_rows(_prepare(other, tmp_path / "edited"), "real/r0.avi")
+    err = capsys.readouterr().err
+    # 12 listed: the edited clip and the missing file are cropped (tried), the rest reused.
+    assert ("faces: 10 videos reused from {} (same file, size and modification time), "
+            "2 cropped (1 of them again: their source changed since cached)".format(
+                tmp_path / "o" / prepare.WORK_DIR)) in err
+
+
 def test_cache_refuses_other_settings(raw_folder, tmp_path):
     root, _ = raw_folder
     _prepare(root, tmp_path / "o")
@@ -784,11 +819,10 @@ def test_beam_runner_writes_the_same_records(raw_folder, tmp_path):
         )
 
     assert records(beam) == records(local)
+    # One manifest, skips and all (no face, empty, corrupt, missing: every kind of failure).
     manifests = [json.loads((o / "manifest.json").read_text()) for o in (local, beam)]
-    assert manifests[0]["splits"] == manifests[1]["splits"]
-    assert sorted(map(json.dumps, manifests[0]["skipped"])) == sorted(
-        map(json.dumps, manifests[1]["skipped"])
-    )
+    assert manifests[0] == manifests[1]
+    assert len(manifests[0]["skipped"]) == 4
 
 
 def test_cli_prepare_and_layout_error(raw_folder, tmp_path, capsys):

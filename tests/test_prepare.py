@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -705,6 +706,37 @@ def test_transient_failure_is_reported_not_cached_and_retried(raw_folder, tmp_pa
     out = _prepare(root, tmp_path / "o")
     manifest = json.loads((out / "manifest.json").read_text())
     assert "real/r0.avi" not in {s["video_id"] for s in manifest["skipped"]}
+    frames = [r["frame_index"] for r in load_split(out, "train") if r["video_id"] == b"real/r0.avi"]
+    assert sorted(frames) == [1, 3, 5, 7]
+
+
+def test_unreadable_video_is_retried_not_cached(raw_folder, tmp_path, monkeypatch):
+    """A video the run may not read (chmod 000) is a failure not its own: once readable again,
+    the next run crops it. As root, whom chmod does not stop, the read is refused here."""
+    root, _ = raw_folder
+    locked = tmp_path / "raw"
+    shutil.copytree(root, locked)
+    clip = locked / "real/r0.avi"
+    if os.geteuid() == 0:
+        def denied(path, *args, **kwargs):
+            if Path(path) == clip:
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return open(path, *args, **kwargs)
+
+        monkeypatch.setattr(video, "open", denied, raising=False)
+    else:
+        clip.chmod(0)
+    out = _prepare(locked, tmp_path / "o")
+    skipped = {s["video_id"]: s for s in json.loads((out / "manifest.json").read_text())["skipped"]}
+    assert skipped["real/r0.avi"]["retry"] is True
+    assert skipped["real/r0.avi"]["reason"] == (
+        f"failed (retried on the next run): {clip}: PermissionError: [Errno 13] "
+        f"Permission denied: '{clip}'")
+    monkeypatch.undo()
+    clip.chmod(0o644)
+    out = _prepare(locked, tmp_path / "o")
+    assert "real/r0.avi" not in {
+        s["video_id"] for s in json.loads((out / "manifest.json").read_text())["skipped"]}
     frames = [r["frame_index"] for r in load_split(out, "train") if r["video_id"] == b"real/r0.avi"]
     assert sorted(frames) == [1, 3, 5, 7]
 

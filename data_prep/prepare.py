@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import math
@@ -24,6 +25,7 @@ import numpy as np
 import tqdm
 from etils import epath
 
+from cae_jax import dir_lock
 from data_prep import datasets, deepfakebench, faces, preview, work, writer
 from data_prep.entries import (
     COMPRESSIONS,
@@ -163,6 +165,8 @@ def run(args: argparse.Namespace) -> int:
         work.CacheWriteError,
         work.CorruptCacheError,
         writer.NothingToWriteError,
+        writer.OutputError,
+        dir_lock.LockedError,
     ) as err:
         print(f"cae-jax prepare: {err}", file=sys.stderr)
         return 2
@@ -203,21 +207,35 @@ def prepare(
     if not entries:
         raise writer.NothingToWriteError("no videos or images found in the dataset root")
     out_dir = epath.Path(out_dir)
-    work_dir = work.open_cache(out_dir / WORK_DIR, settings)
-    if runner == "beam":
-        from data_prep import beam_pipeline
+    with contextlib.ExitStack() as stack:
+        _hold(out_dir, stack)
+        work_dir = work.open_cache(out_dir / WORK_DIR, settings)
+        if runner == "beam":
+            from data_prep import beam_pipeline
 
-        out, summaries = beam_pipeline.run(
-            entries, name, out_dir, work_dir, settings, examples_per_shard, beam_options
-        )
-    else:
-        summaries = crop_all(entries, settings, work_dir, workers)
-        out = write_from_cache(
-            entries, summaries, name, out_dir, work_dir, settings, examples_per_shard
-        )
-    print(cache_note(summaries.values(), work_dir), file=sys.stderr)
-    write_preview(out / PREVIEW, entries, name, work_dir)
+            out, summaries = beam_pipeline.run(
+                entries, name, out_dir, work_dir, settings, examples_per_shard, beam_options
+            )
+        else:
+            summaries = crop_all(entries, settings, work_dir, workers)
+            out = write_from_cache(
+                entries, summaries, name, out_dir, work_dir, settings, examples_per_shard
+            )
+        print(cache_note(summaries.values(), work_dir), file=sys.stderr)
+        write_preview(out / PREVIEW, entries, name, work_dir)
     return out
+
+
+def _hold(out_dir: epath.Path, stack: contextlib.ExitStack) -> None:
+    """Creates OUT and holds its lock until `stack` closes: two runs into one OUT would delete
+    each other's temporary shards. An OUT that cannot be written is one error naming it."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise writer.OutputError(f"--out {out_dir} is a file, not a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stack.enter_context(dir_lock.hold(out_dir, "cae-jax prepare"))
+    except OSError as err:
+        raise writer.OutputError(f"cannot write --out {out_dir}: {err.strerror or err}") from err
 
 
 def cache_note(summaries: Iterable[dict], work_dir: epath.Path) -> str:
@@ -307,9 +325,13 @@ def write_from_cache(
     }
     splits = {split: _examples(group, name, work_dir) for split, group in sorted(by_split.items())}
     fields = run_manifest(entries, summaries, settings)
-    return writer.write_dataset(
-        out_dir, name, splits, num_shards, skipped=fields.pop("skipped"), extra_manifest=fields
-    )
+    try:
+        return writer.write_dataset(
+            out_dir, name, splits, num_shards, skipped=fields.pop("skipped"), extra_manifest=fields
+        )
+    finally:  # Clears their progress bars now, not when collected: an error prints after.
+        for examples in splits.values():
+            examples.close()
 
 
 _CACHE_FIELDS = ("source", "cache")  # Summary fields about the cache, not the dataset.

@@ -33,6 +33,10 @@ class NothingToWriteError(ValueError):
     """Every split is empty; the manifest written alongside lists what was skipped and why."""
 
 
+class OutputError(OSError):
+    """The dataset folder cannot be written (not a folder, read-only, a full disk)."""
+
+
 def shard_name(name: str, split: str, index: int, num_shards: int) -> str:
     """The TFDS default file name of one shard."""
     return f"{name}-{split}.tfrecord-{index:05d}-of-{num_shards:05d}"
@@ -149,6 +153,10 @@ def write_dataset(
         return commit(out_dir, name, shards, manifest, description)
     except NothingToWriteError:
         raise
+    except (OSError, tf.errors.OpError) as err:  # TensorFlow: ResourceExhaustedError, ...
+        _remove_orphans(out_dir, name)
+        reason = getattr(err, "message", None) or err.strerror or err
+        raise OutputError(f"cannot write the dataset to {out_dir}: {reason}") from err
     except BaseException:
         _remove_orphans(out_dir, name)  # Every split's temporary shards, the failed one's too.
         raise

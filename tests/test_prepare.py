@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +16,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 from etils import epath
 from skimage import data as skdata
 
+from cae_jax import dir_lock
 from cae_jax import main as cli
 from data_prep import datasets, faces, prepare, video, work, writer
 from data_prep.entries import DatasetLayoutError, Options
@@ -979,3 +982,96 @@ def test_nan_margin_is_refused_by_the_command_every_time(raw_folder, tmp_path):
         assert _one_line_error(_run_prepare(*argv)) == (
             "cae-jax prepare: error: argument --margin: must be a finite number > 0, got 'nan'")
     assert not (tmp_path / "o").exists()
+
+
+def _small_list(root: Path, folder: Path) -> Path:
+    """A CSV of two clips of the raw folder (a quick real run)."""
+    listing = folder / "two.csv"
+    listing.write_text("".join(f"{root / p},{p.split('/')[0]},train\n"
+                               for p in ("real/r0.avi", "fake/Blend/f0.avi")))
+    return listing
+
+
+def test_out_that_cannot_be_written_is_one_line_naming_it(raw_folder, tmp_path):
+    root, _ = raw_folder
+    (tmp_path / "file").write_text("")
+    # Root may write anywhere chmod allows nothing: /sys refuses it a new folder.
+    locked = Path("/sys/cae-jax-out") if os.geteuid() == 0 else tmp_path / "ro" / "out"
+    if os.geteuid() != 0:
+        locked.parent.mkdir()
+        locked.parent.chmod(0o500)
+    options = ["--workers", "1", "--detector", "haar", "--frames-per-video", "2"]
+    listing = _small_list(root, tmp_path)
+    under_file = tmp_path / "file" / "out"
+    for out, wanted in ((locked, f"cannot write --out {locked}: "),
+                        (tmp_path / "file", f"--out {tmp_path / 'file'} is a file, not a folder"),
+                        (under_file, f"cannot write --out {under_file}: ")):
+        line = _one_line_error(_run_prepare("folder", "--root", str(listing), "--out", str(out),
+                                            *options))
+        assert line.startswith(f"cae-jax prepare: {wanted}"), line
+
+
+def test_root_that_is_not_a_csv_is_one_line_naming_it(raw_folder, tmp_path):
+    root, _ = raw_folder
+    still = root / "real/still.png"
+    line = _one_line_error(_run_prepare("folder", "--root", str(still), "--out",
+                                        str(tmp_path / "o")))
+    assert line.startswith(f"cae-jax prepare: {still}: a file, but not a CSV of "
+                           "path,label[,split] rows ("), line
+    assert not (tmp_path / "o").exists()
+
+
+def test_full_disk_while_writing_shards_is_one_line_and_leaves_no_temporary(
+    raw_folder, tmp_path, monkeypatch, capsys
+):
+    root, _ = raw_folder
+    out = tmp_path / "o"
+    argv = ["prepare", "folder", "--root", str(_small_list(root, tmp_path)), "--out", str(out),
+            "--workers", "1", "--detector", "haar", "--frames-per-video", "2"]
+    assert cli.main(argv) == 0
+    shards = {p.name: p.read_bytes() for p in out.glob("folder-*")}
+    real_writer = tf.io.TFRecordWriter
+
+    class FullDisk(real_writer):
+        def write(self, record):
+            raise tf.errors.ResourceExhaustedError(
+                None, None, f"{out}/.folder-train-00000.tmp-x; No space left on device")
+
+    monkeypatch.setattr(tf.io, "TFRecordWriter", FullDisk)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"cae-jax prepare: cannot write the dataset to {out}: "
+        f"{out}/.folder-train-00000.tmp-x; No space left on device")
+    assert not list(out.glob(".*tmp*"))
+    assert {p.name: p.read_bytes() for p in out.glob("folder-*")} == shards  # Kept whole.
+    monkeypatch.undo()
+    assert cli.main(argv) == 0
+
+
+def test_second_prepare_into_one_out_is_refused_and_a_stale_lock_taken_over(raw_folder, tmp_path):
+    root, _ = raw_folder
+    out = tmp_path / "o"
+    out.mkdir()
+    argv = ["folder", "--root", str(_small_list(root, tmp_path)), "--out", str(out),
+            "--workers", "1", "--detector", "haar", "--frames-per-video", "2"]
+    with dir_lock.hold(out, "cae-jax prepare"):  # A run in progress: this process.
+        line = _one_line_error(_run_prepare(*argv))
+    assert line == (
+        f"cae-jax prepare: {out} is being written by cae-jax prepare (process {os.getpid()} on "
+        f"{socket.gethostname()}): wait for it to finish, or delete {out / '.lock'} if no such "
+        "run is going on")
+    assert not list(out.iterdir())
+    # A run killed while holding it leaves the lock behind.
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, signal; from cae_jax import dir_lock\n"
+        f"with dir_lock.hold({str(out)!r}, 'cae-jax prepare'): os.kill(os.getpid(), signal.SIGKILL)"
+    )])
+    assert killed.returncode == -9 and (out / ".lock").exists()
+    holder = json.loads((out / ".lock").read_text())["pid"]
+    result = _run_prepare(*argv)
+    assert result.returncode == 0, result.stderr
+    assert (f"cae-jax prepare: {out / '.lock'}: taking over the lock of process {holder} "
+            "(cae-jax prepare), which is no longer running") in result.stderr
+    assert not (out / ".lock").exists()  # Released at the end.

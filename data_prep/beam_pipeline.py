@@ -47,10 +47,10 @@ class _WriteShard(beam.DoFn):
 
     def process(self, element) -> Iterator[str]:
         (split, index), group = element
-        features = records.features()
+        serialize = records.serializer()
         group = sorted(group, key=lambda e: e.video_id)
         serialized = (
-            features.serialize_example(example)
+            serialize(example)
             for entry in group
             for example in work.cached_examples(entry, self.name, self.work_dir)
         )

@@ -92,14 +92,14 @@ def _write_split(
     out_dir: epath.Path, name: str, split: str, examples: Iterable[Mapping], num_shards: int
 ) -> tuple[list[tuple[epath.Path, int]], SplitStats]:
     """Writes examples round-robin into temporary shards; returns [(path, count)] and stats."""
-    features = records.features()
+    serialize = records.serializer()
     stats = SplitStats()
     paths = [temporary_shard(out_dir, name, split, i) for i in range(num_shards)]
     writers = [tf.io.TFRecordWriter(os.fspath(p)) for p in paths]
     lengths = [0] * num_shards
     try:
         for i, example in enumerate(examples):
-            writers[i % num_shards].write(features.serialize_example(example))
+            writers[i % num_shards].write(serialize(example))
             lengths[i % num_shards] += 1
             stats.add(example["video_id"], example["label"], example["method"])
     finally:

@@ -633,6 +633,39 @@ def test_prepare_resumes_and_matches_an_uninterrupted_run(raw_folder, tmp_path, 
     assert calls == []
 
 
+def test_resumed_shards_are_byte_identical_to_another_process_run(
+    raw_folder, tmp_path, monkeypatch
+):
+    """Record bytes do not depend on the process that wrote them (protobuf writes a feature
+    map in an order that varies per process unless told to sort it)."""
+    root, _ = raw_folder
+    options = ["--root", str(root / "list.csv"), "--frames-per-video", "4", "--image-size",
+               "64", "--detector", "haar", "--examples-per-shard", "5", "--workers", "1"]
+    straight = _run_prepare("folder", "--out", str(tmp_path / "straight"), *options)
+    assert straight.returncode == 0, straight.stderr
+    real_extract = faces.extract_faces
+    calls = []
+
+    def killed_after_three(*args, **kwargs):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(args[0])
+        return real_extract(*args, **kwargs)
+
+    argv = ["prepare", "folder", "--out", str(tmp_path / "resumed"), *options]
+    monkeypatch.setattr(faces, "extract_faces", killed_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(argv)
+    monkeypatch.undo()
+    assert cli.main(argv) == 0
+    shards = sorted(p.name for p in (tmp_path / "straight").glob("folder-*"))
+    assert len(shards) == 6
+    assert sorted(p.name for p in (tmp_path / "resumed").glob("folder-*")) == shards
+    for name in shards:
+        assert (tmp_path / "straight" / name).read_bytes() == (
+            tmp_path / "resumed" / name).read_bytes()
+
+
 def test_prepare_process_pool_matches_inline(raw_folder, tmp_path):
     root, _ = raw_folder
     inline = _prepare(root, tmp_path / "inline")

@@ -244,7 +244,8 @@ def cache_note(summaries: Iterable[dict], work_dir: epath.Path) -> str:
     note = (f"faces: {how['reused']} videos reused from {work_dir} (same file, size and "
             f"modification time), {how['cropped'] + how['recropped']} cropped")
     if how["recropped"]:
-        note += f" ({how['recropped']} of them again: their source changed since cached)"
+        note += (f" ({how['recropped']} of them again: cached from another source, or by a "
+                 "release that did not record it)")
     return note
 
 

@@ -105,7 +105,8 @@ def source_of(entry: Entry) -> dict:
         except FileNotFoundError:  # A listed frame that is missing: left out of the crops.
             continue
         size, mtime = size + file_size, max(mtime, file_mtime)
-    return {"path": os.fspath(entry.path), "size": size, "mtime": mtime}
+    path = os.fspath(entry.path)
+    return {"path": path if "://" in path else os.path.abspath(path), "size": size, "mtime": mtime}
 
 
 def _size_and_mtime(path: epath.Path) -> tuple[int, int | float]:
@@ -151,8 +152,9 @@ def process(entry: Entry, settings: Settings, work_dir: str | os.PathLike) -> di
     if done.exists():
         summary = json.loads(done.read_text())
         if summary.get("source") != source:
-            logging.warning("%s: cached crops made from %s, not %s: cropping it again",
-                            entry.video_id, summary.get("source", "an unrecorded source"), source)
+            if "source" in summary:  # Else cached by a release that did not record it.
+                logging.warning("%s: cached crops made from %s, not %s: cropping it again",
+                                entry.video_id, summary["source"], source)
             cache = "recropped"
         elif summary["status"] != "ok" or _crops_readable(entry, work_dir):
             return {**summary, "cache": "reused"}

@@ -859,8 +859,34 @@ def test_cache_is_not_reused_for_another_file_of_the_same_id(
     err = capsys.readouterr().err
     # 12 listed: the edited clip and the missing file are cropped (tried), the rest reused.
     assert ("faces: 10 videos reused from {} (same file, size and modification time), "
-            "2 cropped (1 of them again: their source changed since cached)".format(
+            "2 cropped (1 of them again: cached from another source, or by a release that "
+            "did not record it)".format(
                 tmp_path / "o" / prepare.WORK_DIR)) in err
+
+
+def test_cache_of_a_release_without_sources_is_cropped_again(
+    raw_folder, tmp_path, monkeypatch, capsys
+):
+    root, _ = raw_folder
+    out = _prepare(root, tmp_path / "o")
+    shards = {p.name: p.read_bytes() for p in out.glob("mine-*")}
+    done = out / prepare.WORK_DIR / f"{work.cache_key('real/r0.avi')}.json"
+    summary = json.loads(done.read_text())
+    del summary["source"]  # As the earlier release wrote it.
+    done.write_text(json.dumps(summary))
+    calls = []
+    real_extract = faces.extract_faces
+    monkeypatch.setattr(
+        faces, "extract_faces", lambda *a, **k: calls.append(a[0]) or real_extract(*a, **k)
+    )
+    capsys.readouterr()
+    again = _prepare(root, tmp_path / "o")
+    assert [Path(c).name for c in calls] == ["r0.avi"]
+    assert "2 cropped (1 of them again" in capsys.readouterr().err  # And the missing file.
+    assert {p.name: p.read_bytes() for p in again.glob("mine-*")} == shards
+    assert json.loads(done.read_text())["source"] == work.source_of(
+        next(e for e in datasets.list_entries("folder", root / "list.csv", Options())
+             if e.video_id == "real/r0.avi"))
 
 
 def test_cache_refuses_other_settings(raw_folder, tmp_path):

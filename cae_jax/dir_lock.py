@@ -85,9 +85,12 @@ def _parse(text: str) -> dict | None:
 
 
 def _alive(holder: dict) -> bool:
-    """Whether the holder may still run: on another host, it cannot be told, so it may."""
+    """Whether the holder may still run: on another host, it cannot be told, so it may. This
+    very process id is an earlier process's, reused (a restarted container): not running."""
     if holder["host"] != socket.gethostname():
         return True
+    if int(holder["pid"]) == os.getpid():
+        return False
     try:
         os.kill(int(holder["pid"]), 0)
     except ProcessLookupError:

@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from ml_collections import ConfigDict
 
+from cae_jax import atomic_file
 from cae_jax import config as config_lib
 
 CONFIG_FILE = "config.json"
@@ -90,9 +91,7 @@ def write_config(workdir: str | os.PathLike, config: ConfigDict) -> None:
         return
     path = as_path(workdir) / CONFIG_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(config_lib.to_json(config))
-    tmp.replace(path)
+    atomic_file.write_text(path, config_lib.to_json(config))
 
 
 def read_config(workdir: str | os.PathLike) -> ConfigDict:

@@ -14,14 +14,13 @@ import json
 import math
 import os
 import sys
-import uuid
 from pathlib import Path
 
 import cv2
 import numpy as np
 from tqdm import tqdm
 
-from cae_jax import export, heatmap
+from cae_jax import atomic_file, export, heatmap
 from data_prep import faces, video
 
 
@@ -152,12 +151,7 @@ def flag_error(args: argparse.Namespace) -> str | None:
 
 def write_report(report: dict, out: Path) -> None:
     """Replaces `out` whole (temporary file + rename): readers never see half a report."""
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:12]}")
-    try:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_file.write_text(out, json.dumps(report, indent=2) + "\n")
 
 
 def run(args: argparse.Namespace) -> int:

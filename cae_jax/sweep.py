@@ -38,6 +38,7 @@ from typing import Any
 
 from etils import epath
 
+from cae_jax import atomic_file
 from cae_jax import config as config_lib
 
 PLAN_FILE = "sweep.json"
@@ -178,9 +179,7 @@ def write_plan(workdir: str, plan: dict[str, Any]) -> None:
             raise ValueError(f"{path} holds a different sweep; choose a new --workdir")
         return
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / (PLAN_FILE + ".tmp")
-    tmp.write_text(json.dumps(plan, indent=2))
-    tmp.rename(path)
+    atomic_file.write_text(path, json.dumps(plan, indent=2))
 
 
 def read_runs(workdir: str) -> list[Run]:

@@ -28,6 +28,7 @@ from ml_collections import ConfigDict
 from tqdm import tqdm
 
 from cae_jax import (
+    atomic_file,
     checkpoints,
     distributed,
     evaluate,
@@ -93,9 +94,7 @@ def truncate_records(path: epath.Path, step: int) -> None:
             continue
         if record.get("step", 0) <= step:
             kept.append(line + "\n")
-    tmp = path.parent / (path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    tmp.replace(path)
+    atomic_file.write_text(path, "".join(kept))
 
 
 class Preemption:

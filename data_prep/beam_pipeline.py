@@ -47,10 +47,10 @@ class _WriteShard(beam.DoFn):
 
     def process(self, element) -> Iterator[str]:
         (split, index), group = element
-        features = records.features()
+        serialize = records.serializer()
         group = sorted(group, key=lambda e: e.video_id)
         serialized = (
-            features.serialize_example(example)
+            serialize(example)
             for entry in group
             for example in work.cached_examples(entry, self.name, self.work_dir)
         )
@@ -67,8 +67,9 @@ def run(
     settings: work.Settings,
     examples_per_shard: int,
     beam_options: Sequence[str],
-) -> epath.Path:
-    """Runs the pipeline to completion, then commits its shards; returns OUT."""
+) -> tuple[epath.Path, dict[str, dict]]:
+    """Runs the pipeline to completion, then commits its shards; returns OUT and the
+    summary of each video (by id)."""
     num_shards = shard_counts(entries, settings.frames_per_video, examples_per_shard)
     run_dir = work_dir / f"beam-{uuid.uuid4().hex[:12]}"
     with beam.Pipeline(options=PipelineOptions(list(beam_options))) as pipeline:
@@ -107,12 +108,9 @@ def run(
 
     manifest = {
         "splits": {split: st.to_dict() for split, st in sorted(stats.items())},
-        "skipped": [
-            summaries[e.video_id] for e in entries if summaries[e.video_id]["status"] != "ok"
-        ],
-        **prepare.extra_manifest(entries, summaries, settings),
+        **prepare.run_manifest(entries, summaries, settings),
     }
-    return writer.commit(out_dir, name, shards, manifest)
+    return writer.commit(out_dir, name, shards, manifest), summaries
 
 
 def _read_lines(run_dir: epath.Path, prefix: str) -> Iterator[dict]:

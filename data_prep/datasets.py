@@ -236,8 +236,15 @@ def folder(root: Path, opts: Options) -> list[Entry]:
 
 
 def _folder_csv(csv_path: Path, opts: Options) -> list[Entry]:
+    try:
+        text = csv_path.read_text()
+    except UnicodeDecodeError as err:
+        raise DatasetLayoutError(
+            f"{csv_path}: a file, but not a CSV of path,label[,split] rows ({err.reason} at "
+            f"byte {err.start}): --root takes a folder or such a CSV"
+        ) from err
     entries, has_split = [], False
-    for number, row in enumerate(csv.reader(csv_path.read_text().splitlines()), 1):
+    for number, row in enumerate(csv.reader(text.splitlines()), 1):
         if not row or (number == 1 and row[0].strip().lower() == "path"):
             continue  # Blank line or header.
         if len(row) not in (2, 3):

@@ -8,14 +8,16 @@ done yet; the cache is then written into the TFDS dataset directory OUT.
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import math
 import multiprocessing
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures.process import BrokenProcessPool
 
 import cv2
@@ -23,6 +25,7 @@ import numpy as np
 import tqdm
 from etils import epath
 
+from cae_jax import dir_lock
 from data_prep import datasets, deepfakebench, faces, preview, work, writer
 from data_prep.entries import (
     COMPRESSIONS,
@@ -56,6 +59,34 @@ def int_at_least(low: int):
     return parse
 
 
+def number_where(accept: Callable[[float], bool], wanted: str):
+    """An argparse type: a float that `accept`s, else a usage error naming the flag."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
+        return value
+
+    return parse
+
+
+# A margin of 0, nan or below gives flat or upside-down crops; fractions are of identities.
+positive_number = number_where(lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+fraction = number_where(lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+
+def flag_error(args: argparse.Namespace) -> str | None:
+    """What the flags' own types cannot check, each alone: how they go together."""
+    if args.val_fraction + args.test_fraction > 1:
+        return (f"--val-fraction {args.val_fraction} and --test-fraction {args.test_fraction} "
+                "add up to more than 1: no video would be left to train on")
+    return None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     positive, natural = int_at_least(1), int_at_least(0)
     parser.add_argument("dataset", choices=sorted(datasets.BUILDERS), help="raw dataset layout")
@@ -64,7 +95,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames-per-video", type=positive, default=32, help="sampled uniformly")
     parser.add_argument("--image-size", type=positive, default=None,
                         help="side of the square crops (299; deepfakebench: 256, theirs)")
-    parser.add_argument("--margin", type=float, default=1.3, help="crop side / face box side")
+    parser.add_argument("--margin", type=positive_number, default=1.3,
+                        help="crop side / face box side")
     parser.add_argument(
         "--detector", choices=sorted(faces.DETECTORS), default=faces.DEFAULT_DETECTOR
     )
@@ -81,8 +113,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default="", help="deepfakebench: dataset name, e.g. Celeb-DF-v2")
     parser.add_argument("--detect", action="store_true",
                         help="deepfakebench: re-centre frames on the detected face (else as is)")
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="see docs/prepare.md")
-    parser.add_argument("--test-fraction", type=float, default=0.1, help="see docs/prepare.md")
+    parser.add_argument("--val-fraction", type=fraction, default=0.1, help="see docs/prepare.md")
+    parser.add_argument("--test-fraction", type=fraction, default=0.1, help="see docs/prepare.md")
     parser.add_argument("--seed", type=int, default=0, help="seed of carved splits and subsets")
     parser.add_argument("--examples-per-shard", type=positive, default=1024)
     parser.add_argument("--runner", choices=("local", "beam"), default="local")
@@ -94,6 +126,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    problem = flag_error(args)
+    if problem:
+        print(f"cae-jax prepare: {problem}", file=sys.stderr)
+        return 2
     dfb = args.dataset == "deepfakebench"
     settings = work.Settings(
         frames_per_video=args.frames_per_video,
@@ -129,6 +165,8 @@ def run(args: argparse.Namespace) -> int:
         work.CacheWriteError,
         work.CorruptCacheError,
         writer.NothingToWriteError,
+        writer.OutputError,
+        dir_lock.LockedError,
     ) as err:
         print(f"cae-jax prepare: {err}", file=sys.stderr)
         return 2
@@ -169,20 +207,46 @@ def prepare(
     if not entries:
         raise writer.NothingToWriteError("no videos or images found in the dataset root")
     out_dir = epath.Path(out_dir)
-    work_dir = work.open_cache(out_dir / WORK_DIR, settings)
-    if runner == "beam":
-        from data_prep import beam_pipeline
+    with contextlib.ExitStack() as stack:
+        _hold(out_dir, stack)
+        work_dir = work.open_cache(out_dir / WORK_DIR, settings)
+        if runner == "beam":
+            from data_prep import beam_pipeline
 
-        out = beam_pipeline.run(
-            entries, name, out_dir, work_dir, settings, examples_per_shard, beam_options
-        )
-    else:
-        summaries = crop_all(entries, settings, work_dir, workers)
-        out = write_from_cache(
-            entries, summaries, name, out_dir, work_dir, settings, examples_per_shard
-        )
-    write_preview(out / PREVIEW, entries, name, work_dir)
+            out, summaries = beam_pipeline.run(
+                entries, name, out_dir, work_dir, settings, examples_per_shard, beam_options
+            )
+        else:
+            summaries = crop_all(entries, settings, work_dir, workers)
+            out = write_from_cache(
+                entries, summaries, name, out_dir, work_dir, settings, examples_per_shard
+            )
+        print(cache_note(summaries.values(), work_dir), file=sys.stderr)
+        write_preview(out / PREVIEW, entries, name, work_dir)
     return out
+
+
+def _hold(out_dir: epath.Path, stack: contextlib.ExitStack) -> None:
+    """Creates OUT and holds its lock until `stack` closes: two runs into one OUT would delete
+    each other's temporary shards. An OUT that cannot be written is one error naming it."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise writer.OutputError(f"--out {out_dir} is a file, not a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stack.enter_context(dir_lock.hold(out_dir, "cae-jax prepare"))
+    except OSError as err:
+        raise writer.OutputError(f"cannot write --out {out_dir}: {err.strerror or err}") from err
+
+
+def cache_note(summaries: Iterable[dict], work_dir: epath.Path) -> str:
+    """One line on what the run took from the crop cache and what it cropped."""
+    how = collections.Counter(s["cache"] for s in summaries)
+    note = (f"faces: {how['reused']} videos reused from {work_dir} (same file, size and "
+            f"modification time), {how['cropped'] + how['recropped']} cropped")
+    if how["recropped"]:
+        note += (f" ({how['recropped']} of them again: cached from another source, or by a "
+                 "release that did not record it)")
+    return note
 
 
 def crop_all(
@@ -261,21 +325,29 @@ def write_from_cache(
         for split, group in by_split.items()
     }
     splits = {split: _examples(group, name, work_dir) for split, group in sorted(by_split.items())}
-    return writer.write_dataset(
-        out_dir,
-        name,
-        splits,
-        num_shards,
-        skipped=skipped_list(entries, summaries),
-        extra_manifest=extra_manifest(entries, summaries, settings),
-    )
+    fields = run_manifest(entries, summaries, settings)
+    try:
+        return writer.write_dataset(
+            out_dir, name, splits, num_shards, skipped=fields.pop("skipped"), extra_manifest=fields
+        )
+    finally:  # Clears their progress bars now, not when collected: an error prints after.
+        for examples in splits.values():
+            examples.close()
 
 
-def extra_manifest(
+_CACHE_FIELDS = ("source", "cache")  # Summary fields about the cache, not the dataset.
+
+
+def run_manifest(
     entries: Sequence[Entry], summaries: dict[str, dict], settings: work.Settings
 ) -> dict:
-    """Manifest fields beside counts and skips: settings, and frames left out of kept videos."""
-    fields = {"settings": dataclasses.asdict(settings)}
+    """The manifest's fields beside the split counts, for both runners: the videos skipped
+    (every status but "ok") and why, the settings, and frames left out of kept videos."""
+    skipped = [summaries[e.video_id] for e in entries if summaries[e.video_id]["status"] != "ok"]
+    fields = {
+        "skipped": [{k: v for k, v in s.items() if k not in _CACHE_FIELDS} for s in skipped],
+        "settings": dataclasses.asdict(settings),
+    }
     if any(e.frames for e in entries):
         fields["skipped_frames"] = deepfakebench.skipped_frames(
             [summaries[e.video_id] for e in entries]
@@ -285,10 +357,6 @@ def extra_manifest(
 
 def frame_count(entries: Iterable[Entry], summaries: dict[str, dict]) -> int:
     return sum(summaries[e.video_id]["frames"] for e in entries)
-
-
-def skipped_list(entries: Sequence[Entry], summaries: dict[str, dict]) -> list[dict]:
-    return [summaries[e.video_id] for e in entries if summaries[e.video_id]["status"] == "skipped"]
 
 
 def _examples(group: Sequence[Entry], name: str, work_dir: epath.Path):

@@ -6,8 +6,11 @@ The schema is a TFDS `FeaturesDict`, so a prepared dataset directory loads with
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import example_serializer
 
 LABEL_NAMES = ("real", "fake")  # label 0 = real, 1 = fake.
 
@@ -25,4 +28,18 @@ def features() -> tfds.features.FeaturesDict:
             "face_box": tfds.features.Tensor(shape=(4,), dtype=np.float32),  # x0,y0,x1,y1 px.
             "fps": np.float32,  # Source frame rate (0 for images).
         }
+    )
+
+
+def serializer() -> Callable[[Mapping], bytes]:
+    """Example dict -> `tf.train.Example` bytes, the same in every process.
+
+    `FeaturesDict.serialize_example` writes the feature map in protobuf's hash order, which
+    varies from process to process; deterministic serialization sorts it, so a resumed run
+    writes the very bytes of an uninterrupted one.
+    """
+    spec = features()
+    to_proto = example_serializer.ExampleSerializer(spec.get_serialized_info()).get_tf_example
+    return lambda example: to_proto(spec.encode_example(example)).SerializeToString(
+        deterministic=True
     )

@@ -67,6 +67,11 @@ def _read_local_video(
         raise UnreadableMediaError(f"{name}: file not found")
     if path.stat().st_size == 0:
         raise UnreadableMediaError(f"{name}: zero-length file")
+    # OpenCV says "cannot open" alike for media it cannot decode (the file's own: a re-run
+    # skips it) and a file it may not read (a permission or I/O error, which a re-run retries):
+    # reading a byte raises the latter as the OSError it is.
+    with open(path, "rb") as probe:
+        probe.read(1)
     capture = cv2.VideoCapture(os.fspath(path))
     try:
         if not capture.isOpened():

@@ -3,7 +3,10 @@
 The cache (`OUT_DIR/.work/`) holds, per video, `<key>.npz` (PNG crops, boxes, frame indices,
 fps) and then `<key>.json` (its summary). The JSON is written last and marks the video
 done; both are written to a temporary name and renamed, so a killed worker leaves no cache
-entry that reads as finished. Only outcomes that a re-run would repeat (crops, no face, media
+entry that reads as finished. The summary records the source the crops were made from (its
+path, size and modification time): an entry of the same id from another file, or from the
+same file since edited, is cropped again; the crop settings are checked once for the whole
+folder (`open_cache`). Only outcomes that a re-run would repeat (crops, no face, media
 that cannot be decoded) are cached; other failures (I/O errors, a full disk) are retried by
 the next run. Files are read back without pickle. Paths are `etils.epath` so the cache also
 lives on gs:// for Beam runners.
@@ -26,6 +29,7 @@ import cv2
 import numpy as np
 from etils import epath
 
+from cae_jax import atomic_file
 from data_prep import faces, video
 from data_prep.entries import Entry
 
@@ -58,13 +62,10 @@ class Settings:
 
 
 def _write_atomic(path: epath.Path, data: bytes, video_id: str = "") -> None:
-    """Writes through a temporary file; a failure removes it and raises `CacheWriteError`."""
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
+    """`atomic_file.write_bytes`; a failure raises `CacheWriteError`."""
     try:
-        tmp.write_bytes(data)
-        tmp.replace(path)
+        atomic_file.write_bytes(path, data)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         of = f" (for {video_id})" if video_id else ""
         raise CacheWriteError(
             f"cannot write {path}{of}: {err.strerror or err}; free space (or fix the folder) "
@@ -94,6 +95,28 @@ def cache_key(video_id: str) -> str:
     return hashlib.sha256(video_id.encode()).hexdigest()[:24]
 
 
+def source_of(entry: Entry) -> dict:
+    """What an entry's crops are made from: its path, and the size and modification time of
+    its file (or of its frame files together), to tell a cached entry from another file."""
+    size, mtime = 0, 0
+    for path in [epath.Path(f) for f in entry.frames] or [entry.path]:
+        try:
+            file_size, file_mtime = _size_and_mtime(path)
+        except FileNotFoundError:  # A listed frame that is missing: left out of the crops.
+            continue
+        size, mtime = size + file_size, max(mtime, file_mtime)
+    path = os.fspath(entry.path)
+    return {"path": path if "://" in path else os.path.abspath(path), "size": size, "mtime": mtime}
+
+
+def _size_and_mtime(path: epath.Path) -> tuple[int, int | float]:
+    if "://" in os.fspath(path):  # Object stores: whole seconds.
+        stat = path.stat()
+        return stat.length, stat.mtime
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime_ns
+
+
 def _summary(entry: Entry, status: str, **fields) -> dict:
     return {
         "video_id": entry.video_id,
@@ -106,7 +129,9 @@ def _summary(entry: Entry, status: str, **fields) -> dict:
 
 
 def process(entry: Entry, settings: Settings, work_dir: str | os.PathLike) -> dict:
-    """Crops one entry into the cache unless already there; returns its summary.
+    """Crops one entry into the cache unless already there, from the same source; returns its
+    summary, with `cache` (not stored) saying "reused", "cropped", or "recropped" (the cached
+    crops were of another source, and are replaced).
 
     The summary has status "ok" (with `frames`, crops kept, and `sampled`, frames decoded) or
     "skipped" (with `reason`; and `retry: True` when the failure is not the file's, e.g. an
@@ -119,14 +144,22 @@ def process(entry: Entry, settings: Settings, work_dir: str | os.PathLike) -> di
     work_dir = epath.Path(work_dir)
     key = cache_key(entry.video_id)
     done = work_dir / f"{key}.json"
-    if done.exists():
-        summary = json.loads(done.read_text())
-        if summary["status"] != "ok" or _crops_readable(entry, work_dir):
-            return summary
-        done.unlink()
     if not entry.path.exists():
         # Not cached: the file may be restored before the next run.
-        return _summary(entry, "skipped", reason=f"listed but missing on disk: {entry.path}")
+        return _summary(entry, "skipped", reason=f"listed but missing on disk: {entry.path}",
+                        cache="cropped")
+    source, cache = source_of(entry), "cropped"
+    if done.exists():
+        summary = json.loads(done.read_text())
+        if summary.get("source") != source:
+            if "source" in summary:  # Else cached by a release that did not record it.
+                logging.warning("%s: cached crops made from %s, not %s: cropping it again",
+                                entry.video_id, summary["source"], source)
+            cache = "recropped"
+        elif summary["status"] != "ok" or _crops_readable(entry, work_dir):
+            return {**summary, "cache": "reused"}
+        done.unlink()
+        (work_dir / f"{key}.npz").unlink(missing_ok=True)
     crashes = list(work_dir.glob(f"{key}.attempt-*"))
     if len(crashes) >= MAX_ATTEMPTS:
         summary = _summary(
@@ -137,11 +170,12 @@ def process(entry: Entry, settings: Settings, work_dir: str | os.PathLike) -> di
     else:
         summary = _attempt(entry, settings, work_dir, key)
         if summary.get("retry"):
-            return summary
+            return {**summary, "cache": cache}
+    summary["source"] = source
     _write_atomic(done, json.dumps(summary).encode(), entry.video_id)
     for marker in crashes:
         marker.unlink(missing_ok=True)
-    return summary
+    return {**summary, "cache": cache}
 
 
 _in_flight: epath.Path | None = None  # The attempt marker of the file this process works on.

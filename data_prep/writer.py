@@ -18,6 +18,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from etils import epath
 
+from cae_jax import atomic_file
 from data_prep import records
 
 SPLITS = ("train", "validation", "test")
@@ -32,6 +33,10 @@ class NothingToWriteError(ValueError):
     """Every split is empty; the manifest written alongside lists what was skipped and why."""
 
 
+class OutputError(OSError):
+    """The dataset folder cannot be written (not a folder, read-only, a full disk)."""
+
+
 def shard_name(name: str, split: str, index: int, num_shards: int) -> str:
     """The TFDS default file name of one shard."""
     return f"{name}-{split}.tfrecord-{index:05d}-of-{num_shards:05d}"
@@ -39,10 +44,7 @@ def shard_name(name: str, split: str, index: int, num_shards: int) -> str:
 
 def write_json_atomic(path: epath.PathLike, obj) -> None:
     """Writes JSON through a temporary file, so readers see the old or the new file whole."""
-    path = epath.Path(path)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    atomic_file.write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 class SplitStats:
@@ -90,14 +92,14 @@ def _write_split(
     out_dir: epath.Path, name: str, split: str, examples: Iterable[Mapping], num_shards: int
 ) -> tuple[list[tuple[epath.Path, int]], SplitStats]:
     """Writes examples round-robin into temporary shards; returns [(path, count)] and stats."""
-    features = records.features()
+    serialize = records.serializer()
     stats = SplitStats()
     paths = [temporary_shard(out_dir, name, split, i) for i in range(num_shards)]
     writers = [tf.io.TFRecordWriter(os.fspath(p)) for p in paths]
     lengths = [0] * num_shards
     try:
         for i, example in enumerate(examples):
-            writers[i % num_shards].write(features.serialize_example(example))
+            writers[i % num_shards].write(serialize(example))
             lengths[i % num_shards] += 1
             stats.add(example["video_id"], example["label"], example["method"])
     finally:
@@ -151,6 +153,10 @@ def write_dataset(
         return commit(out_dir, name, shards, manifest, description)
     except NothingToWriteError:
         raise
+    except (OSError, tf.errors.OpError) as err:  # TensorFlow: ResourceExhaustedError, ...
+        _remove_orphans(out_dir, name)
+        reason = getattr(err, "message", None) or err.strerror or err
+        raise OutputError(f"cannot write the dataset to {out_dir}: {reason}") from err
     except BaseException:
         _remove_orphans(out_dir, name)  # Every split's temporary shards, the failed one's too.
         raise

@@ -5,16 +5,23 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import re
+import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 from etils import epath
 from skimage import data as skdata
 
+from cae_jax import dir_lock
 from cae_jax import main as cli
 from data_prep import datasets, faces, prepare, video, work, writer
 from data_prep.entries import DatasetLayoutError, Options
@@ -626,6 +633,39 @@ def test_prepare_resumes_and_matches_an_uninterrupted_run(raw_folder, tmp_path, 
     assert calls == []
 
 
+def test_resumed_shards_are_byte_identical_to_another_process_run(
+    raw_folder, tmp_path, monkeypatch
+):
+    """Record bytes do not depend on the process that wrote them (protobuf writes a feature
+    map in an order that varies per process unless told to sort it)."""
+    root, _ = raw_folder
+    options = ["--root", str(root / "list.csv"), "--frames-per-video", "4", "--image-size",
+               "64", "--detector", "haar", "--examples-per-shard", "5", "--workers", "1"]
+    straight = _run_prepare("folder", "--out", str(tmp_path / "straight"), *options)
+    assert straight.returncode == 0, straight.stderr
+    real_extract = faces.extract_faces
+    calls = []
+
+    def killed_after_three(*args, **kwargs):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(args[0])
+        return real_extract(*args, **kwargs)
+
+    argv = ["prepare", "folder", "--out", str(tmp_path / "resumed"), *options]
+    monkeypatch.setattr(faces, "extract_faces", killed_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(argv)
+    monkeypatch.undo()
+    assert cli.main(argv) == 0
+    shards = sorted(p.name for p in (tmp_path / "straight").glob("folder-*"))
+    assert len(shards) == 6
+    assert sorted(p.name for p in (tmp_path / "resumed").glob("folder-*")) == shards
+    for name in shards:
+        assert (tmp_path / "straight" / name).read_bytes() == (
+            tmp_path / "resumed" / name).read_bytes()
+
+
 def test_prepare_process_pool_matches_inline(raw_folder, tmp_path):
     root, _ = raw_folder
     inline = _prepare(root, tmp_path / "inline")
@@ -706,6 +746,37 @@ def test_transient_failure_is_reported_not_cached_and_retried(raw_folder, tmp_pa
     assert sorted(frames) == [1, 3, 5, 7]
 
 
+def test_unreadable_video_is_retried_not_cached(raw_folder, tmp_path, monkeypatch):
+    """A video the run may not read (chmod 000) is a failure not its own: once readable again,
+    the next run crops it. As root, whom chmod does not stop, the read is refused here."""
+    root, _ = raw_folder
+    locked = tmp_path / "raw"
+    shutil.copytree(root, locked)
+    clip = locked / "real/r0.avi"
+    if os.geteuid() == 0:
+        def denied(path, *args, **kwargs):
+            if Path(path) == clip:
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return open(path, *args, **kwargs)
+
+        monkeypatch.setattr(video, "open", denied, raising=False)
+    else:
+        clip.chmod(0)
+    out = _prepare(locked, tmp_path / "o")
+    skipped = {s["video_id"]: s for s in json.loads((out / "manifest.json").read_text())["skipped"]}
+    assert skipped["real/r0.avi"]["retry"] is True
+    assert skipped["real/r0.avi"]["reason"] == (
+        f"failed (retried on the next run): {clip}: PermissionError: [Errno 13] "
+        f"Permission denied: '{clip}'")
+    monkeypatch.undo()
+    clip.chmod(0o644)
+    out = _prepare(locked, tmp_path / "o")
+    assert "real/r0.avi" not in {
+        s["video_id"] for s in json.loads((out / "manifest.json").read_text())["skipped"]}
+    frames = [r["frame_index"] for r in load_split(out, "train") if r["video_id"] == b"real/r0.avi"]
+    assert sorted(frames) == [1, 3, 5, 7]
+
+
 def test_full_disk_while_caching_names_the_path_and_leaves_no_temporary(
     raw_folder, tmp_path, monkeypatch, capsys
 ):
@@ -758,6 +829,66 @@ def test_missing_or_corrupt_cached_crops_are_named_and_redone(
     assert {p.name: p.read_bytes() for p in again.glob("mine-*")} == shards
 
 
+def _face_rows(out: Path, video_id: str) -> list[bytes]:
+    rows = [r for split in ("train", "test") for r in load_split(out, split)]
+    return [r["image"].tobytes() for r in rows if r["video_id"] == video_id.encode()]
+
+
+def test_cache_is_not_reused_for_another_file_of_the_same_id(
+    raw_folder, face_bank, tmp_path, capsys
+):
+    """Another --root into the same --out, or a file edited in place, gives that file's faces;
+    the run says what it reused."""
+    root, _ = raw_folder
+    other = tmp_path / "other"
+    shutil.copytree(root, other)
+    write_clip(other / "real/r0.avi", face_bank[4])  # Same id, another person.
+    fresh = _face_rows(_prepare(other, tmp_path / "fresh"), "real/r0.avi")
+    capsys.readouterr()
+    first = _face_rows(_prepare(root, tmp_path / "o"), "real/r0.avi")
+    assert first != fresh
+    assert "faces: 0 videos reused" in capsys.readouterr().err
+    assert _face_rows(_prepare(other, tmp_path / "o"), "real/r0.avi") == fresh
+    # Every listed file is in another folder now: none is taken from the cache.
+    assert ("faces: 0 videos reused from {}".format(tmp_path / "o" / prepare.WORK_DIR)
+            in capsys.readouterr().err)
+    write_clip(other / "real/r0.avi", face_bank[2])  # Edited in place.
+    edited = _face_rows(_prepare(other, tmp_path / "o"), "real/r0.avi")
+    assert edited not in (first, fresh)
+    assert edited == _face_rows(_prepare(other, tmp_path / "edited"), "real/r0.avi")
+    err = capsys.readouterr().err
+    # 12 listed: the edited clip and the missing file are cropped (tried), the rest reused.
+    assert ("faces: 10 videos reused from {} (same file, size and modification time), "
+            "2 cropped (1 of them again: cached from another source, or by a release that "
+            "did not record it)".format(
+                tmp_path / "o" / prepare.WORK_DIR)) in err
+
+
+def test_cache_of_a_release_without_sources_is_cropped_again(
+    raw_folder, tmp_path, monkeypatch, capsys
+):
+    root, _ = raw_folder
+    out = _prepare(root, tmp_path / "o")
+    shards = {p.name: p.read_bytes() for p in out.glob("mine-*")}
+    done = out / prepare.WORK_DIR / f"{work.cache_key('real/r0.avi')}.json"
+    summary = json.loads(done.read_text())
+    del summary["source"]  # As the earlier release wrote it.
+    done.write_text(json.dumps(summary))
+    calls = []
+    real_extract = faces.extract_faces
+    monkeypatch.setattr(
+        faces, "extract_faces", lambda *a, **k: calls.append(a[0]) or real_extract(*a, **k)
+    )
+    capsys.readouterr()
+    again = _prepare(root, tmp_path / "o")
+    assert [Path(c).name for c in calls] == ["r0.avi"]
+    assert "2 cropped (1 of them again" in capsys.readouterr().err  # And the missing file.
+    assert {p.name: p.read_bytes() for p in again.glob("mine-*")} == shards
+    assert json.loads(done.read_text())["source"] == work.source_of(
+        next(e for e in datasets.list_entries("folder", root / "list.csv", Options())
+             if e.video_id == "real/r0.avi"))
+
+
 def test_cache_refuses_other_settings(raw_folder, tmp_path):
     root, _ = raw_folder
     _prepare(root, tmp_path / "o")
@@ -782,11 +913,10 @@ def test_beam_runner_writes_the_same_records(raw_folder, tmp_path):
         )
 
     assert records(beam) == records(local)
+    # One manifest, skips and all (no face, empty, corrupt, missing: every kind of failure).
     manifests = [json.loads((o / "manifest.json").read_text()) for o in (local, beam)]
-    assert manifests[0]["splits"] == manifests[1]["splits"]
-    assert sorted(map(json.dumps, manifests[0]["skipped"])) == sorted(
-        map(json.dumps, manifests[1]["skipped"])
-    )
+    assert manifests[0] == manifests[1]
+    assert len(manifests[0]["skipped"]) == 4
 
 
 def test_cli_prepare_and_layout_error(raw_folder, tmp_path, capsys):
@@ -857,17 +987,150 @@ def test_ffpp_mini_lands_in_official_splits_with_faces(ffpp_mini, tmp_path):
     assert seen == on_disk
 
 
-@pytest.mark.parametrize("flag, value, low", [
-    ("--examples-per-shard", "0", 1), ("--examples-per-shard", "-3", 1),
-    ("--frames-per-video", "0", 1), ("--image-size", "x", 1), ("--workers", "0", 1),
-    ("--limit-videos", "-1", 0),
+@pytest.mark.parametrize("flag, value, wanted", [
+    ("--examples-per-shard", "0", "an integer >= 1"),
+    ("--examples-per-shard", "-3", "an integer >= 1"),
+    ("--frames-per-video", "0", "an integer >= 1"), ("--image-size", "x", "an integer >= 1"),
+    ("--workers", "0", "an integer >= 1"), ("--limit-videos", "-1", "an integer >= 0"),
+    ("--margin", "-1.3", "a finite number > 0"), ("--margin", "0", "a finite number > 0"),
+    ("--margin", "nan", "a finite number > 0"), ("--margin", "inf", "a finite number > 0"),
+    ("--val-fraction", "2", "a number in [0, 1]"), ("--test-fraction", "-1", "a number in [0, 1]"),
+    ("--test-fraction", "nan", "a number in [0, 1]"),
 ])
-def test_count_flags_out_of_range_are_refused_before_any_work(flag, value, low, tmp_path,
-                                                              capsys):
+def test_number_flags_out_of_range_are_refused_before_any_work(flag, value, wanted, tmp_path,
+                                                               capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["prepare", "folder", "--root", str(tmp_path / "absent"),
                   "--out", str(tmp_path / "out"), flag, value])
     assert exit_info.value.code == 2
-    assert (f"argument {flag}: must be an integer >= {low}, got {value!r}"
-            in capsys.readouterr().err)
+    assert f"argument {flag}: must be {wanted}, got {value!r}" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def _run_prepare(*argv: str) -> subprocess.CompletedProcess:
+    """The real `cae-jax prepare` command, as a user runs it."""
+    script = Path(sys.executable).with_name("cae-jax")
+    return subprocess.run([str(script), "prepare", *argv], capture_output=True, text=True,
+                          timeout=300)
+
+
+def _one_line_error(result: subprocess.CompletedProcess) -> str:
+    """The command's error: exit 2, no traceback, the last stderr line."""
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.stderr.strip().splitlines()[-1]
+
+
+def test_fractions_adding_up_past_one_are_refused_naming_both(tmp_path, capsys):
+    argv = ["prepare", "folder", "--root", str(tmp_path / "absent"), "--out",
+            str(tmp_path / "out"), "--val-fraction", "0.6", "--test-fraction", "0.5"]
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == (
+        "cae-jax prepare: --val-fraction 0.6 and --test-fraction 0.5 add up to more than 1: "
+        "no video would be left to train on\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_margin_is_refused_by_the_command_every_time(raw_folder, tmp_path):
+    """Once `--margin nan` wrote a cache whose settings no run could match (nan != nan); now
+    the command refuses it by name, the first time and the second, and writes nothing."""
+    root, _ = raw_folder
+    argv = ["folder", "--root", str(root / "list.csv"), "--out", str(tmp_path / "o"),
+            "--margin", "nan", "--workers", "1", "--detector", "haar"]
+    for _ in range(2):
+        assert _one_line_error(_run_prepare(*argv)) == (
+            "cae-jax prepare: error: argument --margin: must be a finite number > 0, got 'nan'")
+    assert not (tmp_path / "o").exists()
+
+
+def _small_list(root: Path, folder: Path) -> Path:
+    """A CSV of two clips of the raw folder (a quick real run)."""
+    listing = folder / "two.csv"
+    listing.write_text("".join(f"{root / p},{p.split('/')[0]},train\n"
+                               for p in ("real/r0.avi", "fake/Blend/f0.avi")))
+    return listing
+
+
+def test_out_that_cannot_be_written_is_one_line_naming_it(raw_folder, tmp_path):
+    root, _ = raw_folder
+    (tmp_path / "file").write_text("")
+    # Root may write anywhere chmod allows nothing: /sys refuses it a new folder.
+    locked = Path("/sys/cae-jax-out") if os.geteuid() == 0 else tmp_path / "ro" / "out"
+    if os.geteuid() != 0:
+        locked.parent.mkdir()
+        locked.parent.chmod(0o500)
+    options = ["--workers", "1", "--detector", "haar", "--frames-per-video", "2"]
+    listing = _small_list(root, tmp_path)
+    under_file = tmp_path / "file" / "out"
+    for out, wanted in ((locked, f"cannot write --out {locked}: "),
+                        (tmp_path / "file", f"--out {tmp_path / 'file'} is a file, not a folder"),
+                        (under_file, f"cannot write --out {under_file}: ")):
+        line = _one_line_error(_run_prepare("folder", "--root", str(listing), "--out", str(out),
+                                            *options))
+        assert line.startswith(f"cae-jax prepare: {wanted}"), line
+
+
+def test_root_that_is_not_a_csv_is_one_line_naming_it(raw_folder, tmp_path):
+    root, _ = raw_folder
+    still = root / "real/still.png"
+    line = _one_line_error(_run_prepare("folder", "--root", str(still), "--out",
+                                        str(tmp_path / "o")))
+    assert line.startswith(f"cae-jax prepare: {still}: a file, but not a CSV of "
+                           "path,label[,split] rows ("), line
+    assert not (tmp_path / "o").exists()
+
+
+def test_full_disk_while_writing_shards_is_one_line_and_leaves_no_temporary(
+    raw_folder, tmp_path, monkeypatch, capsys
+):
+    root, _ = raw_folder
+    out = tmp_path / "o"
+    argv = ["prepare", "folder", "--root", str(_small_list(root, tmp_path)), "--out", str(out),
+            "--workers", "1", "--detector", "haar", "--frames-per-video", "2"]
+    assert cli.main(argv) == 0
+    shards = {p.name: p.read_bytes() for p in out.glob("folder-*")}
+    real_writer = tf.io.TFRecordWriter
+
+    class FullDisk(real_writer):
+        def write(self, record):
+            raise tf.errors.ResourceExhaustedError(
+                None, None, f"{out}/.folder-train-00000.tmp-x; No space left on device")
+
+    monkeypatch.setattr(tf.io, "TFRecordWriter", FullDisk)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"cae-jax prepare: cannot write the dataset to {out}: "
+        f"{out}/.folder-train-00000.tmp-x; No space left on device")
+    assert not list(out.glob(".*tmp*"))
+    assert {p.name: p.read_bytes() for p in out.glob("folder-*")} == shards  # Kept whole.
+    monkeypatch.undo()
+    assert cli.main(argv) == 0
+
+
+def test_second_prepare_into_one_out_is_refused_and_a_stale_lock_taken_over(raw_folder, tmp_path):
+    root, _ = raw_folder
+    out = tmp_path / "o"
+    out.mkdir()
+    argv = ["folder", "--root", str(_small_list(root, tmp_path)), "--out", str(out),
+            "--workers", "1", "--detector", "haar", "--frames-per-video", "2"]
+    with dir_lock.hold(out, "cae-jax prepare"):  # A run in progress: this process.
+        line = _one_line_error(_run_prepare(*argv))
+    assert line == (
+        f"cae-jax prepare: {out} is being written by cae-jax prepare (process {os.getpid()} on "
+        f"{socket.gethostname()}): wait for it to finish, or delete {out / '.lock'} if no such "
+        "run is going on")
+    assert not list(out.iterdir())
+    # A run killed while holding it leaves the lock behind.
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, signal; from cae_jax import dir_lock\n"
+        f"with dir_lock.hold({str(out)!r}, 'cae-jax prepare'): os.kill(os.getpid(), signal.SIGKILL)"
+    )])
+    assert killed.returncode == -9 and (out / ".lock").exists()
+    holder = json.loads((out / ".lock").read_text())["pid"]
+    result = _run_prepare(*argv)
+    assert result.returncode == 0, result.stderr
+    assert (f"cae-jax prepare: {out / '.lock'}: taking over the lock of process {holder} "
+            "(cae-jax prepare), which is no longer running") in result.stderr
+    assert not (out / ".lock").exists()  # Released at the end.

@@ -18,6 +18,8 @@ from ml_collections import ConfigDict
 
 
 def default_config() -> ConfigDict:
+    from cae_jax import backbones  # Backbone modules import jax; this module stays light.
+
     config = ConfigDict()
     # Every random stream (init, dropout, data order, augmentation) derives from it.
     config.seed = 0
@@ -39,16 +41,9 @@ def default_config() -> ConfigDict:
     # transposed convs per output phase, max-pool as a max of slices, gradients written out)
     # or "native" (XLA's ops). Same parameters and values; XLA:CPU's native kernels are slow.
     config.model.layer_impl = "auto"
-    config.model.encoder = ConfigDict()
-    config.model.encoder.stem_features = (32, 64)  # conv1 (3x3/2, valid) and conv2 (3x3, valid).
-    # Entry-flow blocks, each halves the resolution.
-    config.model.encoder.entry_features = (128, 256, 728)
-    # Middle-flow residual blocks of 3 separable convs at 728 channels.
-    config.model.encoder.middle_blocks = 8
-    # Exit block: separable convs 728 then 1024, stride 2.
-    config.model.encoder.exit_features = (728, 1024)
-    # Final separable convs; the latent has the last width.
-    config.model.encoder.head_features = (1536, 2048)
+    # The encoder (`cae_jax/backbones`): `name` picks the backbone, the rest are its fields
+    # (Xception's by default; configs/ffpp_c23_effb4.py shows EfficientNet-B4's).
+    config.model.encoder = backbones.xception.encoder_config()
     config.model.decoder = ConfigDict()
     # ConvTranspose(4x4, stride 2) + BatchNorm + ReLU stages from the latent (10 -> 320), then
     # a 3x3 conv to RGB and a resize to the input size when the stages overshoot it.
@@ -264,11 +259,6 @@ RULES: tuple[tuple[str, tuple[Callable, str]], ...] = (
     ("model.bn_epsilon", _number(0.0, open_low=True)),
     ("model.pool_padding", _one_of("torch", "same")),
     ("model.layer_impl", _one_of("auto", "decomposed", "native")),
-    ("model.encoder.stem_features", _widths(2, 2)),
-    ("model.encoder.entry_features", _widths(3, 3)),
-    ("model.encoder.middle_blocks", _integer(0)),
-    ("model.encoder.exit_features", _widths(2, 2)),
-    ("model.encoder.head_features", _widths(2, 2)),
     ("model.decoder.features", _widths(1)),
     ("model.decoder.kernel_size", _integer(1)),
     ("model.decoder.output_activation", _one_of("tanh", "sigmoid")),
@@ -315,7 +305,8 @@ RULES: tuple[tuple[str, tuple[Callable, str]], ...] = (
 
 
 def validate(config: ConfigDict) -> None:
-    """Raises ValueError naming every field whose value no run could use (see RULES).
+    """Raises ValueError naming every field whose value no run could use (see RULES, and the
+    RULES of the backbone `model.encoder.name` picks).
 
     Called by `load_config` (so by every command that reads a config file) and by `train`,
     before anything is compiled or written.
@@ -327,8 +318,26 @@ def validate(config: ConfigDict) -> None:
             node = node[part]
         if not ok(node):
             problems.append(f"{key}={node!r} (must be {requirement})")
+    problems += _encoder_problems(config.model)
     if problems:
         raise ValueError("invalid config: " + "; ".join(problems))
+
+
+def _encoder_problems(model_config: ConfigDict) -> list[str]:
+    from cae_jax import backbones
+
+    try:
+        module = backbones.backbone(model_config)
+    except ValueError as err:
+        return [str(err)]
+    problems = []
+    for key, (ok, requirement) in module.RULES:
+        if key not in model_config.encoder:
+            problems.append(f"model.encoder.{key} is missing ({module.NAME} needs it)")
+        elif not ok(model_config.encoder[key]):
+            problems.append(f"model.encoder.{key}={model_config.encoder[key]!r} "
+                            f"(must be {requirement})")
+    return problems
 
 
 def eval_data_dir(config: ConfigDict) -> str:

@@ -1,15 +1,12 @@
-"""The two-branch convolutional autoencoder: Xception encoder, decoder, classifier (Flax NNX).
+"""The two-branch convolutional autoencoder: a shared encoder, decoder, classifier (Flax NNX).
 
-Layer names follow timm's `legacy_xception` (conv1, bn1, block1..block12, conv3, bn4, ...) so
-imported ImageNet weights map one-to-one; see `weights.py`. Convolutions, pooling and
-BatchNorm statistics come from `cae_jax.ops`, in the form `model.layer_impl` picks for the
-platform the program is lowered for.
+The encoder is the backbone `model.encoder.name` picks (`cae_jax/backbones`: Xception, the
+paper's, by default); the decoder and classifier take its latent's width. Layers are built by
+`cae_jax.layers.Layers`, in the forms `model.layer_impl` picks for the platform.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from collections.abc import Sequence
 
 import jax
@@ -17,153 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 from ml_collections import ConfigDict
 
-from cae_jax import ops
-
-CONV_INIT = nnx.initializers.he_normal()
-
-
-@dataclasses.dataclass(frozen=True)
-class Layers:
-    """How each conv and BatchNorm of the model is built: compute dtype, layer forms
-    (`cae_jax.ops`, by `model.layer_impl`) and BatchNorm conventions. The model's classes take
-    this and the widths they need, not the whole config."""
-
-    dtype: str
-    impl: str
-    bn_momentum: float
-    bn_epsilon: float
-
-    @classmethod
-    def from_config(cls, model_config: ConfigDict) -> Layers:
-        return cls(model_config.dtype, model_config.layer_impl, model_config.bn_momentum,
-                   model_config.bn_epsilon)
-
-    def conv(self, in_features: int, out_features: int, kernel_size: int, *, rngs: nnx.Rngs,
-             stride: int = 1, padding: str = "VALID", use_bias: bool = False) -> nnx.Conv:
-        """nnx.Conv whose convolution runs in the form `ops` picks for the platform."""
-        return nnx.Conv(
-            in_features, out_features, (kernel_size, kernel_size), strides=stride,
-            padding=padding, use_bias=use_bias, dtype=jnp.dtype(self.dtype),
-            kernel_init=CONV_INIT,
-            conv_general_dilated=ops.conv_fn(self.impl, in_features, out_features, kernel_size,
-                                             stride),
-            rngs=rngs,
-        )
-
-    def batch_norm(self, features: int, *, rngs: nnx.Rngs) -> BatchNorm:
-        return BatchNorm(features, layer_impl=self.impl, momentum=self.bn_momentum,
-                         epsilon=self.bn_epsilon, dtype=jnp.dtype(self.dtype), rngs=rngs)
-
-
-class BatchNorm(nnx.BatchNorm):
-    """nnx.BatchNorm over NHWC whose training statistics come from `ops.batch_norm_train`: on
-    the CPU with its gradient written out. Same parameters, statistics and values."""
-
-    def __init__(self, features: int, *, layer_impl: str, **kwargs):
-        super().__init__(features, **kwargs)
-        self.impl = layer_impl
-
-    def __call__(self, x: jax.Array, *, use_running_average: bool) -> jax.Array:
-        if use_running_average:
-            return super().__call__(x, use_running_average=True)
-        y, mean, var = ops.batch_norm_train(x.astype(self.dtype), self.scale[...],
-                                            self.bias[...], self.epsilon, self.impl)
-        self.mean[...] = self.momentum * self.mean[...] + (1 - self.momentum) * mean
-        self.var[...] = self.momentum * self.var[...] + (1 - self.momentum) * var
-        return y
-
-
-class SeparableConv(nnx.Module):
-    """Depthwise 3x3 then pointwise 1x1, both without bias (Xception's SeparableConv2d)."""
-
-    def __init__(self, in_features: int, out_features: int, *, layers: Layers, rngs: nnx.Rngs):
-        self.impl = layers.impl
-        self.dtype = jnp.dtype(layers.dtype)
-        self.depthwise = nnx.Param(CONV_INIT(rngs.params(), (3, 3, 1, in_features)))
-        self.pointwise = layers.conv(in_features, out_features, 1, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.depthwise[...].astype(self.dtype)
-        return self.pointwise(ops.depthwise_conv3x3(x.astype(self.dtype), kernel, self.impl))
-
-
-class Block(nnx.Module):
-    """Xception residual block: [ReLU, SeparableConv, BN] x len(widths), max-pool if strided.
-
-    A 1x1 strided conv + BN forms the skip path when the width or resolution changes.
-    """
-
-    def __init__(
-        self, in_features: int, widths: Sequence[int], *, stride: int, start_with_relu: bool,
-        pool_padding: str, layers: Layers, rngs: nnx.Rngs,
-    ):
-        self.stride = stride
-        self.start_with_relu = start_with_relu
-        self.pool_padding = pool_padding
-        self.impl = layers.impl
-        if widths[-1] != in_features or stride != 1:
-            self.skip = layers.conv(in_features, widths[-1], 1, stride=stride, rngs=rngs)
-            self.skipbn = layers.batch_norm(widths[-1], rngs=rngs)
-        else:
-            self.skip = None
-            self.skipbn = None
-        ins = [in_features, *widths[:-1]]
-        self.seps = nnx.List([SeparableConv(i, o, layers=layers, rngs=rngs)
-                              for i, o in zip(ins, widths, strict=True)])
-        self.bns = nnx.List([layers.batch_norm(o, rngs=rngs) for o in widths])
-
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        if self.skip is not None:
-            residual = self.skipbn(self.skip(x), use_running_average=not train)
-        else:
-            residual = x
-        for k, (sep, bn) in enumerate(zip(self.seps, self.bns, strict=True)):
-            if k > 0 or self.start_with_relu:
-                x = nnx.relu(x)
-            x = bn(sep(x), use_running_average=not train)
-        if self.stride != 1:
-            x = ops.max_pool3x3(x, self.stride, self.pool_padding, self.impl)
-        return x + residual
-
-
-class Xception(nnx.Module):
-    """Chollet's Xception without its classifier: 299x299x3 -> 10x10x2048 at full size.
-
-    `widths` is `model.encoder`: stem, entry, middle and exit flows and the two head convs.
-    """
-
-    def __init__(self, widths: ConfigDict, *, pool_padding: str, layers: Layers,
-                 rngs: nnx.Rngs):
-        stem1, stem2 = widths.stem_features
-        self.conv1 = layers.conv(3, stem1, 3, stride=2, rngs=rngs)
-        self.bn1 = layers.batch_norm(stem1, rngs=rngs)
-        self.conv2 = layers.conv(stem1, stem2, 3, rngs=rngs)
-        self.bn2 = layers.batch_norm(stem2, rngs=rngs)
-        block = functools.partial(Block, pool_padding=pool_padding, layers=layers, rngs=rngs)
-        blocks = []
-        width = stem2
-        for k, out in enumerate(widths.entry_features):
-            blocks.append(block(width, (out, out), stride=2, start_with_relu=k > 0))
-            width = out
-        for _ in range(widths.middle_blocks):
-            blocks.append(block(width, (width,) * 3, stride=1, start_with_relu=True))
-        blocks.append(block(width, tuple(widths.exit_features), stride=2, start_with_relu=True))
-        self.blocks = nnx.List(blocks)
-        head1, head2 = widths.head_features
-        self.conv3 = SeparableConv(widths.exit_features[-1], head1, layers=layers, rngs=rngs)
-        self.bn3 = layers.batch_norm(head1, rngs=rngs)
-        self.conv4 = SeparableConv(head1, head2, layers=layers, rngs=rngs)
-        self.bn4 = layers.batch_norm(head2, rngs=rngs)
-        self.features = head2
-
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        running = not train  # BatchNorm: running statistics in inference.
-        x = nnx.relu(self.bn1(self.conv1(x), use_running_average=running))
-        x = nnx.relu(self.bn2(self.conv2(x), use_running_average=running))
-        for block in self.blocks:
-            x = block(x, train=train)
-        x = nnx.relu(self.bn3(self.conv3(x), use_running_average=running))
-        return nnx.relu(self.bn4(self.conv4(x), use_running_average=running))
+from cae_jax import backbones, ops
+from cae_jax.layers import CONV_INIT, Layers
 
 
 class ConvTranspose(nnx.Module):
@@ -227,14 +79,20 @@ class Classifier(nnx.Module):
         return self.out(x)[:, 0].astype(jnp.float32)
 
 
+# Folded into the dropout key for the encoder's own stochastic layers (drop-path), so the
+# classifier's dropout draws what it drew before encoders had any.
+ENCODER_STREAM = 1
+
+
 class CAE(nnx.Module):
-    """Shared Xception encoder feeding a reconstruction decoder and a real/fake classifier."""
+    """Shared encoder feeding a reconstruction decoder and a real/fake classifier."""
 
     def __init__(self, model_config: ConfigDict, rngs: nnx.Rngs):
         layers = Layers.from_config(model_config)
         decoder, classifier = model_config.decoder, model_config.classifier
-        self.encoder = Xception(model_config.encoder, pool_padding=model_config.pool_padding,
-                                layers=layers, rngs=rngs)
+        self.backbone = backbones.name_of(model_config)
+        self.encoder = backbones.backbone(model_config).build(model_config, layers=layers,
+                                                              rngs=rngs)
         self.decoder = Decoder(
             self.encoder.features, decoder.features, kernel_size=decoder.kernel_size,
             output_activation=decoder.output_activation, image_size=model_config.image_size,
@@ -246,8 +104,14 @@ class CAE(nnx.Module):
     def __call__(
         self, x: jax.Array, *, train: bool, dropout_key: jax.Array | None = None
     ) -> tuple[jax.Array, jax.Array]:
-        """x: float [N, H, W, 3] in [-1, 1] -> (logit [N], reconstruction [N, H, W, 3])."""
-        z = self.encoder(x, train=train)
+        """x: float [N, H, W, 3] in [-1, 1] -> (logit [N], reconstruction [N, H, W, 3]).
+
+        The encoder sees x in its own normalization (`backbones.encoder_input`); the decoder
+        reconstructs x itself."""
+        encoder_key = (None if dropout_key is None
+                       else jax.random.fold_in(dropout_key, ENCODER_STREAM))
+        z = self.encoder(backbones.encoder_input(x, backbones.BACKBONES[self.backbone]),
+                         train=train, dropout_key=encoder_key)
         logit = self.classifier(z, train=train, dropout_key=dropout_key)
         return logit, self.decoder(z, train=train)
 

@@ -1,7 +1,9 @@
-"""ImageNet Xception weights from local files -> an Orbax checkpoint the encoder starts from.
+"""ImageNet encoder weights from local files -> an Orbax checkpoint the encoder starts from.
 
 Three sources, nothing downloaded:
-- `timm`: a timm/Cadene `legacy_xception` state dict saved as safetensors (PyTorch layout).
+- `timm`: a timm state dict saved as safetensors (PyTorch layout): `legacy_xception` (the
+  Cadene Xception), or `--arch efficientnet_b4`, whose module tree carries timm's names, so
+  `from_timm_tree` maps it by walking that tree.
 - `keras`: Keras's `xception_weights_tf_dim_ordering_tf_kernels_notop.h5` (legacy HDF5 layout).
 - `deepfakebench`: DeepfakeBench's trained Xception detector (`xception_best.pth`, or the same
   state dict as safetensors): a Cadene Xception under `backbone.` (timm's keys) and a 2-way
@@ -10,7 +12,8 @@ Three sources, nothing downloaded:
 One walk over the encoder (`encoder_layout`) names every layer in our tree, in timm and in Keras;
 both importers follow it, so the mapping is written once. The checkpoint stores flat
 `{"params": {path: array}, "batch_stats": {path: array}}` plus `import.json`, which records the
-conventions the weights need (`pool_padding`, `bn_epsilon`) so training refuses a mismatch.
+backbone (`encoder`) and the conventions the weights need (`pool_padding`, `bn_epsilon`) so
+training refuses a mismatch.
 """
 
 from __future__ import annotations
@@ -26,14 +29,16 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
+from cae_jax import backbones, flat_state
 from cae_jax import config as config_lib
-from cae_jax import flat_state
+from cae_jax.backbones import xception
 
 IMPORT_META = "import.json"
 CLASSIFIER_ITEM = "classifier"  # The imported classifier head, where the source has one.
-# The conventions each source was trained with (image_size: the input it was trained at).
+# The conventions each Xception source was trained with (image_size: the input it was trained
+# at); timm's other backbones declare theirs as TIMM_CONVENTIONS.
 CONVENTIONS = {
-    "timm": {"pool_padding": "torch", "bn_epsilon": 1e-5},
+    "timm": xception.TIMM_CONVENTIONS,
     "keras": {"pool_padding": "same", "bn_epsilon": 1e-3},
     "deepfakebench": {"pool_padding": "torch", "bn_epsilon": 1e-5, "image_size": 256},
 }
@@ -79,6 +84,11 @@ def encoder_layout(model_config: ConfigDict) -> Iterator[Layer]:
 
 
 Flat = dict[str, np.ndarray]
+# Our leaf name -> timm's tensor name, for modules named as timm names them.
+TIMM_LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
+               "var": "running_var"}
+# Top-level timm tensors of the ImageNet head, which no encoder takes.
+TIMM_HEADS = ("fc.", "head.", "classifier.")
 
 
 def _put(params: Flat, stats: Flat, layer: Layer, arrays: dict[str, np.ndarray]) -> None:
@@ -117,11 +127,48 @@ def from_timm(state_dict: dict[str, np.ndarray], model_config: ConfigDict) -> tu
             arrays = {"scale": take(f"{t}.weight"), "bias": take(f"{t}.bias"),
                       "mean": take(f"{t}.running_mean"), "var": take(f"{t}.running_var")}
         _put(params, stats, layer, arrays)
+    _check_all_used(state_dict, used)
+    return params, stats
+
+
+def _check_all_used(state_dict: dict[str, np.ndarray], used: set[str]) -> None:
     unused = {k for k in state_dict if k not in used and not k.endswith("num_batches_tracked")}
-    unused -= {k for k in unused if k.startswith(("fc.", "head.", "classifier."))}
+    unused -= {k for k in unused if k.startswith(TIMM_HEADS)}
     if unused:
         raise ValueError(f"timm tensors no encoder layer takes: {sorted(unused)[:5]}")
-    return params, stats
+
+
+def from_timm_tree(state_dict: dict[str, np.ndarray], model_config: ConfigDict
+                   ) -> tuple[Flat, Flat]:
+    """timm tensors -> our flat params and batch stats, for a backbone whose module tree
+    carries timm's names: each leaf of our encoder takes the tensor of the same path (OIHW
+    kernels transposed to HWIO), checked against the shape our config builds."""
+    from cae_jax import train_step
+
+    _, params, stats = train_step.abstract_model(model_config)
+    arch = backbones.backbone(model_config).TIMM_ARCH
+    used = set()
+
+    def take(ours: dict) -> Flat:
+        arrays = {}
+        for path, shape in ours.items():
+            *module, leaf = path.split(".")
+            key = ".".join([*module, TIMM_LEAVES[leaf]])
+            if key not in state_dict:
+                raise KeyError(f"timm state dict has no {key!r}: not a {arch} of this size")
+            array = np.asarray(state_dict[key], np.float32)
+            if leaf == "kernel":
+                array = array.transpose(2, 3, 1, 0)
+            if array.shape != shape.shape:
+                raise ValueError(f"timm tensor {key!r} has shape {array.shape} (in our "
+                                 f"layout); the config's {arch} needs {shape.shape}")
+            used.add(key)
+            arrays[path] = array
+        return arrays
+
+    ours = take(flat_state.flatten(params["encoder"])), take(flat_state.flatten(stats["encoder"]))
+    _check_all_used(state_dict, used)
+    return ours
 
 
 def from_deepfakebench(
@@ -234,8 +281,15 @@ def from_keras(path: str | Path, model_config: ConfigDict) -> tuple[Flat, Flat]:
     return params, stats
 
 
+def conventions(source_format: str, encoder: str) -> dict:
+    """The model fields weights of this source and backbone need."""
+    if encoder == xception.NAME:
+        return CONVENTIONS[source_format]
+    return backbones.BACKBONES[encoder].TIMM_CONVENTIONS
+
+
 def save(out_dir: str | Path, params: Flat, stats: Flat, source_format: str, source: str,
-         classifier: Flat | None = None) -> None:
+         classifier: Flat | None = None, encoder: str = xception.NAME) -> None:
     import orbax.checkpoint as ocp
 
     out_dir = Path(out_dir).absolute()
@@ -245,8 +299,8 @@ def save(out_dir: str | Path, params: Flat, stats: Flat, source_format: str, sou
         ckptr.save(out_dir / "weights", {"params": params, "batch_stats": stats})
         if classifier:
             ckptr.save(out_dir / CLASSIFIER_ITEM, classifier)
-    meta = {"format": source_format, "source": str(source), **CONVENTIONS[source_format],
-            "classifier": bool(classifier)}
+    meta = {"format": source_format, "source": str(source), "encoder": encoder,
+            **conventions(source_format, encoder), "classifier": bool(classifier)}
     (out_dir / IMPORT_META).write_text(json.dumps(meta, indent=2))
 
 
@@ -278,8 +332,13 @@ def import_meta(config: ConfigDict) -> dict:
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path}: not written by `cae-jax import-weights`")
     meta = json.loads(meta_path.read_text())
+    # Imports written before backbones were a choice hold Xception weights.
+    encoder = meta.get("encoder", xception.NAME)
+    if encoder != backbones.name_of(config.model):
+        raise ValueError(f"{src} holds {encoder} weights; the config's encoder is "
+                         f"{backbones.name_of(config.model)} (model.encoder.name)")
     for key in ("pool_padding", "bn_epsilon"):
-        if config.model[key] != meta[key]:
+        if key in meta and config.model[key] != meta[key]:
             raise ValueError(
                 f"{src} holds {meta['format']} weights, which need model.{key}={meta[key]!r}; "
                 f"the config has {config.model[key]!r} (override --config.model.{key}={meta[key]})"
@@ -317,34 +376,52 @@ def load_encoder(state, config: ConfigDict, meta: dict):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", required=True, choices=sorted(CONVENTIONS),
-                        help="timm: legacy_xception state dict (.safetensors); keras: notop .h5; "
-                        "deepfakebench: their Xception detector (.pth or .safetensors)")
+                        help="timm: a timm state dict (.safetensors) of --arch; keras: Xception "
+                        "notop .h5; deepfakebench: their Xception detector (.pth or .safetensors)")
+    parser.add_argument("--arch", default=xception.TIMM_ARCH,
+                        choices=sorted(m.TIMM_ARCH for m in backbones.BACKBONES.values()),
+                        help="the timm model of a --format timm file (default: %(default)s)")
     parser.add_argument("--input", required=True, type=Path, help="the weights file")
     parser.add_argument("--output", required=True, type=Path, help="new Orbax checkpoint dir")
     parser.add_argument("--config", type=Path, default=None,
-                        help="config file whose model.encoder widths to check (default: full size)")
+                        help="config file whose model.encoder to check (default: --arch at "
+                        "full size)")
 
 
 def run(args: argparse.Namespace) -> int:
+    module = next(m for m in backbones.BACKBONES.values() if m.TIMM_ARCH == args.arch)
+    if args.format != "timm" and module is not xception:
+        raise SystemExit(f"error: --arch {args.arch}: only --format timm holds one")
     try:
         config = config_lib.load_config(args.config) if args.config else config_lib.default_config()
     except (FileNotFoundError, KeyError, ValueError) as err:
         raise SystemExit(f"error: {err}") from err
+    if not args.config:
+        config.model.encoder = module.encoder_config()
     model_config = config.model
+    if backbones.name_of(model_config) != module.NAME:
+        raise SystemExit(f"error: {args.config}: model.encoder.name is "
+                         f"{backbones.name_of(model_config)!r}; --arch {args.arch} needs "
+                         f"{module.NAME!r}")
     if not args.input.is_file():
         raise SystemExit(f"error: {args.input}: no such file")
     classifier = None
     if args.format == "timm":
         from safetensors.numpy import load_file
 
-        params, stats = from_timm(load_file(str(args.input)), model_config)
+        read = from_timm if module is xception else from_timm_tree
+        try:
+            params, stats = read(load_file(str(args.input)), model_config)
+        except (KeyError, ValueError) as err:
+            raise SystemExit(f"error: {args.input}: {err.args[0]}") from err
     elif args.format == "deepfakebench":
         state_dict = read_torch_state_dict(args.input)
         params, stats, classifier = from_deepfakebench(state_dict, model_config)
     else:
         params, stats = from_keras(args.input, model_config)
-    save(args.output, params, stats, args.format, args.input, classifier)
-    overrides = " ".join(f"--config.model.{k}={v}" for k, v in CONVENTIONS[args.format].items())
+    save(args.output, params, stats, args.format, args.input, classifier, module.NAME)
+    overrides = " ".join(f"--config.model.{k}={v}"
+                         for k, v in conventions(args.format, module.NAME).items())
     if classifier:
         overrides += " --config.model.classifier.hidden=()"
     print(f"wrote {args.output} ({len(params)} parameter arrays, "

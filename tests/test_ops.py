@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from cae_jax import config as config_lib
+from cae_jax import layers as layers_lib
 from cae_jax import models, ops
 from cae_jax.ops import cpu, native
 
@@ -113,7 +114,7 @@ def test_each_conv_gets_its_cpu_form():
                          [("decomposed", "dot_general"), ("native", "conv_general_dilated")])
 def test_model_convs_take_the_form_of_their_layer_impl(impl, differentiated_op):
     """The conv nnx.Conv runs: the im2col product when decomposed, XLA's conv when native."""
-    layers = models.Layers("float32", impl, 0.99, 1e-3)
+    layers = layers_lib.Layers("float32", impl, 0.99, 1e-3)
     layer = layers.conv(3, 8, 3, stride=2, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(layer)
     x = jnp.ones((1, 9, 9, 3))
@@ -193,10 +194,10 @@ def test_add_at_taps_is_the_adjoint_of_tap_windows(kernel_size, stride):
 
 
 def test_decoder_layer_has_flax_conv_transpose_parameters():
-    layers = models.Layers.from_config(config_lib.default_config().model)
+    layers = layers_lib.Layers.from_config(config_lib.default_config().model)
     ours = models.ConvTranspose(6, 5, 4, stride=2, layers=layers, rngs=nnx.Rngs(params=3))
     theirs = nnx.ConvTranspose(6, 5, (4, 4), strides=(2, 2), padding="SAME", use_bias=False,
-                               kernel_init=models.CONV_INIT, rngs=nnx.Rngs(params=3))
+                               kernel_init=layers_lib.CONV_INIT, rngs=nnx.Rngs(params=3))
     np.testing.assert_array_equal(ours.kernel[...], theirs.kernel[...])
     x = jax.random.normal(jax.random.key(0), (1, 3, 4, 6))
     np.testing.assert_allclose(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
@@ -226,14 +227,14 @@ def test_batch_norm_gradient_equals_autodiff_of_flax_statistics():
 
 
 def test_batch_norm_layer_equals_flax_batch_norm():
-    """Output, running statistics and gradients of models.BatchNorm vs nnx.BatchNorm, in
+    """Output, running statistics and gradients of layers.BatchNorm vs nnx.BatchNorm, in
     training and in inference."""
     x = jax.random.normal(jax.random.key(1), (2, 7, 7, 6)) * 2 - 0.5
     cotangent = jax.random.normal(jax.random.key(2), x.shape)
     results = []
     layers = [nnx.BatchNorm(6, momentum=0.9, epsilon=1e-3, rngs=nnx.Rngs(0))]
-    layers += [models.BatchNorm(6, layer_impl=impl, momentum=0.9, epsilon=1e-3, rngs=nnx.Rngs(0))
-               for impl in ops.LAYER_IMPLS]
+    layers += [layers_lib.BatchNorm(6, layer_impl=impl, momentum=0.9, epsilon=1e-3,
+                                    rngs=nnx.Rngs(0)) for impl in ops.LAYER_IMPLS]
     for layer in layers:
         layer.scale[...] = jnp.linspace(0.5, 2.0, 6)
         layer.bias[...] = jnp.linspace(-1.0, 1.0, 6)

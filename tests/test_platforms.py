@@ -117,6 +117,22 @@ def test_the_same_programs_lowered_for_the_cpu_take_the_decomposed_forms(auto_pr
     assert not any(k.startswith("custom_call @cae_jax") for k in serving)
 
 
+@pytest.mark.slow
+def test_full_size_efficientnet_b4_programs_lower_for_accelerators():
+    """configs/ffpp_c23_effb4.py at 299: every program lowers for cuda and tpu with no CPU
+    kernel, its 32 blocks' depthwise convs as grouped convolutions."""
+    programs = traced_programs(config_lib.load_config("configs/ffpp_c23_effb4.py"))
+    for name, traced in programs.items():
+        for platform in ACCELERATORS:
+            profile = form_profile(traced.lower(lowering_platforms=(platform,)).as_text())
+            leaked = [t for t in cpu_kernels.TARGETS if profile[f"custom_call @{t}"]]
+            assert not leaked, f"{name} for {platform} calls CPU kernels {leaked}"
+            grouped = sum(n for k, n in profile.items()
+                          if k.startswith("feature_group_count=") and k != "feature_group_count=1")
+            assert grouped >= 32, f"{name} on {platform}: {grouped} grouped convs"
+            assert profile["feature_group_count=48"] >= 1  # The first block's, at 1.4x width.
+
+
 def test_bundle_holds_cpu_cuda_and_tpu_and_scores_like_a_cpu_only_bundle(tmp_path):
     config = config_lib.load_config("configs/tiny.py")
     state = train_step.init_state(config)

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from ml_collections import ConfigDict
 from torch import nn
 
+from cae_jax import backbones
+
 # legacy_xception has these widths only; other configs have no PyTorch peer.
 XCEPTION_WIDTHS = {
     "stem_features": (32, 64),
@@ -33,6 +35,8 @@ XCEPTION_WIDTHS = {
 
 def unsupported_reason(model_config: ConfigDict) -> str:
     """Why this model config has no PyTorch peer ("" when it has one)."""
+    if backbones.name_of(model_config) != backbones.xception.NAME:
+        return f"the peer's encoder is legacy_xception; encoder.name={model_config.encoder.name}"
     enc = model_config.encoder
     for name, value in XCEPTION_WIDTHS.items():
         ours = tuple(enc[name]) if isinstance(value, tuple) else enc[name]

@@ -280,13 +280,13 @@ def restore_inference(path: str | os.PathLike) -> tuple[ConfigDict, Any, Any, in
     `path` is a training workdir, whose kept step with the best validation AUC is used (the
     latest when none was validated), or one step directory `WORKDIR/checkpoints/<step>`.
     Only params and batch_stats are read (no optimizer state), onto this process's first
-    local device, as `nnx.State` pytrees shaped like `train_step.abstract_model`'s.
+    local device, as `nnx.State` pytrees shaped like `models.abstract_model`'s.
     Raises FileNotFoundError for a path without a complete checkpoint or config.json.
     """
-    from cae_jax import train_step
+    from cae_jax import models
 
     config, step_dir = resolve_config_and_step(path)
-    _, params, batch_stats = train_step.abstract_model(config.model)
+    _, params, batch_stats = models.abstract_model(config.model)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),

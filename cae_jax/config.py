@@ -57,9 +57,14 @@ def default_config() -> ConfigDict:
     config.model.classifier.dropout = 0.5
 
     config.loss = ConfigDict()
+    # L = sum of each term of `losses.TERMS` times its weight (0 turns a term off).
+    config.loss.bce_weight = 1.0  # Real/fake binary cross-entropy of the classifier.
     config.loss.recon_weight = 1.0  # lambda in L = BCE + lambda * recon.
     config.loss.recon = "mse"  # "mse" or "l1".
     config.loss.recon_real_only = False  # Reconstruct only real faces (fakes add BCE only).
+    # 1 - SSIM of the reconstruction (11x11 Gaussian window; needs image_size >= 11), averaged
+    # as recon (real faces only with recon_real_only).
+    config.loss.ssim_weight = 0.0
 
     config.optim = ConfigDict()
     config.optim.learning_rate = 2e-4  # Peak of the warmup + cosine schedule.
@@ -264,7 +269,9 @@ RULES: tuple[tuple[str, tuple[Callable, str]], ...] = (
     ("model.decoder.output_activation", _one_of("tanh", "sigmoid")),
     ("model.classifier.hidden", _widths(0)),
     ("model.classifier.dropout", _number(0.0, 1.0, open_high=True)),
+    ("loss.bce_weight", _number(0.0)),
     ("loss.recon_weight", _number(0.0)),
+    ("loss.ssim_weight", _number(0.0)),
     ("loss.recon", _one_of("mse", "l1")),
     ("optim.learning_rate", _number(0.0, open_low=True)),
     ("optim.warmup_steps", _integer(0)),

@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from cae_jax import export_check, flat_state, pixels, stablehlo_target, train_step
+from cae_jax import export_check, flat_state, models, pixels, stablehlo_target
 from cae_jax.ops import cpu_serving
 
 MODEL_JSON = "model.json"
@@ -59,8 +59,9 @@ def serving_fns(graphdef: nnx.GraphDef) -> dict[str, Callable]:
     def run(weights: Weights, images: jax.Array):
         params, batch_stats = weights
         x = pixels.normalize(images)
-        logits, recon, _ = train_step.forward(graphdef, params, batch_stats, x, train=False)
-        return jax.nn.sigmoid(logits.astype(jnp.float32)), recon.astype(jnp.float32), x
+        outputs, _ = models.forward(graphdef, params, batch_stats, x, train=False)
+        return (jax.nn.sigmoid(outputs["logit"].astype(jnp.float32)),
+                outputs["reconstruction"].astype(jnp.float32), x)
 
     def classify(weights: Weights, images: jax.Array) -> dict[str, jax.Array]:
         return {"probability": run(weights, images)[0]}
@@ -170,7 +171,7 @@ def export_bundle(
         raise FileExistsError(f"{tmp} exists (an interrupted export?); remove it first")
     export_config, params = cast_for_export(config.model, params, dtype)
     params, batch_stats = jax.device_get((params, batch_stats))
-    graphdef, _, _ = train_step.abstract_model(export_config)
+    graphdef, _, _ = models.abstract_model(export_config)
     tmp.mkdir(parents=True)
     try:
         _write_bundle(tmp, export_config, graphdef, params, batch_stats, dtype=dtype,
@@ -236,7 +237,7 @@ class Predictor:
         self.meta = meta
         self.image_size = int(meta["image_size"])
         self.batch_size = batch_size
-        graphdef, _, _ = train_step.abstract_model(ConfigDict(meta["model"]))
+        graphdef, _, _ = models.abstract_model(ConfigDict(meta["model"]))
         self.params = params
         self.batch_stats = batch_stats
         self._fns = {name: jit_serving(fn) for name, fn in serving_fns(graphdef).items()}
@@ -273,7 +274,7 @@ def load_bundle(export_dir: str | os.PathLike, batch_size: int = 32) -> Predicto
     if meta.get("bundle_version", 0) > BUNDLE_VERSION:
         raise ValueError(f"{meta_path}: bundle_version {meta['bundle_version']} is newer than "
                          f"this cae-jax reads ({BUNDLE_VERSION}); upgrade cae-jax to load it")
-    _, abstract_params, abstract_stats = train_step.abstract_model(ConfigDict(meta["model"]))
+    _, abstract_params, abstract_stats = models.abstract_model(ConfigDict(meta["model"]))
     params_dtype = jnp.bfloat16 if meta["dtype"] == "bfloat16" else None
     target = {
         "params": flat_state.restore_target(flat_state.flatten(abstract_params), params_dtype),

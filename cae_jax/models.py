@@ -103,8 +103,10 @@ class CAE(nnx.Module):
 
     def __call__(
         self, x: jax.Array, *, train: bool, dropout_key: jax.Array | None = None
-    ) -> tuple[jax.Array, jax.Array]:
-        """x: float [N, H, W, 3] in [-1, 1] -> (logit [N], reconstruction [N, H, W, 3]).
+    ) -> dict[str, jax.Array]:
+        """x: float [N, H, W, 3] in [-1, 1] -> {"logit" [N], "reconstruction" [N, H, W, 3],
+        "latent" (the encoder's feature map)}: a mapping, so a loss on any of them
+        (`losses.TERMS`) needs no other change.
 
         The encoder sees x in its own normalization (`backbones.encoder_input`); the decoder
         reconstructs x itself."""
@@ -113,8 +115,27 @@ class CAE(nnx.Module):
         z = self.encoder(backbones.encoder_input(x, backbones.BACKBONES[self.backbone]),
                          train=train, dropout_key=encoder_key)
         logit = self.classifier(z, train=train, dropout_key=dropout_key)
-        return logit, self.decoder(z, train=train)
+        return {"logit": logit, "reconstruction": self.decoder(z, train=train), "latent": z}
 
 
 def build_model(model_config: ConfigDict, seed: int = 0) -> CAE:
     return CAE(model_config, nnx.Rngs(params=seed))
+
+
+def split_model(model: CAE) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    return graphdef, params, batch_stats
+
+
+def abstract_model(model_config: ConfigDict) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """GraphDef and shape-only states of the model: no memory, no compute."""
+    return split_model(nnx.eval_shape(lambda: build_model(model_config)))
+
+
+def forward(graphdef: nnx.GraphDef, params: nnx.State, batch_stats: nnx.State,
+            images: jax.Array, *, train: bool, dropout_key: jax.Array | None = None
+            ) -> tuple[dict[str, jax.Array], nnx.State]:
+    """Runs the model from its arrays: (`CAE.__call__`'s outputs, updated batch_stats)."""
+    model = nnx.merge(graphdef, params, batch_stats, copy=True)
+    outputs = model(images, train=train, dropout_key=dropout_key)
+    return outputs, nnx.state(model, nnx.BatchStat)

@@ -54,16 +54,6 @@ def make_optimizer(config: ConfigDict) -> optax.GradientTransformation:
     return adamw
 
 
-def split_model(model: models.CAE) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    return graphdef, params, batch_stats
-
-
-def abstract_model(model_config: ConfigDict) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    """GraphDef and shape-only states of the model: no memory, no compute."""
-    return split_model(nnx.eval_shape(lambda: models.build_model(model_config)))
-
-
 @dataclasses.dataclass(frozen=True)
 class AbstractState:
     """What a run derives once from its config and mesh and hands to every step and restore.
@@ -81,7 +71,7 @@ class AbstractState:
 
 def abstract_state(config: ConfigDict, mesh: Mesh) -> AbstractState:
     """The model graph and the train state's shapes and shardings, from shapes alone."""
-    graphdef, params, batch_stats = abstract_model(config.model)
+    graphdef, params, batch_stats = models.abstract_model(config.model)
     shapes = TrainState(
         step=jax.ShapeDtypeStruct((), jnp.int32),
         params=params,
@@ -95,7 +85,7 @@ def abstract_state(config: ConfigDict, mesh: Mesh) -> AbstractState:
 
 
 def init_state(config: ConfigDict) -> TrainState:
-    _, params, batch_stats = split_model(models.build_model(config.model, config.seed))
+    _, params, batch_stats = models.split_model(models.build_model(config.model, config.seed))
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -114,13 +104,6 @@ def create_train_state(config: ConfigDict, abstract: AbstractState) -> TrainStat
     if config.init_from:
         state = weights.load_encoder(state, config, meta)
     return state
-
-
-def forward(graphdef: nnx.GraphDef, params, batch_stats, images, *, train, dropout_key=None):
-    """Runs the model from its arrays; returns (logits, recon, updated batch_stats)."""
-    model = nnx.merge(graphdef, params, batch_stats, copy=True)
-    logits, recon = model(images, train=train, dropout_key=dropout_key)
-    return logits, recon, nnx.state(model, nnx.BatchStat)
 
 
 def make_train_step(config: ConfigDict, abstract: AbstractState) -> Callable:
@@ -147,10 +130,10 @@ def make_train_step(config: ConfigDict, abstract: AbstractState) -> Callable:
             images = pixels.normalize(device_augment.augment_batch(batch, max_kernel))
 
         def loss_fn(params, batch_stats):
-            logits, recon, new_stats = forward(
+            outputs, new_stats = models.forward(
                 graphdef, params, batch_stats, images, train=True, dropout_key=dropout_key,
             )
-            loss, terms = losses.joint_loss(logits, recon, images, batch["label"], config.loss)
+            loss, terms = losses.joint_loss(outputs, images, batch["label"], config.loss)
             return loss, (terms, new_stats)
 
         (loss, (terms, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -193,9 +176,10 @@ def make_eval_step(
     """
 
     def eval_step(state: TrainState, batch: dict[str, jax.Array]):
-        logits, recon, _ = forward(
+        model_outputs, _ = models.forward(
             abstract.graphdef, state.params, state.batch_stats, batch["image"], train=False
         )
+        logits, recon = model_outputs["logit"], model_outputs["reconstruction"]
         outputs = {
             "logit": logits,
             "prob": jax.nn.sigmoid(logits),

@@ -143,9 +143,9 @@ def from_timm_tree(state_dict: dict[str, np.ndarray], model_config: ConfigDict
     """timm tensors -> our flat params and batch stats, for a backbone whose module tree
     carries timm's names: each leaf of our encoder takes the tensor of the same path (OIHW
     kernels transposed to HWIO), checked against the shape our config builds."""
-    from cae_jax import train_step
+    from cae_jax import models
 
-    _, params, stats = train_step.abstract_model(model_config)
+    _, params, stats = models.abstract_model(model_config)
     arch = backbones.backbone(model_config).TIMM_ARCH
     used = set()
 

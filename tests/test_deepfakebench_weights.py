@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from cae_jax import main, sharding, train_step, weights
+from cae_jax import main, models, sharding, train_step, weights
 from data_prep import writer
 from tests.torch_helpers import randomize_batch_norm
 
@@ -154,8 +154,8 @@ def test_detector_import_gives_their_probabilities(tmp_path):
             config.model.classifier.hidden) == (SIDE, 1e-5, "torch", ())
     mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
     state = train_step.create_train_state(config, train_step.abstract_state(config, mesh))
-    graphdef, _, _ = train_step.abstract_model(config.model)
-    logits = jax.jit(lambda p, s, x: train_step.forward(graphdef, p, s, x, train=False)[0])(
+    graphdef, _, _ = models.abstract_model(config.model)
+    logits = jax.jit(lambda p, s, x: models.forward(graphdef, p, s, x, train=False)[0]["logit"])(
         state.params, state.batch_stats, images)
     ours = np.asarray(jax.nn.sigmoid(logits))
     np.testing.assert_allclose(ours, theirs, atol=1e-4)

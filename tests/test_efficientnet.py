@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cae_jax import backbones, checkpoints, main, pixels, sharding, train_step, weights
+from cae_jax import backbones, checkpoints, main, models, pixels, sharding, train_step, weights
 from cae_jax import config as config_lib
 from cae_jax.backbones import efficientnet
 from tests import datasets
@@ -26,13 +26,13 @@ def test_full_size_is_timms_b4():
     config = config_lib.default_config()
     config.model.encoder = efficientnet.encoder_config()
     config.model.image_size = 380
-    model = nnx.eval_shape(lambda: train_step.models.build_model(config.model))
+    model = nnx.eval_shape(lambda: models.build_model(config.model))
     encoder = nnx.state(model.encoder, nnx.Param)
     # timm's efficientnet_b4 with num_classes=0 has 17,548,616 parameters.
     assert sum(x.size for x in jax.tree.leaves(encoder)) == 17_548_616
     assert [len(stage) for stage in model.encoder.blocks] == [2, 4, 4, 6, 6, 8, 2]
     assert (model.encoder.features, model.encoder.stride) == (1792, 32)
-    graphdef, params, stats = train_step.abstract_model(config.model)
+    graphdef, params, stats = models.abstract_model(config.model)
     latent = jax.eval_shape(
         lambda p, b, x: nnx.merge(graphdef, p, b).encoder(x, train=False), params, stats,
         jax.ShapeDtypeStruct((1, 380, 380, 3), jnp.float32))
@@ -62,7 +62,7 @@ def test_config_without_encoder_name_is_xception():
     del saved["model"]["encoder"]["name"]
     config = config_lib.from_json(json.dumps(saved))
     config_lib.validate(config)
-    model = train_step.models.build_model(config.model)
+    model = models.build_model(config.model)
     assert type(model.encoder) is backbones.xception.Xception
 
 
@@ -88,7 +88,7 @@ def imported_encoder(config, out):
     config.init_from = str(out)
     mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
     state = train_step.create_train_state(config, train_step.abstract_state(config, mesh))
-    graphdef, _, _ = train_step.abstract_model(config.model)
+    graphdef, _, _ = models.abstract_model(config.model)
 
     @jax.jit
     def encode(params, batch_stats, x):
@@ -99,9 +99,8 @@ def imported_encoder(config, out):
 
 def test_timm_import_gives_timm_features(tmp_path):
     """Full-size B4 (timm's widths and depths), at 96x96 to keep the CPU test short."""
-    import torch
-
     model, path = timm_weights(tmp_path, 1.4, 1.8)
+    import torch
     assert sum(p.numel() for p in model.parameters()) == 17_548_616
     out = tmp_path / "imported"
     assert main.main(["import-weights", "--format", "timm", "--arch", "efficientnet_b4",
@@ -171,10 +170,10 @@ def test_tiny_b4_cae_trains_exports_and_predicts(tmp_path):
 
     config, params, stats, step = checkpoints.restore_inference(workdir)
     assert (config.model.encoder.name, step) == ("efficientnet_b4", 2)
-    graphdef, _, _ = train_step.abstract_model(config.model)
+    graphdef, _, _ = models.abstract_model(config.model)
     images = pixels.normalize(jnp.asarray(face)[None])
-    logits, _, _ = train_step.forward(graphdef, params, stats, images, train=False)
-    assert score == pytest.approx(float(jax.nn.sigmoid(logits[0])), abs=1e-5)
+    outputs, _ = models.forward(graphdef, params, stats, images, train=False)
+    assert score == pytest.approx(float(jax.nn.sigmoid(outputs["logit"][0])), abs=1e-5)
 
 
 def test_b4_config_has_no_xception_torch_peer():

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from cae_jax import config as config_lib
-from cae_jax import export, flat_state, pixels, sharding, train_step
+from cae_jax import export, flat_state, models, pixels, sharding, train_step
 from cae_jax.ops import cpu_serving
 
 SIZE = 64
@@ -36,7 +36,7 @@ def calibrated_model(config, state):
     init gives logits in the hundreds (probability exactly 0 or 1), which would hide any
     mismatch, so the output layer is rescaled.
     """
-    graphdef, _, _ = train_step.abstract_model(config.model)
+    graphdef, _, _ = models.abstract_model(config.model)
     batch_stats = random_batch_stats(state.batch_stats)
     params = jax.device_get(state.params)
     logits = model_outputs(graphdef, params, batch_stats, face_batch(8, seed=1))["logits"]
@@ -67,7 +67,8 @@ def model_outputs(graphdef, params, batch_stats, images) -> dict[str, jax.Array]
     """The JAX model itself: uint8 -> normalize -> CAE(train=False) -> sigmoid (one program:
     run op by op, each new batch size took seconds of compiling single ops)."""
     x = pixels.normalize(images)
-    logits, recon, _ = train_step.forward(graphdef, params, batch_stats, x, train=False)
+    outputs, _ = models.forward(graphdef, params, batch_stats, x, train=False)
+    logits, recon = outputs["logit"], outputs["reconstruction"]
     return {"logits": logits, "probability": jax.nn.sigmoid(logits), "reconstruction": recon,
             "error_map": jnp.mean(jnp.abs(recon - x), axis=-1)}
 

@@ -266,7 +266,8 @@ def test_whole_model_agrees_across_impls():
 
         def loss(params):
             model = nnx.merge(graphdef, params, rest, copy=True)
-            logits, recon = model(x, train=True, dropout_key=jax.random.key(1))
+            outputs = model(x, train=True, dropout_key=jax.random.key(1))
+            logits, recon = outputs["logit"], outputs["reconstruction"]
             return jnp.sum(logits) + jnp.sum(recon**2), (logits, recon)
 
         return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)

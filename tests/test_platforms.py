@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cae_jax import config as config_lib
-from cae_jax import device_augment, export, sharding, train_step
+from cae_jax import device_augment, export, models, sharding, train_step
 from cae_jax.ops import cpu_kernels
 
 BATCH = 32
@@ -55,7 +55,7 @@ def traced_programs(config) -> dict:
     train_batch = {**batch, "image": jax.ShapeDtypeStruct((BATCH, size, size, 3), jnp.uint8),
                    **{f"aug_{name}": jax.ShapeDtypeStruct((BATCH,), dtype)
                       for name, dtype in device_augment.PARAM_DTYPES.items()}}
-    graphdef, params, batch_stats = train_step.abstract_model(config.model)
+    graphdef, params, batch_stats = models.abstract_model(config.model)
     params = jax.eval_shape(
         lambda p: export.cast_for_export(config.model, p, config.model.dtype)[1], params)
     weights = (params, batch_stats)
@@ -197,8 +197,8 @@ def test_native_layer_forms_train_export_and_serve_end_to_end(tmp_path):
     bundle = export.export_bundle(restored, params, batch_stats, tmp_path / "bundle",
                                   platforms=("cpu", "cuda"))
     images = np.stack([datasets.face_crop(i) for i in range(4)])
-    graphdef, _, _ = train_step.abstract_model(restored.model)
-    logits = jax.jit(lambda p, s, x: train_step.forward(graphdef, p, s, x, train=False)[0])(
+    graphdef, _, _ = models.abstract_model(restored.model)
+    logits = jax.jit(lambda p, s, x: models.forward(graphdef, p, s, x, train=False)[0]["logit"])(
         params, batch_stats, pixels.normalize(jnp.asarray(images)))
     classify = jax.export.deserialize((bundle / "classify.jax").read_bytes())
     np.testing.assert_allclose(classify.call(images)["probability"], jax.nn.sigmoid(logits),

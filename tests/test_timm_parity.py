@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from cae_jax import config as config_lib
-from cae_jax import main, sharding, train_step
+from cae_jax import main, models, sharding, train_step
 
 # The `bench` extra; the newest stack leaves it out (README, "Install").
 torch = pytest.importorskip("torch")
@@ -40,7 +40,7 @@ def test_timm_import_gives_timm_features(tmp_path):
     config.model.bn_epsilon = 1e-5
     mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
     state = train_step.create_train_state(config, train_step.abstract_state(config, mesh))
-    graphdef, _, _ = train_step.abstract_model(config.model)
+    graphdef, _, _ = models.abstract_model(config.model)
 
     images = np.random.default_rng(1).uniform(-1, 1, (2, 299, 299, 3)).astype(np.float32)
 

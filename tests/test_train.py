@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cae_jax import checkpoints, eval_pipeline, main, sharding, train, train_step
+from cae_jax import checkpoints, eval_pipeline, main, models, sharding, train, train_step
 from cae_jax.config import load_config
 from tests import datasets
 
@@ -275,8 +275,9 @@ def test_validation_reads_the_split_once_and_draws_the_grid_from_that_pass(data_
     # The grid equals one drawn from a separate forward pass over the same first batch.
     first = next(iter(make_iterator(config, mesh, str(data_dir), "validation")))
     images = np.asarray(first["image"])[:5]
-    _, recons, _ = jax.jit(lambda s, x: train_step.forward(
-        abstract.graphdef, s.params, s.batch_stats, x, train=False))(state, images)
+    recons = jax.jit(lambda s, x: models.forward(
+        abstract.graphdef, s.params, s.batch_stats, x, train=False)[0]["reconstruction"])(
+            state, images)
     expected = train.recon_grid(images, np.asarray(recons))
     grid = logger.images["reconstruction"]
     assert grid.shape == expected.shape == (2 * 64, 5 * 64, 3)

@@ -8,7 +8,7 @@ import pytest
 from skimage import data, transform
 
 from cae_jax import config as config_lib
-from cae_jax import sharding, train_step
+from cae_jax import models, sharding, train_step
 
 MESHES = {"1 device": (1, 1), "data=8": (8, 1), "data=2,fsdp=4": (2, 4)}
 
@@ -143,6 +143,7 @@ def test_eval_step_with_reconstructions_adds_them_and_changes_nothing_else():
     assert set(full) == {*plain, "reconstruction"}
     for key, value in plain.items():
         np.testing.assert_allclose(full[key], value, rtol=1e-6, err_msg=key)
-    _, recon, _ = jax.jit(functools.partial(train_step.forward, abstract.graphdef, train=False))(
+    outputs, _ = jax.jit(functools.partial(models.forward, abstract.graphdef, train=False))(
         jax.device_get(state.params), jax.device_get(state.batch_stats), face_batch()["image"])
+    recon = outputs["reconstruction"]
     np.testing.assert_allclose(full["reconstruction"], recon, rtol=1e-5, atol=1e-5)

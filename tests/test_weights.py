@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from cae_jax import config as config_lib
-from cae_jax import main, sharding, train_step
+from cae_jax import main, models, sharding, train_step
 
 keras = pytest.importorskip("keras")
 
@@ -41,7 +41,7 @@ def randomize(model, seed=0):
 
 def test_full_size_parameter_count_and_shapes():
     config = config_lib.default_config()
-    graphdef, params, stats = train_step.abstract_model(config.model)
+    graphdef, params, stats = models.abstract_model(config.model)
     assert count(params["encoder"]) == 20_806_952  # timm legacy_xception without its fc.
     assert count(params["encoder"]) + count(stats["encoder"]) == 20_861_480  # Keras notop.
     # Decoder: ConvTranspose 4x4 (no bias) + BatchNorm scale/bias per stage from 2048
@@ -54,9 +54,10 @@ def test_full_size_parameter_count_and_shapes():
     assert count(params["classifier"]) == 2048 * 256 + 256 + 256 + 1 == 524_801
     assert "classifier" not in stats
     images = jax.ShapeDtypeStruct((2, 299, 299, 3), np.float32)
-    logits, recon, _ = jax.eval_shape(
-        lambda p, s, x: train_step.forward(graphdef, p, s, x, train=False), params, stats, images
+    outputs, _ = jax.eval_shape(
+        lambda p, s, x: models.forward(graphdef, p, s, x, train=False), params, stats, images
     )
+    logits, recon = outputs["logit"], outputs["reconstruction"]
     latent = jax.eval_shape(lambda p, s, x: encode(graphdef, p, s, x), params, stats, images)
     assert (logits.shape, recon.shape, latent.shape) == ((2,), (2, 299, 299, 3), (2, 10, 10, 2048))
 
@@ -89,7 +90,7 @@ def test_keras_import_gives_keras_features(size, batch, latent, tmp_path):
     config.model.bn_epsilon = 1e-3
     state = train_step.create_train_state(config, train_step.abstract_state(config, mesh))
 
-    graphdef, _, _ = train_step.abstract_model(config.model)
+    graphdef, _, _ = models.abstract_model(config.model)
     images = np.random.default_rng(1).uniform(-1, 1, (batch, size, size, 3))
     images = images.astype(np.float32)
     ours = np.asarray(jax.jit(encode, static_argnums=0)(

@@ -63,7 +63,7 @@ def infer_jax(config: ConfigDict, batch: int) -> tuple[Callable[[], object], dic
     """The exported "classify" serving function (uint8 in, probability out), jitted as
     `load_bundle`'s Predictor runs it."""
     model = models.build_model(config.model, config.seed)
-    graphdef, params, batch_stats = train_step.split_model(model)
+    graphdef, params, batch_stats = models.split_model(model)
     serving_fn = export.serving_fns(graphdef)["classify"]
     images = jnp.asarray(random_batch(config, batch)[0])
     weights = (params, batch_stats)

@@ -9,8 +9,8 @@ Three sources, nothing downloaded:
   state dict as safetensors): a Cadene Xception under `backbone.` (timm's keys) and a 2-way
   `last_linear`, which becomes our one-logit classifier head (`model.classifier.hidden=()`).
 
-One walk over the encoder (`encoder_layout`) names every layer in our tree, in timm and in Keras;
-both importers follow it, so the mapping is written once. The checkpoint stores flat
+Xception's layout (`backbones.xception.encoder_layout`, declared once beside the model) names
+every layer in our tree, in timm and in Keras; both importers follow it. The checkpoint stores flat
 `{"params": {path: array}, "batch_stats": {path: array}}` plus `import.json`, which records the
 backbone (`encoder`) and the conventions the weights need (`pool_padding`, `bn_epsilon`) so
 training refuses a mismatch.
@@ -19,9 +19,7 @@ training refuses a mismatch.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -44,45 +42,6 @@ CONVENTIONS = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class Layer:
-    path: str  # Our path below the encoder, "." separated.
-    kind: str  # "conv", "sep" or "bn".
-    timm: str  # Prefix in the timm state dict.
-    keras: str  # Keras layer name; "" for the unnamed residual layers (matched by order).
-
-
-def encoder_layout(model_config: ConfigDict) -> Iterator[Layer]:
-    """Every weighted layer of the encoder, in forward order."""
-    yield Layer("conv1", "conv", "conv1", "block1_conv1")
-    yield Layer("bn1", "bn", "bn1", "block1_conv1_bn")
-    yield Layer("conv2", "conv", "conv2", "block1_conv2")
-    yield Layer("bn2", "bn", "bn2", "block1_conv2_bn")
-    encoder = model_config.encoder
-    widths = [(width, width) for width in encoder.entry_features]
-    widths += [(encoder.entry_features[-1],) * 3] * encoder.middle_blocks
-    widths += [tuple(encoder.exit_features)]
-    in_width = encoder.stem_features[-1]
-    for b, block_widths in enumerate(widths):
-        ours, timm, keras = f"blocks.{b}", f"block{b + 1}", f"block{b + 2}"
-        strided = b < len(encoder.entry_features) or b == len(widths) - 1
-        if block_widths[-1] != in_width or strided:  # As in models.Block.
-            yield Layer(f"{ours}.skip", "conv", f"{timm}.skip", "")
-            yield Layer(f"{ours}.skipbn", "bn", f"{timm}.skipbn", "")
-        first = 0 if b == 0 else 1  # timm's first block has no leading ReLU in `rep`.
-        for j in range(len(block_widths)):
-            yield Layer(f"{ours}.seps.{j}", "sep", f"{timm}.rep.{first + 3 * j}",
-                        f"{keras}_sepconv{j + 1}")
-            yield Layer(f"{ours}.bns.{j}", "bn", f"{timm}.rep.{first + 3 * j + 1}",
-                        f"{keras}_sepconv{j + 1}_bn")
-        in_width = block_widths[-1]
-    head = f"block{len(widths) + 2}"
-    yield Layer("conv3", "sep", "conv3", f"{head}_sepconv1")
-    yield Layer("bn3", "bn", "bn3", f"{head}_sepconv1_bn")
-    yield Layer("conv4", "sep", "conv4", f"{head}_sepconv2")
-    yield Layer("bn4", "bn", "bn4", f"{head}_sepconv2_bn")
-
-
 Flat = dict[str, np.ndarray]
 # Our leaf name -> timm's tensor name, for modules named as timm names them.
 TIMM_LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
@@ -91,7 +50,7 @@ TIMM_LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "r
 TIMM_HEADS = ("fc.", "head.", "classifier.")
 
 
-def _put(params: Flat, stats: Flat, layer: Layer, arrays: dict[str, np.ndarray]) -> None:
+def _put(params: Flat, stats: Flat, layer: xception.Layer, arrays: dict[str, np.ndarray]) -> None:
     """Stores one layer's arrays (already in our layout) under our flat paths."""
     p = layer.path
     if layer.kind == "conv":
@@ -116,7 +75,7 @@ def from_timm(state_dict: dict[str, np.ndarray], model_config: ConfigDict) -> tu
         used.add(key)
         return np.asarray(state_dict[key], np.float32)
 
-    for layer in encoder_layout(model_config):
+    for layer in xception.encoder_layout(model_config):
         t = layer.timm
         if layer.kind == "conv":
             arrays = {"kernel": take(f"{t}.weight").transpose(2, 3, 1, 0)}
@@ -257,7 +216,7 @@ def from_keras(path: str | Path, model_config: ConfigDict) -> tuple[Flat, Flat]:
     residual_bns = [w for n, w in layers if not n.startswith("block") and "gamma" in w]
     params: Flat = {}
     stats: Flat = {}
-    for layer in encoder_layout(model_config):
+    for layer in xception.encoder_layout(model_config):
         if layer.keras:
             if layer.keras not in named:
                 raise KeyError(f"{path}: no layer {layer.keras!r}: not an Xception of this size")

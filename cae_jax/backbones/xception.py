@@ -1,14 +1,15 @@
 """Xception (Chollet), the paper's encoder: 299x299x3 -> 10x10x2048 at full size.
 
 Layer names follow timm's `legacy_xception` (conv1, bn1, block1..block12, conv3, bn4, ...) so
-imported ImageNet weights map one-to-one (`weights.encoder_layout`). Every layer runs in the
+imported ImageNet weights map one-to-one (`encoder_layout`). Every layer runs in the
 form `model.layer_impl` picks (`cae_jax.ops`). Input: [-1, 1], the pipeline's own range.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -141,6 +142,46 @@ class Xception(nnx.Module):
             x = block(x, train=train)
         x = nnx.relu(self.bn3(self.conv3(x), use_running_average=running))
         return nnx.relu(self.bn4(self.conv4(x), use_running_average=running))
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    path: str  # Our path below the encoder, "." separated.
+    kind: str  # "conv", "sep" or "bn".
+    timm: str  # Prefix in the timm state dict.
+    keras: str  # Keras layer name; "" for the unnamed residual layers (matched by order).
+
+
+def encoder_layout(model_config: ConfigDict) -> Iterator[Layer]:
+    """Every weighted layer of the encoder, in forward order, with its timm and Keras names
+    (which number blocks and layers otherwise than our tree): what `weights.py` imports by."""
+    yield Layer("conv1", "conv", "conv1", "block1_conv1")
+    yield Layer("bn1", "bn", "bn1", "block1_conv1_bn")
+    yield Layer("conv2", "conv", "conv2", "block1_conv2")
+    yield Layer("bn2", "bn", "bn2", "block1_conv2_bn")
+    encoder = model_config.encoder
+    widths = [(width, width) for width in encoder.entry_features]
+    widths += [(encoder.entry_features[-1],) * 3] * encoder.middle_blocks
+    widths += [tuple(encoder.exit_features)]
+    in_width = encoder.stem_features[-1]
+    for b, block_widths in enumerate(widths):
+        ours, timm, keras = f"blocks.{b}", f"block{b + 1}", f"block{b + 2}"
+        strided = b < len(encoder.entry_features) or b == len(widths) - 1
+        if block_widths[-1] != in_width or strided:  # As in Block.
+            yield Layer(f"{ours}.skip", "conv", f"{timm}.skip", "")
+            yield Layer(f"{ours}.skipbn", "bn", f"{timm}.skipbn", "")
+        first = 0 if b == 0 else 1  # timm's first block has no leading ReLU in `rep`.
+        for j in range(len(block_widths)):
+            yield Layer(f"{ours}.seps.{j}", "sep", f"{timm}.rep.{first + 3 * j}",
+                        f"{keras}_sepconv{j + 1}")
+            yield Layer(f"{ours}.bns.{j}", "bn", f"{timm}.rep.{first + 3 * j + 1}",
+                        f"{keras}_sepconv{j + 1}_bn")
+        in_width = block_widths[-1]
+    head = f"block{len(widths) + 2}"
+    yield Layer("conv3", "sep", "conv3", f"{head}_sepconv1")
+    yield Layer("bn3", "bn", "bn3", f"{head}_sepconv1_bn")
+    yield Layer("conv4", "sep", "conv4", f"{head}_sepconv2")
+    yield Layer("bn4", "bn", "bn4", f"{head}_sepconv2_bn")
 
 
 def build(model_config: ConfigDict, *, layers: Layers, rngs: nnx.Rngs) -> Xception:

@@ -29,16 +29,17 @@ from cae_jax import heatmap, metrics, scoring, serving
 from data_prep import faces, video
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", help="image or video files, or folders of them")
-    parser.add_argument("--model", required=True, help="bundle directory from `cae-jax export`")
-    parser.add_argument("--out", help="JSON file for the predictions (default: stdout)")
-    parser.add_argument("--heatmaps", help="folder for per-frame reconstruction-error heatmaps")
+def add_decision_arguments(parser: argparse.ArgumentParser) -> None:
+    """How scores become labels (`predict` and `serve`)."""
     parser.add_argument("--threshold", type=float, default=None,
                         help="score at or above which an input is labelled fake (default: "
                         "the bundle's operating point, else 0.5)")
     parser.add_argument("--operating-point", choices=sorted(metrics.OPERATING_POINTS),
                         help="which of the bundle's operating points decides (default: eer)")
+
+
+def add_face_arguments(parser: argparse.ArgumentParser) -> None:
+    """How faces are found (`predict` and `serve`): `face_options` reads them."""
     parser.add_argument("--frames-per-video", type=int, default=32, help="sampled uniformly")
     parser.add_argument("--margin", type=float, default=1.3, help="crop side / face box side")
     parser.add_argument("--detector", choices=sorted(faces.DETECTORS),
@@ -46,6 +47,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--align", action="store_true", help="rotate crops so eyes are level")
     parser.add_argument("--no-detect", action="store_true",
                         help="inputs are face crops already: whole frames are resized, scored")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", help="image or video files, or folders of them")
+    parser.add_argument("--model", required=True, help="bundle directory from `cae-jax export`")
+    parser.add_argument("--out", help="JSON file for the predictions (default: JSON Lines on "
+                        "stdout, one line per input as it is scored)")
+    parser.add_argument("--heatmaps", help="folder for per-frame reconstruction-error heatmaps")
+    add_decision_arguments(parser)
+    add_face_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=32, help="face crops per model call")
 
 
@@ -111,6 +122,13 @@ def flag_error(args: argparse.Namespace) -> str | None:
     """What is wrong with the flags, before any work; None when nothing is."""
     if args.batch_size < 1:
         return f"--batch-size must be at least 1, got {args.batch_size}"
+    if args.out and not Path(args.out).absolute().parent.is_dir():
+        return f"--out {args.out}: its folder does not exist"
+    return face_flag_error(args)
+
+
+def face_flag_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with the face and decision flags; None when nothing is."""
     if args.frames_per_video < 1:
         return f"--frames-per-video must be at least 1, got {args.frames_per_video}"
     if not args.margin > 0:
@@ -119,8 +137,6 @@ def flag_error(args: argparse.Namespace) -> str | None:
         return "--threshold and --operating-point both choose the threshold: give one"
     if args.threshold is not None and not math.isfinite(args.threshold):
         return f"--threshold must be a number, got {args.threshold}"
-    if args.out and not Path(args.out).absolute().parent.is_dir():
-        return f"--out {args.out}: its folder does not exist"
     return None
 
 

@@ -464,9 +464,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
-        service = build_service(args)
         sock = socket.create_server((args.host, args.port))
+    except OSError as err:
+        print(f"error: --host {args.host} --port {args.port}: cannot listen there "
+              f"({err.strerror or err})", file=sys.stderr)
+        return 2
+    try:
+        service = build_service(args)
     except (OSError, ValueError) as err:
+        sock.close()
         print(f"error: {err}", file=sys.stderr)
         return 2
     host, port = sock.getsockname()[:2]

@@ -269,3 +269,16 @@ def test_the_page_scores_a_face_in_headless_chromium(server, tmp_path):
     assert shown["score"] == pytest.approx(scored["score"], abs=1e-6)
     assert dom.count('class="face"') == len(scored["frames"])
     assert 'src="data:image/png;base64,' in dom
+
+
+def test_bad_flags_and_a_taken_port_are_one_line_errors(tmp_path, capsys):
+    assert cli.main(["serve", "--model", str(tmp_path), "--max-wait-ms", "-1"]) == 2
+    assert capsys.readouterr().err == "error: --max-wait-ms must be 0 or more, got -1.0\n"
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert cli.main(["serve", "--model", str(tmp_path), "--port", str(port)]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"error: --host 127.0.0.1 --port {port}: cannot listen there (Address already in use")
+    assert cli.main(["serve", "--model", str(tmp_path), "--port", "0"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path}/model.json: not found; is {tmp_path} a `cae-jax export` bundle?\n")

@@ -282,7 +282,15 @@ def run(args: argparse.Namespace) -> int:
             meta = {"model": export_config.to_dict(), "image_size": export_config.image_size}
             batch = config.input.eval_batch_size or config.train.batch_size
             predictor = serving.Predictor(meta, cast, batch_stats, batch_size=batch)
-            point = calibrate(predictor, config, data_dir, split)
+            try:
+                point = calibrate(predictor, config, data_dir, split)
+            except FileNotFoundError as err:
+                if args.calibration_data:
+                    raise
+                # The run's data moved since training: the bundle is still worth writing.
+                point = {"reason": f"the run's validation data is not readable here ({err})"}
+                print(f"{point['reason']}: the bundle decides at 0.5; --calibration-data DIR "
+                      "gives it an operating point", file=sys.stderr)
         else:
             print("no validation data (no input.eval_dir or train dir in the run's config, no "
                   "--calibration-data): the bundle decides at 0.5", file=sys.stderr)
@@ -294,7 +302,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {err}") from err
     print(f"wrote {out} (step {int(step)}, {args.dtype}): "
           + ", ".join(sorted(p.name for p in out.iterdir())))
-    if point:
+    if point and "thresholds" in point:
         print(f"operating point on {data_dir} ({split}, {point['faces']} faces, AUC "
               f"{point['auc']:.4f}): " + ", ".join(f"{k} {v:.4f}"
                                                    for k, v in point["thresholds"].items()))

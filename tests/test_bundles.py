@@ -225,3 +225,24 @@ def test_demo_decides_at_the_bundles_threshold_and_reports_balanced_accuracy(tmp
     fake = probs >= decided["threshold"]
     balanced = (fake[labels == 1].mean() + (~fake[labels == 0]).mean()) / 2
     assert decided["test_balanced_acc"] == pytest.approx(balanced, abs=1e-12)
+
+
+def test_a_run_whose_data_moved_still_exports_and_says_why_it_decides_at_one_half(tmp_path,
+                                                                                   capsys):
+    from cae_jax import checkpoints
+
+    write_two_checkpoints(tmp_path / "run", initial_state(tiny_config()))
+    config = tiny_config()
+    config.input.train_dirs = (str(tmp_path / "moved"),)
+    checkpoints.write_config(tmp_path / "run", config)
+    bundle = tmp_path / "bundle"
+    assert cli.main(["export", "--workdir", str(tmp_path / "run"), "--out", str(bundle),
+                     "--formats="]) == 0
+    reason = json.loads((bundle / serving.MODEL_JSON).read_text())["operating_point"]["reason"]
+    assert reason.startswith("the run's validation data is not readable here (")
+    assert str(tmp_path / "moved") in reason and reason in capsys.readouterr().err
+    assert serving.decision_threshold(serving.read_meta(bundle)) == (0.5, f"0.5 (uncalibrated: "
+                                                                         f"{reason})")
+    with pytest.raises(SystemExit, match=f"error: .*{tmp_path / 'moved'}"):
+        cli.main(["export", "--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "b2"),
+                  "--formats=", "--calibration-data", str(tmp_path / "moved")])

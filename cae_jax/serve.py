@@ -259,6 +259,15 @@ def _score_upload(service: Service, data: bytes, name: str, with_heatmaps: bool)
     return result
 
 
+def _compile(predictor: serving.Predictor) -> None:
+    """Both signatures at every padded batch size, before the server says it is ready."""
+    size = predictor.image_size
+    for count in predictor.bucket_sizes:
+        faces = np.zeros((count, size, size, 3), np.uint8)
+        predictor.predict_proba(faces)
+        predictor.reconstruct(faces)
+
+
 def make_app(service: Service):
     """The Starlette application of one bundle."""
     from starlette.applications import Starlette
@@ -371,11 +380,7 @@ def make_app(service: Service):
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        size = service.predictor.image_size
-        await run_in_threadpool(service.predictor.reconstruct,
-                                np.zeros((1, size, size, 3), np.uint8))  # Compile first.
-        await run_in_threadpool(service.predictor.predict_proba,
-                                np.zeros((1, size, size, 3), np.uint8))
+        await run_in_threadpool(_compile, service.predictor)
         service.ready = True
         yield
         service.ready = False
@@ -398,7 +403,7 @@ def make_app(service: Service):
 
 def build_service(args: argparse.Namespace) -> Service:
     """The service of `args.model` (raises OSError/ValueError for a bad bundle or flag)."""
-    predictor = serving.load_bundle(args.model, batch_size=args.max_batch)
+    predictor = serving.load_bundle(args.model, batch_size=args.max_batch, buckets=True)
     if args.threshold is None:
         threshold, decision = serving.decision_threshold(predictor.meta,
                                                          args.operating_point or "")

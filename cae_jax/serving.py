@@ -98,12 +98,20 @@ def decision_threshold(meta: dict, operating_point: str = "") -> tuple[float, st
 
 
 class Predictor:
-    """Scores uint8 face crops with a bundle's model, in fixed-size padded batches (one compile)."""
+    """Scores uint8 face crops with a bundle's model, in fixed-size padded batches (one compile).
 
-    def __init__(self, meta: dict, params: nnx.State, batch_stats: nnx.State, batch_size: int = 32):
+    With `buckets`, a batch of n faces is padded only to the next power of two (at most
+    `batch_size`), one compile per size: a service's single requests then cost one face,
+    not a full batch (`bucket_sizes` lists the sizes to compile ahead)."""
+
+    def __init__(self, meta: dict, params: nnx.State, batch_stats: nnx.State, batch_size: int = 32,
+                 *, buckets: bool = False):
         self.meta = meta
         self.image_size = int(meta["image_size"])
         self.batch_size = batch_size
+        self.bucket_sizes = (sorted({min(1 << k, batch_size)
+                                     for k in range(batch_size.bit_length() + 1)})
+                             if buckets else [batch_size])
         graphdef, _, _ = models.abstract_model(ConfigDict(meta["model"]))
         self.params = params
         self.batch_stats = batch_stats
@@ -114,7 +122,8 @@ class Predictor:
         outputs = []
         for start in range(0, max(len(images), 1), self.batch_size):  # One pass when empty.
             chunk = images[start : start + self.batch_size]
-            padded = np.zeros((self.batch_size, *images.shape[1:]), np.uint8)
+            size = next(b for b in self.bucket_sizes if b >= len(chunk))
+            padded = np.zeros((size, *images.shape[1:]), np.uint8)
             padded[: len(chunk)] = chunk
             result = self._fns[name]((self.params, self.batch_stats), padded)
             outputs.append({k: np.asarray(v)[: len(chunk)] for k, v in result.items()})
@@ -142,7 +151,8 @@ def read_meta(export_dir: str | os.PathLike) -> dict:
     return meta
 
 
-def load_bundle(export_dir: str | os.PathLike, batch_size: int = 32) -> Predictor:
+def load_bundle(export_dir: str | os.PathLike, batch_size: int = 32, *,
+                buckets: bool = False) -> Predictor:
     """Reads a bundle's model.json and parameters into a Predictor."""
     import orbax.checkpoint as ocp
 
@@ -158,4 +168,4 @@ def load_bundle(export_dir: str | os.PathLike, batch_size: int = 32) -> Predicto
         loaded = ckptr.restore(root / PARAMS_DIR, target)
     params = flat_state.unflatten(abstract_params, loaded["params"])
     batch_stats = flat_state.unflatten(abstract_stats, loaded["batch_stats"])
-    return Predictor(meta, params, batch_stats, batch_size)
+    return Predictor(meta, params, batch_stats, batch_size, buckets=buckets)

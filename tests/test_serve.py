@@ -282,3 +282,19 @@ def test_bad_flags_and_a_taken_port_are_one_line_errors(tmp_path, capsys):
     assert cli.main(["serve", "--model", str(tmp_path), "--port", "0"]) == 2
     assert capsys.readouterr().err == (
         f"error: {tmp_path}/model.json: not found; is {tmp_path} a `cae-jax export` bundle?\n")
+
+
+def test_buckets_pad_to_the_next_power_of_two_with_the_same_scores(bundle):
+    from cae_jax import serving
+
+    bucketed = serving.load_bundle(bundle, batch_size=6, buckets=True)
+    fixed = serving.load_bundle(bundle, batch_size=6)
+    assert (bucketed.bucket_sizes, fixed.bucket_sizes) == ([1, 2, 4, 6], [6])
+    faces = np.random.default_rng(0).integers(0, 256, (9, 64, 64, 3), dtype=np.uint8)
+    padded = []
+    real_fn = bucketed._fns["classify"]
+    bucketed._fns["classify"] = lambda weights, images: (padded.append(len(images)),
+                                                         real_fn(weights, images))[1]
+    np.testing.assert_allclose(bucketed.predict_proba(faces), fixed.predict_proba(faces),
+                               atol=1e-5)
+    assert padded == [6, 4]  # 9 faces: a full batch of 6, then 3 padded to 4.

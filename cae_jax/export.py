@@ -139,6 +139,7 @@ def export_bundle(
     step: int | None = None,
     source: str = "",
     operating_point: dict | None = None,
+    decoder_trained: bool = True,
 ) -> Path:
     """Writes the inference bundle of a trained model's arrays into a new directory.
 
@@ -146,7 +147,8 @@ def export_bundle(
     `platforms` are those the artifacts run on, each in its own layer forms.
     Written into `OUT_DIR.tmp` and renamed at the end, so a failed export leaves no bundle
     that looks complete. `operating_point` (from `calibrate`) goes into model.json; None
-    records that the bundle has none.
+    records that the bundle has none. `decoder_trained=False` (an imported detector) marks
+    its reconstructions and heatmaps as those of an untrained decoder.
     """
     import orbax.checkpoint as ocp
 
@@ -180,6 +182,7 @@ def export_bundle(
         "step": step,
         "source": source,
         "operating_point": operating_point or {"reason": "no validation data given at export"},
+        "decoder_trained": decoder_trained,
         "input": f"uint8 [N, {size}, {size}, 3] RGB face crops",
         "outputs": {
             "probability": "float32 [N], probability the face is fake",
@@ -269,6 +272,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cae_jax import config as config_lib
+    from cae_jax import weights
 
     path = args.checkpoint or args.workdir
     try:
@@ -297,7 +301,8 @@ def run(args: argparse.Namespace) -> int:
         out = export_bundle(config, params, batch_stats, args.out, dtype=args.dtype,
                             formats=tuple(f for f in args.formats.split(",") if f),
                             platforms=tuple(p for p in args.platforms.split(",") if p),
-                            step=int(step), source=os.fspath(path), operating_point=point)
+                            step=int(step), source=os.fspath(path), operating_point=point,
+                            decoder_trained=not weights.is_import(path))
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         raise SystemExit(f"error: {err}") from err
     print(f"wrote {out} (step {int(step)}, {args.dtype}): "

@@ -186,6 +186,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"deciding at {args.threshold:.4f}: {decision}", file=sys.stderr)
+    if args.heatmaps and predictor.meta.get("decoder_trained") is False:
+        print(f"--heatmaps: {args.model} holds an imported detector whose decoder was never "
+              "trained; its heatmaps show no learned reconstruction", file=sys.stderr)
     if not out:
         _print_line(header)
     roots = (heatmap_folders(paths, Path(args.heatmaps)) if args.heatmaps

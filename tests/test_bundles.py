@@ -91,10 +91,13 @@ def test_imported_detector_exports_and_predicts_at_its_own_size(tmp_path, media,
     assert meta["image_size"] == 256 and meta["step"] == 0
     assert (meta["model"]["pool_padding"], meta["model"]["bn_epsilon"]) == ("torch", 1e-5)
     assert meta["operating_point"] == {"reason": "no validation data given at export"}
+    assert meta["decoder_trained"] is False
 
     out = tmp_path / "preds.json"
     assert cli.main(["predict", "--model", str(bundle), *inputs, "--no-detect",
-                     "--frames-per-video", "3", "--out", str(out)]) == 0
+                     "--frames-per-video", "3", "--out", str(out),
+                     "--heatmaps", str(tmp_path / "maps")]) == 0
+    assert "decoder was never trained" in capsys.readouterr().err
     report = json.loads(out.read_text())
     assert report["threshold"] == 0.5 and "uncalibrated" in report["decision"]
     classify = jax.jit(serving.serving_fns(graphdef)["classify"])
@@ -139,7 +142,9 @@ def calibrated(tmp_path_factory):
 
 def test_export_stores_the_validation_operating_points(calibrated):
     bundle, data = calibrated
-    point = json.loads((bundle / serving.MODEL_JSON).read_text())["operating_point"]
+    meta = json.loads((bundle / serving.MODEL_JSON).read_text())
+    point = meta["operating_point"]
+    assert meta["decoder_trained"] is True
     faces = np.stack([datasets.face_crop(i) for i in range(12)])
     labels = np.array([0] * 6 + [1] * 6)
     probs = serving.load_bundle(bundle).predict_proba(faces)

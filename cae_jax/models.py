@@ -254,3 +254,9 @@ class CAE(nnx.Module):
 
 def build_model(model_config: ConfigDict, seed: int = 0) -> CAE:
     return CAE(model_config, nnx.Rngs(params=seed))
+
+
+def abstract_model(model_config: ConfigDict) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """GraphDef and shape-only (params, batch_stats) of the model: no memory, no compute."""
+    model = nnx.eval_shape(lambda: build_model(model_config))
+    return nnx.split(model, nnx.Param, nnx.BatchStat)

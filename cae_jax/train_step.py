@@ -59,9 +59,7 @@ def split_model(model: models.CAE) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     return graphdef, params, batch_stats
 
 
-def abstract_model(model_config: ConfigDict) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    """GraphDef and shape-only states of the model: no memory, no compute."""
-    return split_model(nnx.eval_shape(lambda: models.build_model(model_config)))
+abstract_model = models.abstract_model  # Shapes only, as training and serving share.
 
 
 @dataclasses.dataclass(frozen=True)

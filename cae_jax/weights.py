@@ -235,7 +235,9 @@ def from_keras(path: str | Path, model_config: ConfigDict) -> tuple[Flat, Flat]:
 
 
 def save(out_dir: str | Path, params: Flat, stats: Flat, source_format: str, source: str,
-         classifier: Flat | None = None) -> None:
+         classifier: Flat | None = None, model_config: ConfigDict | None = None) -> None:
+    """The arrays and import.json; `model_config` (the widths the arrays fit) is recorded so
+    an imported detector is rebuilt at its own size (`detector_config`)."""
     import orbax.checkpoint as ocp
 
     out_dir = Path(out_dir).absolute()
@@ -247,6 +249,8 @@ def save(out_dir: str | Path, params: Flat, stats: Flat, source_format: str, sou
             ckptr.save(out_dir / CLASSIFIER_ITEM, classifier)
     meta = {"format": source_format, "source": str(source), **CONVENTIONS[source_format],
             "classifier": bool(classifier)}
+    if model_config is not None:
+        meta["model"] = model_config.to_dict()
     (out_dir / IMPORT_META).write_text(json.dumps(meta, indent=2))
 
 
@@ -262,6 +266,8 @@ def detector_config(import_dir: str | Path, base: ConfigDict | None = None) -> C
     meta = json.loads((import_dir / IMPORT_META).read_text())
     config = base if base is not None else config_lib.default_config()
     config.init_from = str(import_dir)
+    if "model" in meta:  # Imports before it was recorded hold the default widths.
+        config.model.update(meta["model"])
     for key in ("pool_padding", "bn_epsilon", "image_size"):
         if key in meta:
             config.model[key] = meta[key]
@@ -343,7 +349,7 @@ def run(args: argparse.Namespace) -> int:
         params, stats, classifier = from_deepfakebench(state_dict, model_config)
     else:
         params, stats = from_keras(args.input, model_config)
-    save(args.output, params, stats, args.format, args.input, classifier)
+    save(args.output, params, stats, args.format, args.input, classifier, model_config)
     overrides = " ".join(f"--config.model.{k}={v}" for k, v in CONVENTIONS[args.format].items())
     if classifier:
         overrides += " --config.model.classifier.hidden=()"

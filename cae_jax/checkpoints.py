@@ -96,13 +96,15 @@ def write_config(workdir: str | os.PathLike, config: ConfigDict) -> None:
 
 
 def read_config(workdir: str | os.PathLike) -> ConfigDict:
-    """The run's config, checked as a config file is (`config.validate`): evaluate, export
-    and predict build models from it, so a hand-edited or foreign file fails here, named."""
+    """The run's config, merged onto today's defaults (`config.from_saved`: fields added
+    since it was written take their defaults) and checked as a config file is
+    (`config.validate`): evaluate, export and predict build models from it, so a hand-edited
+    or foreign file fails here, named."""
     path = as_path(workdir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no config.json; is {workdir} a training workdir?")
     try:
-        config = config_lib.from_json(path.read_text())
+        config = config_lib.from_saved(json.loads(path.read_text()), str(path))
         config_lib.validate(config)
     except (json.JSONDecodeError, KeyError, ValueError) as err:
         raise ValueError(f"{path}: not a config written by cae-jax train ({err})") from err

@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
+from cae_jax import config as config_lib
 from cae_jax import flat_state, pixels, train_step
 from cae_jax.ops import cpu_serving
 
@@ -255,6 +256,11 @@ def load_bundle(export_dir: str | os.PathLike, batch_size: int = 32) -> Predicto
     if meta.get("bundle_version", 0) > BUNDLE_VERSION:
         raise ValueError(f"{meta_path}: bundle_version {meta['bundle_version']} is newer than "
                          f"this cae-jax reads ({BUNDLE_VERSION}); upgrade cae-jax to load it")
+    try:  # Written by any release: fields added since take their defaults.
+        meta["model"] = config_lib.from_saved(meta["model"], str(meta_path),
+                                              config_lib.default_config().model).to_dict()
+    except ValueError as err:
+        raise ValueError(f"{meta_path}: not a model written by cae-jax export ({err})") from err
     _, abstract_params, abstract_stats = train_step.abstract_model(ConfigDict(meta["model"]))
     params_dtype = jnp.bfloat16 if meta["dtype"] == "bfloat16" else None
     target = {

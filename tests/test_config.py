@@ -19,7 +19,10 @@ def test_overrides_parse_to_the_field_type():
 
 
 @pytest.mark.parametrize("item, error, named", [
-    ("--config.loss.nope=1", KeyError, r"'loss\.nope'"),
+    ("--config.loss.nope=1", ValueError, r"^unknown config field --config\.loss\.nope$"),
+    ("--config.train.step=3", ValueError, r"--config\.train\.step; did you mean train\.steps\?"),
+    ("--config.foo.bar=1", ValueError, r"^unknown config field --config\.foo\.bar$"),
+    ("--config.train=1", ValueError, r"^unknown config field --config\.train$"),
     ("--config.train.steps=ten", ValueError, r"--config\.train\.steps: cannot parse 'ten'"),
     ("--config.loss.recon_real_only=maybe", ValueError, r"--config\.loss\.recon_real_only "),
     ("--steps=1", ValueError, r"'--steps=1'"),
@@ -76,6 +79,42 @@ def test_cli_refuses_a_bad_config_without_a_traceback(tmp_path):
     assert "error: invalid config: train.eval_every=0" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("item, message", [
+    ("--config.train.step=3", "error: unknown config field --config.train.step; "
+                              "did you mean train.steps?"),
+    ("--config.foo.bar=1", "error: unknown config field --config.foo.bar"),
+])
+def test_cli_refuses_an_unknown_field_in_one_line(tmp_path, item, message):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "cae_jax.main", "train", "--config", "configs/tiny.py",
+         "--workdir", str(tmp_path / "run"), item],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == message
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_saved_config_merges_onto_the_defaults(caplog):
+    saved = config_lib.default_config().to_dict()
+    del saved["train"]["steps"], saved["input"]["sbi"]
+    saved["model"]["encoder"]["entry_features"] = [8, 8, 16]  # JSON has lists.
+    saved["model"]["gone"] = 1
+    config = config_lib.from_saved(saved, "old.json")
+    assert config.model.encoder.entry_features == (8, 8, 16)
+    assert config.train.steps == 20_000 and config.input.sbi.prob == 0.0
+    assert "old.json: written before fields input.sbi.prob, train.steps existed" in caplog.text
+    assert "old.json: fields model.gone are no longer used" in caplog.text
+    assert "gone" not in config.model
+    with pytest.raises(ValueError, match="model.encoder is not a group of fields"):
+        config_lib.from_saved({"model": {"encoder": 3}}, "bad.json")
+    with pytest.raises(ValueError, match="model.image_size is a field, not a group"):
+        config_lib.from_saved({"model": {"image_size": {"a": 1}}}, "bad.json")
 
 
 def test_missing_config_file_is_named(tmp_path):

@@ -14,16 +14,20 @@ from config.json in a field that fixes the run's meaning stops before touching a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
 import signal
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import jax
 import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
@@ -37,6 +41,7 @@ from cae_jax import (
     sharding,
     tensorboard_writer,
     train_step,
+    workdir_lock,
 )
 from cae_jax import config as config_lib
 
@@ -154,21 +159,48 @@ def _has_validation(config: ConfigDict) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def sole_writer(workdir: epath.Path) -> Iterator[None]:
+    """Process 0 holds the workdir's lock (workdir_lock.py) while the block runs; every
+    process stops, with process 0's reason, when it cannot. gs:// workdirs are not locked."""
+    refusal, lock = None, None
+    if jax.process_index() == 0 and "://" not in str(workdir):
+        try:
+            workdir_lock.make_directory(Path(workdir), "--workdir")
+            lock = workdir_lock.acquire(Path(workdir), "cae-jax train")
+        except workdir_lock.LockedError as err:
+            refusal = err
+    if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(
+            np.int32(refusal is not None)):
+        refusal = refusal or workdir_lock.LockedError(
+            f"--workdir {workdir}: process 0 could not lock it (its error says why)")
+    if refusal:
+        raise refusal
+    try:
+        yield
+    finally:
+        if lock:
+            workdir_lock.release(lock)
+
+
 def train(config: ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
     """Trains (or resumes) to `config.train.steps`; returns the last logged metrics."""
     workdir = checkpoints.as_path(workdir)
     config_lib.validate(config)
     if not config.input.train_dirs:
         raise ValueError("config.input.train_dirs is empty: nothing to train on")
+    with sole_writer(workdir), contextlib.ExitStack() as closing:
+        return _train(config, workdir, closing)
+
+
+def _train(config: ConfigDict, workdir: epath.Path,
+           closing: contextlib.ExitStack) -> dict[str, float]:
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, jax.devices())
-    manager = checkpoints.make_manager(workdir, config)
+    # Closed on every exit, early errors included (an open one dies with a thread traceback).
+    manager = closing.enter_context(checkpoints.make_manager(workdir, config))
     latest = manager.latest_step()
     if latest is not None:
-        try:
-            checkpoints.check_resumable(workdir, config)
-        except (ValueError, FileNotFoundError):
-            manager.close()
-            raise
+        checkpoints.check_resumable(workdir, config)
     checkpoints.write_config(workdir, config)
     data = input_pipeline.make_train_iterator(config, mesh)
     abstract = train_step.abstract_state(config, mesh)
@@ -221,8 +253,13 @@ def train(config: ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
                 logger.scalars(step, last)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['learning_rate']:.2e}")
                 tick, tick_step = now, step
-            val = validate(config, eval_step, state, mesh, logger, step) \
-                if validate_now else None
+            try:
+                val = validate(config, eval_step, state, mesh, logger, step) \
+                    if validate_now else None
+            except (ValueError, OSError) as err:  # A corrupt or unreadable validation record.
+                checkpoints.save(manager, step, state, data)  # Unscored; the training is kept.
+                raise ValueError(f"validation at step {step} failed ({err}); the step's "
+                                 "checkpoint is saved, a resume continues after it") from err
             if val:
                 last.update(val)
                 tqdm.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in val.items()))
@@ -242,7 +279,6 @@ def train(config: ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
     finally:
         bar.close()
         manager.wait_until_finished()
-        manager.close()
         data.close()
         logger.close()
         preemption.restore()
@@ -265,7 +301,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {err}") from err
     try:
         final = train(config, args.workdir)
-    except (NonFiniteLossError, FileNotFoundError, ValueError) as err:
+    except (NonFiniteLossError, FileNotFoundError, ValueError,
+            workdir_lock.LockedError) as err:
         raise SystemExit(f"error: {err}") from err
     if jax.process_index() == 0:
         print(json.dumps({"workdir": str(args.workdir), **final}))

@@ -48,6 +48,7 @@ def test_bad_overrides_are_named(item, error, named):
     ("--config.model.encoder.entry_features=(8,16)", r"model\.encoder\.entry_features="),
     ("--config.model.dtype=float16", r"model\.dtype='float16' "),
     ("--config.mesh.data=0", r"mesh\.data=0 \(must be -1 or an integer >= 1\)"),
+    ("--config.model.image_size=2", r"model\.image_size=2 \(must be an integer >= 7\)"),
 ])
 def test_values_no_run_can_use_are_refused_at_load_naming_the_field(item, named):
     with pytest.raises(ValueError, match=named):
@@ -136,3 +137,22 @@ def test_readme_documents_every_config_field():
 
     missing = [f for f in fields(config_lib.default_config()) if f"| `{f}` |" not in readme]
     assert not missing
+
+
+@pytest.mark.parametrize("pool_padding", ["torch", "same"])
+def test_latent_size_is_the_encoders_output_and_the_smallest_image_size_runs(pool_padding):
+    import jax
+    import jax.numpy as jnp
+
+    from cae_jax import models
+
+    config = config_lib.load_config("configs/tiny.py")
+    config.model.pool_padding = pool_padding
+    for size in (*range(3, 20), 64, 299):
+        config.model.image_size = size
+        encoder = models.build_model(config.model).encoder
+        shape = jax.eval_shape(lambda x, encoder=encoder: encoder(x, train=False),
+                               jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)).shape
+        assert shape[1:3] == (config_lib.latent_size(size),) * 2, size
+    assert config_lib.latent_size(config_lib.MIN_IMAGE_SIZE - 1) == 0
+    assert config_lib.latent_size(config_lib.MIN_IMAGE_SIZE) == 1

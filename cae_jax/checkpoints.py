@@ -214,6 +214,28 @@ def restore_train(
     return manager.restore(step, args=ocp.args.Composite(**items))[STATE_ITEM]
 
 
+def restore_newest_intact(manager: ocp.CheckpointManager, target: Any,
+                          data_iterator: Any) -> tuple[Any, int]:
+    """`restore_train` of the newest step that reads back, and its step number.
+
+    A step whose files were partly deleted (or damaged) is named in a warning and set aside
+    as `<step>.unreadable` (so the resumed run can save that step again); the step before it
+    is tried next. Raises ValueError when none reads.
+    """
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            return restore_train(manager, step, target, data_iterator), step
+        except (ValueError, OSError) as err:
+            broken = manager.directory / str(step)
+            logging.warning("%s: unreadable (%s); set aside as %s.unreadable, resuming from "
+                            "an earlier step", broken, str(err).splitlines()[0][:200], step)
+            if jax.process_index() == 0:
+                broken.rename(broken.parent / f"{step}.unreadable")
+            manager.reload()
+    raise ValueError(f"{manager.directory}: no checkpoint reads back (see the warnings); "
+                     "move it away to train afresh")
+
+
 def validation_scores(manager: ocp.CheckpointManager) -> dict[int, float]:
     """{step: validation AUC} of the kept steps validated with a finite AUC.
 
@@ -270,11 +292,37 @@ def resolve_config_and_step(path: str | os.PathLike) -> tuple[ConfigDict, epath.
     return read_config(workdir), step_dir
 
 
+def _dotted(path: tuple) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                    for k in path)
+
+
+def check_saved_shapes(step_dir: epath.Path, target: Any) -> None:
+    """Raises ValueError naming the first array of `target` that the step's saved state lacks
+    or holds in another shape: the step was saved from another model than config.json
+    describes. Read from the metadata, before any array is (Orbax's own error, after a
+    partial read, says how to switch the check off and leaves threads failing at exit)."""
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        metadata = checkpointer.metadata(step_dir / STATE_ITEM)
+    leaves = jax.tree_util.tree_flatten_with_path(getattr(metadata, "item_metadata", metadata))[0]
+    saved = {_dotted(path): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
+        key = _dotted(path)
+        if saved.get(key) != tuple(leaf.shape):
+            stored = f"has shape {saved[key]}" if key in saved else "is missing"
+            raise ValueError(
+                f"{step_dir}: saved from another model than "
+                f"{step_dir.parent.parent / CONFIG_FILE} describes (array {key} {stored}, "
+                f"that config makes {tuple(leaf.shape)})")
+
+
 def restore_state(step_dir: str | os.PathLike, target: Any) -> Any:
     """The full `TrainState` of one step directory laid out as `target`, as `restore_train`
     takes it: sharded as in training."""
+    step_dir = as_path(step_dir)
+    check_saved_shapes(step_dir, target)
     with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(as_path(step_dir) / STATE_ITEM, target)
+        return checkpointer.restore(step_dir / STATE_ITEM, target)
 
 
 def restore_inference(path: str | os.PathLike) -> tuple[ConfigDict, Any, Any, int]:
@@ -295,6 +343,7 @@ def restore_inference(path: str | os.PathLike) -> tuple[ConfigDict, Any, Any, in
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
         {"params": params, "batch_stats": batch_stats},
     )
+    check_saved_shapes(step_dir, target)
     with ocp.PyTreeCheckpointer() as checkpointer:
         restored = checkpointer.restore(
             step_dir / STATE_ITEM,

@@ -269,8 +269,11 @@ def load_bundle(export_dir: str | os.PathLike, batch_size: int = 32) -> Predicto
     }
     with ocp.StandardCheckpointer() as ckptr:
         loaded = ckptr.restore(root / PARAMS_DIR, target)
-    params = flat_state.unflatten(abstract_params, loaded["params"])
-    batch_stats = flat_state.unflatten(abstract_stats, loaded["batch_stats"])
+    try:
+        params = flat_state.unflatten(abstract_params, loaded["params"])
+        batch_stats = flat_state.unflatten(abstract_stats, loaded["batch_stats"])
+    except ValueError as err:
+        raise ValueError(f"{root / PARAMS_DIR}: {err} than {meta_path} describes") from err
     return Predictor(meta, params, batch_stats, batch_size)
 
 

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -211,11 +212,15 @@ def _train(config: ConfigDict, workdir: epath.Path,
     if latest is None:
         state = train_step.create_train_state(config, abstract)
     else:
-        state = checkpoints.restore_train(manager, latest, abstract.shapes, data)
+        state, latest = checkpoints.restore_newest_intact(manager, abstract.shapes, data)
         if jax.process_index() == 0:
             tqdm.write(f"resumed from {workdir / checkpoints.CHECKPOINT_DIR} at step {latest}")
     step = int(state.step)
     total = config.train.steps
+    if step >= total and jax.process_index() == 0:
+        tqdm.write(f"nothing to train: the checkpoint in {workdir / checkpoints.CHECKPOINT_DIR} "
+                   f"is at step {step} and train.steps={total}; pass a larger "
+                   "--config.train.steps to train on", file=sys.stderr)
     logger = Logger(workdir, step)
     preemption = Preemption()
     bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True,

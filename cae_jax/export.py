@@ -294,9 +294,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cae_jax import checkpoints
+    from cae_jax import checkpoints, workdir_lock
 
     path = args.checkpoint or args.workdir
+    try:
+        workdir_lock.check_can_create(args.out, "--out")
+    except workdir_lock.DirectoryError as err:
+        raise SystemExit(f"error: {err}") from err
     try:
         config, params, batch_stats, step = checkpoints.restore_inference(path)
     except (FileNotFoundError, ValueError) as err:

@@ -169,11 +169,11 @@ def sole_writer(workdir: epath.Path) -> Iterator[None]:
         try:
             workdir_lock.make_directory(Path(workdir), "--workdir")
             lock = workdir_lock.acquire(Path(workdir), "cae-jax train")
-        except workdir_lock.LockedError as err:
+        except workdir_lock.DirectoryError as err:
             refusal = err
     if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(
             np.int32(refusal is not None)):
-        refusal = refusal or workdir_lock.LockedError(
+        refusal = refusal or workdir_lock.DirectoryError(
             f"--workdir {workdir}: process 0 could not lock it (its error says why)")
     if refusal:
         raise refusal
@@ -307,7 +307,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         final = train(config, args.workdir)
     except (NonFiniteLossError, FileNotFoundError, ValueError,
-            workdir_lock.LockedError) as err:
+            workdir_lock.DirectoryError) as err:
         raise SystemExit(f"error: {err}") from err
     if jax.process_index() == 0:
         print(json.dumps({"workdir": str(args.workdir), **final}))

@@ -1,4 +1,5 @@
-"""One writer per directory: a lock file naming the host and process that hold it.
+"""Directories a command writes: one writer per workdir (a lock file naming the host and
+process that hold it), and outputs that could not be created refused before the work.
 
 Two `cae-jax train` runs on one workdir would each replace metrics.jsonl under the other's open
 handle and overwrite each other's checkpoints, both reporting success; the second is refused
@@ -20,8 +21,9 @@ from pathlib import Path
 LOCK_FILE = "cae-jax.lock"
 
 
-class LockedError(RuntimeError):
-    """The directory is held by another live process (or one this host cannot check)."""
+class DirectoryError(RuntimeError):
+    """A directory cannot be written: held by another live process (or one this host cannot
+    check), a file, or not writable."""
 
 
 def _alive(pid: int) -> bool:
@@ -46,15 +48,32 @@ def _holder(path: Path) -> dict | None:
 def make_directory(directory: Path, flag: str) -> None:
     """Creates `directory` (and parents), one line naming `flag` where it cannot be one."""
     if directory.exists() and not directory.is_dir():
-        raise LockedError(f"{flag} {directory} is a file, not a directory")
+        raise DirectoryError(f"{flag} {directory} is a file, not a directory")
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise LockedError(f"{flag} {directory}: cannot create it ({err.strerror or err})") from err
+        raise DirectoryError(
+            f"{flag} {directory}: cannot create it ({err.strerror or err})") from err
+
+
+def check_can_create(path: str | os.PathLike, flag: str) -> None:
+    """Raises DirectoryError (one line naming `flag`) where `path` could not be created:
+    under a file, or in a directory this user cannot write. Checked before the work whose
+    result goes there; gs:// paths pass."""
+    path = Path(path).absolute()
+    if "://" in str(path):
+        return
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise DirectoryError(f"{flag} {path}: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise DirectoryError(f"{flag} {path}: {ancestor} is not writable")
 
 
 def acquire(directory: Path, command: str) -> Path:
-    """Creates DIRECTORY/cae-jax.lock for this process; raises LockedError naming the holder."""
+    """Creates DIRECTORY/cae-jax.lock for this process; raises DirectoryError naming the holder."""
     path = directory / LOCK_FILE
     owner = {"host": socket.gethostname(), "pid": os.getpid(), "command": command}
     for _ in range(3):
@@ -70,16 +89,16 @@ def acquire(directory: Path, command: str) -> Path:
                 continue
             who = (f"{holder.get('command', '?')} (process {holder.get('pid')} on "
                    f"{holder.get('host')})" if holder else "another process")
-            raise LockedError(
+            raise DirectoryError(
                 f"{directory} is in use by {who}: one run writes a directory at a time. "
                 f"Wait for it, or use another directory; if that process is gone, remove "
                 f"{path}.") from None
         except OSError as err:
-            raise LockedError(f"{path}: cannot create the lock ({err.strerror or err})") from err
+            raise DirectoryError(f"{path}: cannot create the lock ({err.strerror or err})") from err
         with os.fdopen(fd, "w") as f:
             json.dump(owner, f)
         return path
-    raise LockedError(f"{path}: another process keeps taking the lock; try again")
+    raise DirectoryError(f"{path}: another process keeps taking the lock; try again")
 
 
 def release(path: Path) -> None:

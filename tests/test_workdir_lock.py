@@ -62,7 +62,7 @@ def test_a_second_run_on_a_workdir_is_refused_and_a_dead_runs_lock_taken_over(tm
 def test_a_lock_of_another_host_is_refused_with_how_to_clear_it(tmp_path):
     (tmp_path / workdir_lock.LOCK_FILE).write_text(json.dumps(
         {"host": "elsewhere", "pid": 1, "command": "cae-jax train"}))
-    with pytest.raises(workdir_lock.LockedError,
+    with pytest.raises(workdir_lock.DirectoryError,
                        match=r"in use by cae-jax train \(process 1 on elsewhere\).*remove "):
         with train.sole_writer(tmp_path):
             pass
@@ -77,3 +77,39 @@ def test_a_workdir_that_is_a_file_is_one_line(tmp_path):
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == \
         f"error: --workdir {workdir} is a file, not a directory"
+
+
+@pytest.mark.parametrize("command", [
+    ["evaluate", "--checkpoint", "no-such-run", "--data", "no-such-data", "--out"],
+    ["export", "--workdir", "no-such-run", "--out"],
+])
+def test_an_out_under_a_file_is_refused_before_anything_is_read(tmp_path, command):
+    blocker = tmp_path / "report.txt"
+    blocker.write_text("a file")
+    out = blocker / "eval" / "metrics.json"
+    result = subprocess.run([sys.executable, "-m", "cae_jax.main", *command, str(out)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    # Refused for --out before the missing checkpoint is even looked for.
+    assert result.stderr.strip().splitlines()[-1] == \
+        f"error: --out {out}: {blocker} is a file, not a directory"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_an_out_in_a_read_only_directory_is_refused(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    with pytest.raises(workdir_lock.DirectoryError, match=f"--out {locked}/m.json: {locked} is "
+                       "not writable"):
+        workdir_lock.check_can_create(locked / "m.json", "--out")
+
+
+def test_evaluate_refuses_a_negative_batch_size_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "cae_jax.main", "evaluate", "--checkpoint",
+                             "run", "--data", "data", "--out", "m.json", "--batch-size", "-4"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == \
+        "error: --batch-size -4: must be >= 0 (0: the run's eval batch)"

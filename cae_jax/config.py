@@ -295,6 +295,7 @@ def _one_of(*choices: str) -> tuple[Callable, str]:
 
 
 _PROBABILITY = _number(0.0, 1.0)
+LAYER_IMPLS = ("auto", "decomposed", "native")  # How `cae_jax/ops` computes (model.layer_impl).
 # Every numeric or enumerated field whose bad value would divide by zero, loop forever, or
 # fail only later (after compiling, or hours into a run): (dotted key, (check, requirement)).
 RULES: tuple[tuple[str, tuple[Callable, str]], ...] = (
@@ -304,7 +305,7 @@ RULES: tuple[tuple[str, tuple[Callable, str]], ...] = (
     ("model.bn_momentum", _PROBABILITY),
     ("model.bn_epsilon", _number(0.0, open_low=True)),
     ("model.pool_padding", _one_of("torch", "same")),
-    ("model.layer_impl", _one_of("auto", "decomposed", "native")),
+    ("model.layer_impl", _one_of(*LAYER_IMPLS)),
     ("model.encoder.stem_features", _widths(2, 2)),
     ("model.encoder.entry_features", _widths(3, 3)),
     ("model.encoder.middle_blocks", _integer(0)),
@@ -351,6 +352,7 @@ RULES: tuple[tuple[str, tuple[Callable, str]], ...] = (
     ("input.augment.contrast_limit", _number(0.0, 1.0)),
     ("input.augment.jpeg_prob", _PROBABILITY),
     ("input.augment.jpeg_quality", _range(0, 100)),
+    ("input.augment.on_device", _one_of("auto", "on", "off")),
     ("input.sbi.prob", _PROBABILITY),
 )
 

@@ -48,6 +48,12 @@ def test_bad_overrides_are_named(item, error, named):
     ("--config.model.encoder.entry_features=(8,16)", r"model\.encoder\.entry_features="),
     ("--config.model.dtype=float16", r"model\.dtype='float16' "),
     ("--config.mesh.data=0", r"mesh\.data=0 \(must be -1 or an integer >= 1\)"),
+    ("--config.model.layer_impl=shifted", r"model\.layer_impl='shifted' \(must be one of 'auto', "
+                                          r"'decomposed', 'native'\)"),
+    ("--config.input.augment.on_device=maybe", r"input\.augment\.on_device='maybe' "),
+    ("--config.loss.recon=l2", r"loss\.recon='l2' "),
+    ("--config.model.decoder.output_activation=relu", r"output_activation='relu' "),
+    ("--config.model.pool_padding=valid", r"model\.pool_padding='valid' "),
     ("--config.model.image_size=2", r"model\.image_size=2 \(must be an integer >= 7\)"),
 ])
 def test_values_no_run_can_use_are_refused_at_load_naming_the_field(item, named):

@@ -15,10 +15,13 @@ steps and the best one by validation AUC (model selection never looks at the tes
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -167,6 +170,25 @@ def make_manager(workdir: str | os.PathLike, config: ConfigDict) -> ocp.Checkpoi
     )
 
 
+def check_free_space(manager: ocp.CheckpointManager) -> None:
+    """Raises OSError (ENOSPC) where the disk lacks room for two more steps as large as the
+    newest (a save writes beside the step still being written, and logs grow too): said
+    before the save, in one line, not by Orbax's writer thread at the save after it. gs://
+    workdirs are not checked."""
+    if "://" in str(manager.directory):
+        return
+    directory = Path(manager.directory)
+    written = [directory / str(s) for s in sorted(manager.all_steps(), reverse=True)
+               if (directory / str(s)).is_dir()]  # A step still being saved has a tmp name.
+    if not written:
+        return
+    need = 2 * sum(f.stat().st_blocks * 512 for f in written[0].rglob("*") if f.is_file())
+    free = shutil.disk_usage(directory).free
+    if free < need:
+        raise OSError(errno.ENOSPC, f"{directory}: disk full ({free / 2**20:.1f} MiB free, a "
+                      f"checkpoint needs {need / 2**20:.1f} MiB); free space, then resume")
+
+
 def save(
     manager: ocp.CheckpointManager,
     step: int,
@@ -174,9 +196,11 @@ def save(
     data_iterator: Any,
     metrics: dict[str, float] | None = None,
 ) -> bool:
-    """Starts an asynchronous save of the train state and data position at `step`."""
+    """Starts an asynchronous save of the train state and data position at `step`, after
+    `check_free_space`."""
     import grain
 
+    check_free_space(manager)
     return manager.save(
         step,
         args=ocp.args.Composite(**{

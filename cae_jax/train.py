@@ -309,6 +309,9 @@ def run(args: argparse.Namespace) -> int:
     except (NonFiniteLossError, FileNotFoundError, ValueError,
             workdir_lock.DirectoryError) as err:
         raise SystemExit(f"error: {err}") from err
+    except OSError as err:  # A full disk (checkpoints.check_free_space) or an unwritable file.
+        raise SystemExit(f"error: {err.strerror or err}"
+                         + (f": {err.filename}" if err.filename else "")) from err
     if jax.process_index() == 0:
         print(json.dumps({"workdir": str(args.workdir), **final}))
     return 0

@@ -12,7 +12,7 @@ from pathlib import Path
 import cv2
 import pytest
 
-from cae_jax import main, prepared_data
+from cae_jax import checkpoints, main, prepared_data
 from tests import datasets, test_previous_release
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,3 +133,17 @@ def test_a_checkpoint_or_bundle_of_another_model_is_named_in_one_line(fixture_ru
         rf"error: {re.escape(str(bundle / 'params'))}: array '[\w.]+' has shape \(.*\), the "
         rf"model's is \(.*\): saved from another model than "
         rf"{re.escape(str(bundle / 'model.json'))} describes", last_line(result))
+
+
+def test_a_full_disk_stops_before_the_save_in_one_line(fixture_run, monkeypatch):
+    checkpoints_dir = fixture_run / "workdir" / "checkpoints"
+    step_2 = sum(f.stat().st_blocks * 512 for f in (checkpoints_dir / "2").rglob("*")
+                 if f.is_file())
+    free = step_2  # Room for one more step, not for two (the one in flight and the next).
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage",
+                        lambda path: shutil._ntuple_diskusage(10 * free, 9 * free, free))
+    with pytest.raises(SystemExit, match=re.escape(
+            f"error: {checkpoints_dir}: disk full ({free / 2**20:.1f} MiB free, a checkpoint "
+            f"needs {2 * step_2 / 2**20:.1f} MiB); free space, then resume")):
+        resume(4)
+    assert sorted(p.name for p in checkpoints_dir.iterdir()) == ["2"]

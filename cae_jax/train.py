@@ -27,6 +27,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
@@ -190,15 +191,15 @@ def train(config: ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
     config_lib.validate(config)
     if not config.input.train_dirs:
         raise ValueError("config.input.train_dirs is empty: nothing to train on")
-    with sole_writer(workdir), contextlib.ExitStack() as closing:
-        return _train(config, workdir, closing)
+    # The manager is closed on every exit, early errors included (left open, its threads
+    # die with a traceback).
+    with sole_writer(workdir), checkpoints.make_manager(workdir, config) as manager:
+        return _train(config, workdir, manager)
 
 
 def _train(config: ConfigDict, workdir: epath.Path,
-           closing: contextlib.ExitStack) -> dict[str, float]:
+           manager: ocp.CheckpointManager) -> dict[str, float]:
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, jax.devices())
-    # Closed on every exit, early errors included (an open one dies with a thread traceback).
-    manager = closing.enter_context(checkpoints.make_manager(workdir, config))
     latest = manager.latest_step()
     if latest is not None:
         checkpoints.check_resumable(workdir, config)

@@ -73,6 +73,10 @@ def _replica_parallel_for_large_arrays_only() -> None:
 _replica_parallel_for_large_arrays_only()
 
 
+class AnotherModelError(ValueError):
+    """A step's arrays do not fit the model its workdir's config.json describes."""
+
+
 class ConfigMismatchError(ValueError):
     """A workdir's checkpoints were written under a config that differs in fixed fields."""
 
@@ -227,6 +231,7 @@ def restore_train(
 
     position = (manager.directory / str(step) / DATA_ITEM
                 / f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+    check_saved_shapes(manager.directory / str(step), target)
     items = {STATE_ITEM: ocp.args.StandardRestore(target)}
     if position.exists():
         items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
@@ -249,6 +254,8 @@ def restore_newest_intact(manager: ocp.CheckpointManager, target: Any,
     for step in sorted(manager.all_steps(), reverse=True):
         try:
             return restore_train(manager, step, target, data_iterator), step
+        except AnotherModelError:
+            raise  # Intact, and not this run's: no earlier step would fit either.
         except (ValueError, OSError) as err:
             broken = manager.directory / str(step)
             logging.warning("%s: unreadable (%s); set aside as %s.unreadable, resuming from "
@@ -322,22 +329,22 @@ def _dotted(path: tuple) -> str:
 
 
 def check_saved_shapes(step_dir: epath.Path, target: Any) -> None:
-    """Raises ValueError naming the first array of `target` that the step's saved state lacks
-    or holds in another shape: the step was saved from another model than config.json
-    describes. Read from the metadata, before any array is (Orbax's own error, after a
-    partial read, says how to switch the check off and leaves threads failing at exit)."""
+    """Raises AnotherModelError naming the first array of `target` that the step's state holds
+    in another shape: the step was saved from another model than config.json describes.
+    Read from the metadata, before any array is (Orbax's own error, after a partial read,
+    says how to switch the check off and leaves threads failing at exit). Arrays the
+    metadata lacks (a damaged step) are left for the restore to report."""
     with ocp.PyTreeCheckpointer() as checkpointer:
         metadata = checkpointer.metadata(step_dir / STATE_ITEM)
     leaves = jax.tree_util.tree_flatten_with_path(getattr(metadata, "item_metadata", metadata))[0]
     saved = {_dotted(path): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
     for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
         key = _dotted(path)
-        if saved.get(key) != tuple(leaf.shape):
-            stored = f"has shape {saved[key]}" if key in saved else "is missing"
-            raise ValueError(
+        if key in saved and saved[key] != tuple(leaf.shape):
+            raise AnotherModelError(
                 f"{step_dir}: saved from another model than "
-                f"{step_dir.parent.parent / CONFIG_FILE} describes (array {key} {stored}, "
-                f"that config makes {tuple(leaf.shape)})")
+                f"{step_dir.parent.parent / CONFIG_FILE} describes (array {key} has shape "
+                f"{saved[key]}, that config makes {tuple(leaf.shape)})")
 
 
 def restore_state(step_dir: str | os.PathLike, target: Any) -> Any:

@@ -147,3 +147,18 @@ def test_a_full_disk_stops_before_the_save_in_one_line(fixture_run, monkeypatch)
             f"needs {2 * step_2 / 2**20:.1f} MiB); free space, then resume")):
         resume(4)
     assert sorted(p.name for p in checkpoints_dir.iterdir()) == ["2"]
+
+
+def test_a_resume_from_a_step_of_another_model_is_one_line_not_a_fallback(fixture_run):
+    workdir = fixture_run / "workdir"
+    edit_json(workdir / "config.json",
+              lambda c: c["model"]["encoder"].update(stem_features=[8, 8]))
+    with pytest.raises(SystemExit, match=re.escape(
+            f"error: {workdir / 'checkpoints' / '2'}: saved from another model than "
+            f"{workdir / 'config.json'} describes (array "
+            "params.encoder.blocks.0.seps.0.depthwise.value has shape (3, 3, 1, 4), that config "
+            "makes (3, 3, 1, 8))")):
+        main.main(["train", "--config", str(ROOT / "configs" / "tiny.py"), "--workdir",
+                   "workdir", *test_previous_release.model_overrides(),
+                   "--config.model.encoder.stem_features=(8,8)", "--config.train.steps=4"])
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2"]

@@ -154,6 +154,24 @@ def export_and_predict(workdir: Path, data_dir: Path, step: int) -> dict:
             "test_balanced_acc": metrics.rates_at(labels, probs, threshold)["balanced_acc"]}
 
 
+def adopt_data_dir(train_dir: Path, data_dir: Path) -> None:
+    """Points a moved or copied demo workdir's train/config.json at its own data/.
+
+    The saved config names the data dir the run started with, and a resume refuses other
+    data dirs; a demo trains only on the data/ beside it, so the path is recomputed here.
+    """
+    from cae_jax import checkpoints
+
+    if not (train_dir / checkpoints.CONFIG_FILE).is_file():
+        return
+    saved = checkpoints.read_config(train_dir)
+    if tuple(saved.input.train_dirs) != (str(data_dir),):
+        print(f"demo: {train_dir} was trained on {', '.join(saved.input.train_dirs)}; "
+              f"its workdir moved, so it continues on {data_dir}")
+        saved.input.train_dirs = (str(data_dir),)
+        checkpoints.write_config(train_dir, saved)
+
+
 def run_demo(workdir: Path, overrides: list[str]) -> dict:
     from cae_jax import evaluate, train
 
@@ -161,6 +179,7 @@ def run_demo(workdir: Path, overrides: list[str]) -> dict:
     config = config_lib.load_config(DEMO_CONFIG, overrides)
     data_dir = build_dataset(workdir / "data", config.model.image_size, config.seed)
     config.input.train_dirs = (str(data_dir),)
+    adopt_data_dir(workdir / "train", data_dir)
     built = time.time()
     train.train(config, workdir / "train")
     trained = time.time()
@@ -196,9 +215,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cae_jax import train, workdir_lock
+
     workdir = Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    summary = run_demo(workdir, args.overrides)
+    try:
+        config_lib.load_config(DEMO_CONFIG, args.overrides)  # Bad overrides: before any work.
+        workdir_lock.make_directory(workdir, "--workdir")
+        summary = run_demo(workdir, args.overrides)
+    except (FileNotFoundError, ValueError, train.NonFiniteLossError,
+            workdir_lock.DirectoryError) as err:
+        raise SystemExit(f"error: {err}") from err
     print(f"demo: test frame AUC {summary['test_frame_auc']:.4f}, balanced accuracy "
           f"{summary['test_frame_balanced_acc_at_threshold']:.4f} at {summary['threshold']:.4f} "
           f"({summary['decision']}), video AUC "

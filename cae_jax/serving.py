@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
+from cae_jax import config as config_lib
 from cae_jax import flat_state, models, pixels
 from cae_jax.ops import cpu_serving
 
@@ -148,6 +149,11 @@ def read_meta(export_dir: str | os.PathLike) -> dict:
     if meta.get("bundle_version", 0) > BUNDLE_VERSION:
         raise ValueError(f"{meta_path}: bundle_version {meta['bundle_version']} is newer than "
                          f"this cae-jax reads ({BUNDLE_VERSION}); upgrade cae-jax to load it")
+    try:  # Written by any release: fields added since take their defaults.
+        meta["model"] = config_lib.from_saved(meta["model"], str(meta_path),
+                                              config_lib.default_config().model).to_dict()
+    except ValueError as err:
+        raise ValueError(f"{meta_path}: not a model written by cae-jax export ({err})") from err
     return meta
 
 
@@ -166,6 +172,9 @@ def load_bundle(export_dir: str | os.PathLike, batch_size: int = 32, *,
     }
     with ocp.StandardCheckpointer() as ckptr:
         loaded = ckptr.restore(root / PARAMS_DIR, target)
-    params = flat_state.unflatten(abstract_params, loaded["params"])
-    batch_stats = flat_state.unflatten(abstract_stats, loaded["batch_stats"])
+    try:
+        params = flat_state.unflatten(abstract_params, loaded["params"])
+        batch_stats = flat_state.unflatten(abstract_stats, loaded["batch_stats"])
+    except ValueError as err:
+        raise ValueError(f"{root / PARAMS_DIR}: {err} than {root / MODEL_JSON} describes") from err
     return Predictor(meta, params, batch_stats, batch_size, buckets=buckets)

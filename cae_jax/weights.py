@@ -331,25 +331,63 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="config file whose model.encoder widths to check (default: full size)")
 
 
+def check_encoder_shapes(params: Flat, stats: Flat, model_config: ConfigDict,
+                         source: Path) -> None:
+    """Raises ValueError naming the first imported array whose shape the encoder of
+    `model_config` does not have (checked here, not when a run starts from the import)."""
+    from cae_jax import train_step
+
+    _, abstract_params, abstract_stats = train_step.abstract_model(model_config)
+    for arrays, abstract in ((params, abstract_params), (stats, abstract_stats)):
+        shapes = {k: tuple(v.shape) for k, v in flat_state.flatten(abstract["encoder"]).items()}
+        for key, array in arrays.items():
+            if tuple(array.shape) != shapes.get(key):
+                raise ValueError(f"{source}: array {key} has shape {tuple(array.shape)}, the "
+                                 f"encoder's is {shapes.get(key)} (model.encoder widths of "
+                                 "--config)")
+
+
+def _read(args: argparse.Namespace, model_config: ConfigDict) -> tuple[Flat, Flat, Flat | None]:
+    """(params, batch stats, classifier head or None) of the --input file."""
+    classifier = None
+    if args.format == "timm":
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        try:
+            state_dict = load_file(str(args.input))
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{args.input}: not a safetensors file ({err})") from err
+        params, stats = from_timm(state_dict, model_config)
+    elif args.format == "deepfakebench":
+        state_dict = read_torch_state_dict(args.input)
+        params, stats, classifier = from_deepfakebench(state_dict, model_config)
+    else:
+        try:
+            params, stats = from_keras(args.input, model_config)
+        except OSError as err:
+            raise ValueError(f"{args.input}: not a Keras HDF5 weights file ({err})") from err
+    check_encoder_shapes(params, stats, model_config, args.input)
+    return params, stats, classifier
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         config = config_lib.load_config(args.config) if args.config else config_lib.default_config()
     except (FileNotFoundError, KeyError, ValueError) as err:
         raise SystemExit(f"error: {err}") from err
-    model_config = config.model
     if not args.input.is_file():
         raise SystemExit(f"error: {args.input}: no such file")
-    classifier = None
-    if args.format == "timm":
-        from safetensors.numpy import load_file
-
-        params, stats = from_timm(load_file(str(args.input)), model_config)
-    elif args.format == "deepfakebench":
-        state_dict = read_torch_state_dict(args.input)
-        params, stats, classifier = from_deepfakebench(state_dict, model_config)
-    else:
-        params, stats = from_keras(args.input, model_config)
-    save(args.output, params, stats, args.format, args.input, classifier, model_config)
+    if args.output.exists():
+        raise SystemExit(f"error: --output {args.output} exists; choose a new directory")
+    try:
+        params, stats, classifier = _read(args, config.model)
+    except (KeyError, ValueError) as err:
+        message = str(err.args[0] if err.args else err)  # A KeyError's str() adds quotes.
+        if str(args.input) not in message:
+            message = f"{args.input}: {message}"
+        raise SystemExit(f"error: {message}") from err
+    save(args.output, params, stats, args.format, args.input, classifier, config.model)
     overrides = " ".join(f"--config.model.{k}={v}" for k, v in CONVENTIONS[args.format].items())
     if classifier:
         overrides += " --config.model.classifier.hidden=()"

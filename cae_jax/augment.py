@@ -145,7 +145,5 @@ def on_device(augment_config: ConfigDict, backend: str) -> bool:
     """Whether upscaling, flip, blur and brightness/contrast run in the train step
     (`on_device`: "auto" = on GPU and TPU, where host cores are the scarce resource; "on";
     "off")."""
-    choice = augment_config.on_device
-    if choice not in ("auto", "on", "off"):
-        raise ValueError(f"input.augment.on_device must be auto, on or off, got {choice!r}")
+    choice = augment_config.on_device  # One of config.RULES' choices.
     return choice == "on" or (choice == "auto" and backend in ("gpu", "tpu"))

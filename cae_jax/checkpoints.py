@@ -15,10 +15,13 @@ steps and the best one by validation AUC (model selection never looks at the tes
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -71,6 +74,10 @@ def _replica_parallel_for_large_arrays_only() -> None:
 _replica_parallel_for_large_arrays_only()
 
 
+class AnotherModelError(ValueError):
+    """A step's arrays do not fit the model its workdir's config.json describes."""
+
+
 class ConfigMismatchError(ValueError):
     """A workdir's checkpoints were written under a config that differs in fixed fields."""
 
@@ -95,13 +102,15 @@ def write_config(workdir: str | os.PathLike, config: ConfigDict) -> None:
 
 
 def read_config(workdir: str | os.PathLike) -> ConfigDict:
-    """The run's config, checked as a config file is (`config.validate`): evaluate, export
-    and predict build models from it, so a hand-edited or foreign file fails here, named."""
+    """The run's config, merged onto today's defaults (`config.from_saved`: fields added
+    since it was written take their defaults) and checked as a config file is
+    (`config.validate`): evaluate, export and predict build models from it, so a hand-edited
+    or foreign file fails here, named."""
     path = as_path(workdir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no config.json; is {workdir} a training workdir?")
     try:
-        config = config_lib.from_json(path.read_text())
+        config = config_lib.from_saved(json.loads(path.read_text()), str(path))
         config_lib.validate(config)
     except (json.JSONDecodeError, KeyError, ValueError) as err:
         raise ValueError(f"{path}: not a config written by cae-jax train ({err})") from err
@@ -164,6 +173,25 @@ def make_manager(workdir: str | os.PathLike, config: ConfigDict) -> ocp.Checkpoi
     )
 
 
+def check_free_space(manager: ocp.CheckpointManager) -> None:
+    """Raises OSError (ENOSPC) where the disk lacks room for two more steps as large as the
+    newest (a save writes beside the step still being written, and logs grow too): said
+    before the save, in one line, not by Orbax's writer thread at the save after it. gs://
+    workdirs are not checked."""
+    if "://" in str(manager.directory):
+        return
+    directory = Path(manager.directory)
+    written = [directory / str(s) for s in sorted(manager.all_steps(), reverse=True)
+               if (directory / str(s)).is_dir()]  # A step still being saved has a tmp name.
+    if not written:
+        return
+    need = 2 * sum(f.stat().st_blocks * 512 for f in written[0].rglob("*") if f.is_file())
+    free = shutil.disk_usage(directory).free
+    if free < need:
+        raise OSError(errno.ENOSPC, f"{directory}: disk full ({free / 2**20:.1f} MiB free, a "
+                      f"checkpoint needs {need / 2**20:.1f} MiB); free space, then resume")
+
+
 def save(
     manager: ocp.CheckpointManager,
     step: int,
@@ -171,9 +199,11 @@ def save(
     data_iterator: Any,
     metrics: dict[str, float] | None = None,
 ) -> bool:
-    """Starts an asynchronous save of the train state and data position at `step`."""
+    """Starts an asynchronous save of the train state and data position at `step`, after
+    `check_free_space`."""
     import grain
 
+    check_free_space(manager)
     return manager.save(
         step,
         args=ocp.args.Composite(**{
@@ -200,6 +230,7 @@ def restore_train(
 
     position = (manager.directory / str(step) / DATA_ITEM
                 / f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+    check_saved_shapes(manager.directory / str(step), target)
     items = {STATE_ITEM: ocp.args.StandardRestore(target)}
     if position.exists():
         items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
@@ -209,6 +240,30 @@ def restore_train(
             "number); restoring the train state only, the input restarts its shuffled order.",
             position.parent, jax.process_count())
     return manager.restore(step, args=ocp.args.Composite(**items))[STATE_ITEM]
+
+
+def restore_newest_intact(manager: ocp.CheckpointManager, target: Any,
+                          data_iterator: Any) -> tuple[Any, int]:
+    """`restore_train` of the newest step that reads back, and its step number.
+
+    A step whose files were partly deleted (or damaged) is named in a warning and set aside
+    as `<step>.unreadable` (so the resumed run can save that step again); the step before it
+    is tried next. Raises ValueError when none reads.
+    """
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            return restore_train(manager, step, target, data_iterator), step
+        except AnotherModelError:
+            raise  # Intact, and not this run's: no earlier step would fit either.
+        except (ValueError, OSError) as err:
+            broken = manager.directory / str(step)
+            logging.warning("%s: unreadable (%s); set aside as %s.unreadable, resuming from "
+                            "an earlier step", broken, str(err).splitlines()[0][:200], step)
+            if jax.process_index() == 0:
+                broken.rename(broken.parent / f"{step}.unreadable")
+            manager.reload()
+    raise ValueError(f"{manager.directory}: no checkpoint reads back (see the warnings); "
+                     "move it away to train afresh")
 
 
 def validation_scores(manager: ocp.CheckpointManager) -> dict[int, float]:
@@ -267,11 +322,37 @@ def resolve_config_and_step(path: str | os.PathLike) -> tuple[ConfigDict, epath.
     return read_config(workdir), step_dir
 
 
+def _dotted(path: tuple) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                    for k in path)
+
+
+def check_saved_shapes(step_dir: epath.Path, target: Any) -> None:
+    """Raises AnotherModelError naming the first array of `target` that the step's state holds
+    in another shape: the step was saved from another model than config.json describes.
+    Read from the metadata, before any array is (Orbax's own error, after a partial read,
+    says how to switch the check off and leaves threads failing at exit). Arrays the
+    metadata lacks (a damaged step) are left for the restore to report."""
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        metadata = checkpointer.metadata(step_dir / STATE_ITEM)
+    leaves = jax.tree_util.tree_flatten_with_path(getattr(metadata, "item_metadata", metadata))[0]
+    saved = {_dotted(path): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
+        key = _dotted(path)
+        if key in saved and saved[key] != tuple(leaf.shape):
+            raise AnotherModelError(
+                f"{step_dir}: saved from another model than "
+                f"{step_dir.parent.parent / CONFIG_FILE} describes (array {key} has shape "
+                f"{saved[key]}, that config makes {tuple(leaf.shape)})")
+
+
 def restore_state(step_dir: str | os.PathLike, target: Any) -> Any:
     """The full `TrainState` of one step directory laid out as `target`, as `restore_train`
     takes it: sharded as in training."""
+    step_dir = as_path(step_dir)
+    check_saved_shapes(step_dir, target)
     with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(as_path(step_dir) / STATE_ITEM, target)
+        return checkpointer.restore(step_dir / STATE_ITEM, target)
 
 
 def restore_inference(path: str | os.PathLike) -> tuple[ConfigDict, Any, Any, int]:
@@ -292,6 +373,7 @@ def restore_inference(path: str | os.PathLike) -> tuple[ConfigDict, Any, Any, in
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
         {"params": params, "batch_stats": batch_stats},
     )
+    check_saved_shapes(step_dir, target)
     with ocp.PyTreeCheckpointer() as checkpointer:
         restored = checkpointer.restore(
             step_dir / STATE_ITEM,

@@ -7,13 +7,15 @@
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.util
 import json
+import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
-import ml_collections
 from ml_collections import ConfigDict
 
 
@@ -151,6 +153,15 @@ def shipped_config(name: str) -> Path:
     raise FileNotFoundError(f"config file not found: {name} (nor a shipped config {file_name})")
 
 
+def python_file(path: str | Path, namespace: str) -> ModuleType:
+    """Runs a Python file (a config or sweep file) as a module named `namespace_<stem>`."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(f"{namespace}_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ConfigDict:
     """Runs `get_config()` of a Python config file and applies `--config.a.b=v` overrides.
 
@@ -160,10 +171,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> ConfigD
     path = Path(path)
     if not path.is_file():
         path = shipped_config(str(path))
-    spec = importlib.util.spec_from_file_location(f"cae_jax_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = python_file(path, "cae_jax_config").get_config()
     apply_overrides(config, overrides or [])
     validate(config)
     return config
@@ -190,11 +198,29 @@ def set_field(config: ConfigDict, dotted_key: str, text: str) -> None:
     *parents, name = dotted_key.split(".")
     node = config
     for part in parents:
-        node = node[part]
-    if name not in node:
-        raise KeyError(f"unknown config field {dotted_key!r}")
+        node = node.get(part) if isinstance(node, ConfigDict) else None
+    if not isinstance(node, ConfigDict) or name not in node or isinstance(node[name], ConfigDict):
+        raise ValueError(unknown_field_message(config, dotted_key))
     old = node[name]
     node[name] = _parse_like(old, text, dotted_key)
+
+
+def field_names(config: ConfigDict, prefix: str = "") -> list[str]:
+    """Dotted names of every leaf field of `config` ("train.steps", ...)."""
+    names = []
+    for key, value in config.items():
+        if isinstance(value, ConfigDict):
+            names += field_names(value, f"{prefix}{key}.")
+        else:
+            names.append(prefix + key)
+    return names
+
+
+def unknown_field_message(config: ConfigDict, dotted_key: str) -> str:
+    """"unknown config field ...", with the closest known field name where one is close."""
+    close = difflib.get_close_matches(dotted_key, field_names(config), n=1, cutoff=0.8)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return f"unknown config field --config.{dotted_key}{hint}"
 
 
 def _parse_like(old, text: str, key: str):
@@ -219,6 +245,21 @@ def _parse_like(old, text: str, key: str):
     if old is not None and not isinstance(value, type(old)):
         raise ValueError(f"--config.{key} is {type(old).__name__}, got {text!r}")
     return value
+
+
+def latent_size(image_size: int) -> int:
+    """Side of the encoder's output for an input side (299 -> 10): the stem's two valid 3x3
+    convs (the first with stride 2), then four padded stride-2 stages (the entry blocks and
+    the exit block, ceil(side / 2) each). 0 where the stem leaves no rows."""
+    side = (image_size - 3) // 2 + 1 - 2
+    if side < 1:
+        return 0
+    for _ in range(4):
+        side = -(-side // 2)
+    return side
+
+
+MIN_IMAGE_SIZE = next(size for size in range(1, 64) if latent_size(size) >= 1)
 
 
 def _integer(low: int) -> tuple[Callable, str]:
@@ -254,16 +295,17 @@ def _one_of(*choices: str) -> tuple[Callable, str]:
 
 
 _PROBABILITY = _number(0.0, 1.0)
+LAYER_IMPLS = ("auto", "decomposed", "native")  # How `cae_jax/ops` computes (model.layer_impl).
 # Every numeric or enumerated field whose bad value would divide by zero, loop forever, or
 # fail only later (after compiling, or hours into a run): (dotted key, (check, requirement)).
 RULES: tuple[tuple[str, tuple[Callable, str]], ...] = (
     ("seed", _integer(0)),
-    ("model.image_size", _integer(1)),
+    ("model.image_size", _integer(MIN_IMAGE_SIZE)),
     ("model.dtype", _one_of("float32", "bfloat16")),
     ("model.bn_momentum", _PROBABILITY),
     ("model.bn_epsilon", _number(0.0, open_low=True)),
     ("model.pool_padding", _one_of("torch", "same")),
-    ("model.layer_impl", _one_of("auto", "decomposed", "native")),
+    ("model.layer_impl", _one_of(*LAYER_IMPLS)),
     ("model.decoder.features", _widths(1)),
     ("model.decoder.kernel_size", _integer(1)),
     ("model.decoder.output_activation", _one_of("tanh", "sigmoid")),
@@ -307,6 +349,7 @@ RULES: tuple[tuple[str, tuple[Callable, str]], ...] = (
     ("input.augment.contrast_limit", _number(0.0, 1.0)),
     ("input.augment.jpeg_prob", _PROBABILITY),
     ("input.augment.jpeg_quality", _range(0, 100)),
+    ("input.augment.on_device", _one_of("auto", "on", "off")),
     ("input.sbi.prob", _PROBABILITY),
 )
 
@@ -357,5 +400,56 @@ def to_json(config: ConfigDict) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True)
 
 
-def from_json(text: str) -> ConfigDict:
-    return ml_collections.ConfigDict(json.loads(text))
+def _take_saved_encoder_defaults(config: ConfigDict, saved: dict) -> None:
+    """Gives `config` (a whole config or its model group) the encoder defaults of the backbone
+    `saved` names (Xception's where it names none), whose fields differ from the default's."""
+    from cae_jax import backbones
+
+    model, saved_model = (config, saved) if "encoder" in config else (
+        config.get("model"), saved.get("model") if isinstance(saved, dict) else None)
+    encoder = saved_model.get("encoder") if isinstance(saved_model, dict) else None
+    if isinstance(model, ConfigDict) and isinstance(encoder, dict):
+        module = backbones.BACKBONES.get(encoder.get("name", backbones.DEFAULT))
+        if module is not None:
+            model.encoder = module.encoder_config()
+
+
+def from_saved(saved: dict, source: str, defaults: ConfigDict | None = None) -> ConfigDict:
+    """A config saved by any release (config.json, a bundle's model) merged onto today's
+    `defaults` (`default_config()`): fields added since it was written take their defaults
+    and fields since removed are dropped, one log line each, so old workdirs and bundles
+    keep working. JSON lists become tuples where the default is one. Raises ValueError
+    where the saved layout does not fit (a value where a group belongs, or the reverse)."""
+    config = default_config() if defaults is None else ConfigDict(defaults.to_dict())
+    _take_saved_encoder_defaults(config, saved)
+    added = set(field_names(config))
+    dropped = []
+
+    def merge(node: ConfigDict, values: dict, prefix: str) -> None:
+        if not isinstance(values, dict):
+            raise ValueError(f"{prefix[:-1] or 'the config'} is not a group of fields")
+        for key, value in values.items():
+            name = prefix + key
+            if key not in node:
+                dropped.append(name)
+            elif isinstance(node[key], ConfigDict):
+                merge(node[key], value, name + ".")
+            elif isinstance(value, dict):
+                raise ValueError(f"{name} is a field, not a group")
+            else:
+                try:
+                    node[key] = tuple(value) if isinstance(node[key], tuple) else value
+                except TypeError as err:
+                    raise ValueError(f"{name}: {err}") from err
+                added.discard(name)
+
+    merge(config, saved, "")
+    if added == set(field_names(config)):
+        raise ValueError("it has none of cae-jax's config fields")
+    if added:
+        logging.warning("%s: written before fields %s existed; they take their defaults.",
+                        source, ", ".join(sorted(added)))
+    if dropped:
+        logging.warning("%s: fields %s are no longer used; ignored.",
+                        source, ", ".join(sorted(dropped)))
+    return config

@@ -114,10 +114,10 @@ def ensure_bundle(workdir: Path, step: int) -> Path:
     A bundle from an earlier demo run in this workdir is kept if it holds `step` and replaced
     if not: a run resumed with more steps may select another checkpoint.
     """
-    from cae_jax import export, main
+    from cae_jax import main, serving
 
     bundle = workdir / "bundle"
-    if bundle.exists() and json.loads((bundle / export.MODEL_JSON).read_text())["step"] != step:
+    if bundle.exists() and json.loads((bundle / serving.MODEL_JSON).read_text())["step"] != step:
         print(f"demo: {bundle} holds another step than the selected {step}; exporting anew")
         shutil.rmtree(bundle)
     if not bundle.exists():
@@ -127,9 +127,10 @@ def ensure_bundle(workdir: Path, step: int) -> Path:
 
 
 def export_and_predict(workdir: Path, data_dir: Path, step: int) -> dict:
-    """Exports the selected checkpoint (`step`) and scores a real and a fake test frame as
-    PNG files."""
-    from cae_jax import eval_pipeline, main
+    """Exports the selected checkpoint (`step`), calibrated on the validation split, and
+    scores a real and a fake test frame as PNG files at the bundle's threshold; the test
+    split's balanced accuracy at that threshold goes beside them."""
+    from cae_jax import eval_pipeline, export, main, metrics, serving
 
     bundle = ensure_bundle(workdir, step)
     samples = workdir / "predict_inputs"
@@ -145,7 +146,30 @@ def export_and_predict(workdir: Path, data_dir: Path, step: int) -> dict:
     out = workdir / "predict.json"
     main.main(["predict", str(samples), "--model", str(bundle), "--out", str(out),
                "--no-detect"])  # The saved frames are face crops already.
-    return json.loads(out.read_text())
+    predictor = serving.load_bundle(bundle)
+    threshold, decision = serving.decision_threshold(predictor.meta)
+    labels, probs, _ = export.score_prepared(predictor, config, str(data_dir), "test")
+    return {"predictions": json.loads(out.read_text()), "threshold": threshold,
+            "decision": decision,
+            "test_balanced_acc": metrics.rates_at(labels, probs, threshold)["balanced_acc"]}
+
+
+def adopt_data_dir(train_dir: Path, data_dir: Path) -> None:
+    """Points a moved or copied demo workdir's train/config.json at its own data/.
+
+    The saved config names the data dir the run started with, and a resume refuses other
+    data dirs; a demo trains only on the data/ beside it, so the path is recomputed here.
+    """
+    from cae_jax import checkpoints
+
+    if not (train_dir / checkpoints.CONFIG_FILE).is_file():
+        return
+    saved = checkpoints.read_config(train_dir)
+    if tuple(saved.input.train_dirs) != (str(data_dir),):
+        print(f"demo: {train_dir} was trained on {', '.join(saved.input.train_dirs)}; "
+              f"its workdir moved, so it continues on {data_dir}")
+        saved.input.train_dirs = (str(data_dir),)
+        checkpoints.write_config(train_dir, saved)
 
 
 def run_demo(workdir: Path, overrides: list[str]) -> dict:
@@ -155,15 +179,19 @@ def run_demo(workdir: Path, overrides: list[str]) -> dict:
     config = config_lib.load_config(DEMO_CONFIG, overrides)
     data_dir = build_dataset(workdir / "data", config.model.image_size, config.seed)
     config.input.train_dirs = (str(data_dir),)
+    adopt_data_dir(workdir / "train", data_dir)
     built = time.time()
     train.train(config, workdir / "train")
     trained = time.time()
     report = evaluate.evaluate_checkpoint(workdir / "train", [str(data_dir)], "test",
                                           workdir / "eval" / "metrics.json")
     test = report["results"][data_dir.name]["all"]
-    predictions = export_and_predict(workdir, data_dir, report["step"])
+    decided = export_and_predict(workdir, data_dir, report["step"])
     summary = {
         "test_frame_auc": test["frame"]["auc"],
+        "test_frame_balanced_acc_at_threshold": decided["test_balanced_acc"],
+        "threshold": decided["threshold"],
+        "decision": decided["decision"],
         "test_frame_acc": test["frame"]["acc"],
         "test_frame_eer": test["frame"]["eer"],
         "test_video_auc": test["video"]["auc"],
@@ -173,7 +201,7 @@ def run_demo(workdir: Path, overrides: list[str]) -> dict:
         "seconds": round(time.time() - start, 1),
         "seconds_data": round(built - start, 1),
         "seconds_train": round(trained - built, 1),
-        "predictions": predictions,
+        "predictions": decided["predictions"],
         "workdir": str(workdir),
     }
     (workdir / "demo_summary.json").write_text(json.dumps(summary, indent=2))
@@ -187,10 +215,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cae_jax import train, workdir_lock
+
     workdir = Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    summary = run_demo(workdir, args.overrides)
-    print(f"demo: test frame AUC {summary['test_frame_auc']:.4f}, video AUC "
+    try:
+        config_lib.load_config(DEMO_CONFIG, args.overrides)  # Bad overrides: before any work.
+        workdir_lock.make_directory(workdir, "--workdir")
+        summary = run_demo(workdir, args.overrides)
+    except (FileNotFoundError, ValueError, train.NonFiniteLossError,
+            workdir_lock.DirectoryError) as err:
+        raise SystemExit(f"error: {err}") from err
+    print(f"demo: test frame AUC {summary['test_frame_auc']:.4f}, balanced accuracy "
+          f"{summary['test_frame_balanced_acc_at_threshold']:.4f} at {summary['threshold']:.4f} "
+          f"({summary['decision']}), video AUC "
           f"{summary['test_video_auc']:.4f}, {summary['train_steps']} steps, "
           f"{summary['seconds']:.0f} s; summary in {workdir / 'demo_summary.json'}")
     return 0

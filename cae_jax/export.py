@@ -14,7 +14,13 @@ iterator state, no training config):
 The SavedModel and the `jax.export` artifacts hold programs for `DEFAULT_PLATFORMS` (cpu,
 cuda, tpu) unless narrowed; model.json lists them.
 
-`load_bundle(dir)` gives a `Predictor` for Python callers (`predict`, `evaluate`, the demo).
+The source is a training workdir, one of its step directories, or an `import-weights`
+directory holding a trained detector (DeepfakeBench's), exported at its own image size and
+conventions. Where validation data is known, model.json also holds the operating point
+(`calibrate`): thresholds picked on the validation faces that `predict` and `serve` decide at.
+
+`serving.load_bundle(dir)` gives a `Predictor` for Python callers (`predict`, `serve`,
+`evaluate`, the demo).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,11 +39,9 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from cae_jax import export_check, flat_state, models, pixels, stablehlo_target
-from cae_jax.ops import cpu_serving
+from cae_jax import export_check, flat_state, metrics, models, serving, stablehlo_target
+from cae_jax.serving import BUNDLE_VERSION, MODEL_JSON, PARAMS_DIR, serving_fns
 
-MODEL_JSON = "model.json"
-PARAMS_DIR = "params"
 SAVED_MODEL_DIR = "saved_model"
 JAX_EXPORTS = {"classify": "classify.jax", "reconstruct": "reconstruct.jax"}
 DTYPES = ("float32", "bfloat16")
@@ -45,41 +50,8 @@ PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 # Where bundles are served: each artifact holds one program per platform, each with that
 # platform's layer forms (`cae_jax.ops`), so a bundle exported on a CPU serves on GPU and TPU.
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
-BUNDLE_VERSION = 1
 
-Weights = tuple[nnx.State, nnx.State]  # (params, batch_stats)
-def serving_fns(graphdef: nnx.GraphDef) -> dict[str, Callable]:
-    """The two serving functions, `(weights, uint8 [N, H, W, 3]) -> outputs`.
-
-    "classify" returns only the probability, so XLA drops the decoder; "reconstruct" also
-    returns the reconstruction (float [-1, 1]) and the per-pixel error map |recon - input|
-    averaged over channels (float [N, H, W], in [-1, 1] units: 0..2).
-    """
-
-    def run(weights: Weights, images: jax.Array):
-        params, batch_stats = weights
-        x = pixels.normalize(images)
-        outputs, _ = models.forward(graphdef, params, batch_stats, x, train=False)
-        return (jax.nn.sigmoid(outputs["logit"].astype(jnp.float32)),
-                outputs["reconstruction"].astype(jnp.float32), x)
-
-    def classify(weights: Weights, images: jax.Array) -> dict[str, jax.Array]:
-        return {"probability": run(weights, images)[0]}
-
-    def reconstruct(weights: Weights, images: jax.Array) -> dict[str, jax.Array]:
-        prob, recon, x = run(weights, images)
-        error = jnp.mean(jnp.abs(recon - x), axis=-1)
-        return {"probability": prob, "reconstruction": recon, "error_map": error}
-
-    return {"classify": classify, "reconstruct": reconstruct}
-
-
-def jit_serving(fn: Callable) -> Callable:
-    """`jax.jit` of a serving function for this machine's devices; on the CPU with its
-    serving tuning (`ops.cpu_serving`)."""
-    if jax.default_backend() == "cpu":
-        return cpu_serving.jit(fn)
-    return jax.jit(fn)
+Weights = serving.Weights
 
 
 def cast_for_export(model_config: ConfigDict, params: nnx.State, dtype: str):
@@ -138,6 +110,17 @@ def _write_jax_exports(
         (out / file_name).write_bytes(exported.serialize())
 
 
+def check_out(out_dir: str | os.PathLike) -> Path:
+    """The absolute bundle path, refused where it or an interrupted export's temp exists."""
+    out = Path(out_dir).absolute()
+    if out.exists():
+        raise FileExistsError(f"{out} exists; choose a new --out directory")
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        raise FileExistsError(f"{tmp} exists (an interrupted export?); remove it first")
+    return out
+
+
 def export_bundle(
     config: ConfigDict,
     params: nnx.State,
@@ -149,6 +132,8 @@ def export_bundle(
     platforms: tuple[str, ...] = DEFAULT_PLATFORMS,
     step: int | None = None,
     source: str = "",
+    operating_point: dict | None = None,
+    decoder_trained: bool = True,
 ) -> Path:
     """Writes the inference bundle of a trained model's arrays into a new directory.
 
@@ -156,26 +141,25 @@ def export_bundle(
     `platforms` are those the artifacts run on, each in its own layer forms.
     Written into `OUT_DIR.tmp`, each artifact loaded and run as its consumer would
     (`export_check`; model.json lists the checks), then renamed: an export that fails removes
-    what it wrote.
+    what it wrote. `operating_point` (from `calibrate`) goes into model.json; None records
+    that the bundle has none. `decoder_trained=False` (an imported detector) marks its
+    reconstructions and heatmaps as those of an untrained decoder.
     """
     unknown = set(formats) - set(FORMATS)
     if unknown:
         raise ValueError(f"unknown export formats {sorted(unknown)}; choose from {FORMATS}")
     if not platforms or not set(platforms) <= set(PLATFORMS):
         raise ValueError(f"unknown platforms in {platforms}; choose one or more of {PLATFORMS}")
-    out = Path(out_dir).absolute()
-    if out.exists():
-        raise FileExistsError(f"{out} exists; choose a new --out directory")
+    out = check_out(out_dir)
     tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        raise FileExistsError(f"{tmp} exists (an interrupted export?); remove it first")
     export_config, params = cast_for_export(config.model, params, dtype)
     params, batch_stats = jax.device_get((params, batch_stats))
     graphdef, _, _ = models.abstract_model(export_config)
     tmp.mkdir(parents=True)
     try:
         _write_bundle(tmp, export_config, graphdef, params, batch_stats, dtype=dtype,
-                      formats=formats, platforms=platforms, step=step, source=source)
+                      formats=formats, platforms=platforms, step=step, source=source,
+                      operating_point=operating_point, decoder_trained=decoder_trained)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -186,7 +170,7 @@ def export_bundle(
 def _write_bundle(tmp: Path, export_config: ConfigDict, graphdef: nnx.GraphDef,
                   params: nnx.State, batch_stats: nnx.State, *, dtype: str,
                   formats: tuple[str, ...], platforms: tuple[str, ...], step: int | None,
-                  source: str) -> None:
+                  source: str, operating_point: dict | None, decoder_trained: bool) -> None:
     import orbax.checkpoint as ocp
 
     with ocp.StandardCheckpointer() as ckptr:
@@ -207,6 +191,8 @@ def _write_bundle(tmp: Path, export_config: ConfigDict, graphdef: nnx.GraphDef,
         "image_size": size,
         "step": step,
         "source": source,
+        "operating_point": operating_point or {"reason": "no validation data given at export"},
+        "decoder_trained": decoder_trained,
         "input": f"uint8 [N, {size}, {size}, 3] RGB face crops",
         "outputs": {
             "probability": "float32 [N], probability the face is fake",
@@ -219,77 +205,63 @@ def _write_bundle(tmp: Path, export_config: ConfigDict, graphdef: nnx.GraphDef,
     (tmp / MODEL_JSON).write_text(json.dumps(meta, indent=2, default=list))
 
 
-def check_images(images, image_size: int) -> np.ndarray:
-    """Raises a ValueError naming expected and given dtype/shape unless uint8 [N, S, S, 3]."""
-    images = np.asarray(images)
-    expected = f"uint8 [N, {image_size}, {image_size}, 3]"
-    if images.dtype != np.uint8:
-        raise ValueError(f"expected {expected} face crops, got dtype {images.dtype}")
-    if images.ndim != 4 or images.shape[1:] != (image_size, image_size, 3):
-        raise ValueError(f"expected {expected} face crops, got shape {list(images.shape)}")
-    return images
+def score_prepared(predictor: serving.Predictor, config: ConfigDict, data_dir: str,
+                   split: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """(labels, probabilities, number of videos) of every face of a prepared split, scored
+    by the bundle's own predictor (the scores `predict` and `serve` give)."""
+    from cae_jax import eval_pipeline
+
+    labels, probs, videos = [], [], set()
+    for batch in eval_pipeline.eval_batches(config, data_dir, split):
+        keep = batch["mask"]
+        probs.append(predictor.predict_proba(batch["image"][keep]))
+        labels.append(batch["label"][keep])
+        videos.update(zip(batch["dataset"][keep], batch["method"][keep],
+                          batch["video_id"][keep], strict=True))
+    return np.concatenate(labels), np.concatenate(probs), len(videos)
 
 
-class Predictor:
-    """Scores uint8 face crops with a bundle's model, in fixed-size padded batches (one compile)."""
-
-    def __init__(self, meta: dict, params: nnx.State, batch_stats: nnx.State, batch_size: int = 32):
-        self.meta = meta
-        self.image_size = int(meta["image_size"])
-        self.batch_size = batch_size
-        graphdef, _, _ = models.abstract_model(ConfigDict(meta["model"]))
-        self.params = params
-        self.batch_stats = batch_stats
-        self._fns = {name: jit_serving(fn) for name, fn in serving_fns(graphdef).items()}
-
-    def _run(self, name: str, images) -> dict[str, np.ndarray]:
-        images = check_images(images, self.image_size)
-        outputs = []
-        for start in range(0, max(len(images), 1), self.batch_size):  # One pass when empty.
-            chunk = images[start : start + self.batch_size]
-            padded = np.zeros((self.batch_size, *images.shape[1:]), np.uint8)
-            padded[: len(chunk)] = chunk
-            result = self._fns[name]((self.params, self.batch_stats), padded)
-            outputs.append({k: np.asarray(v)[: len(chunk)] for k, v in result.items()})
-        return {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
-
-    def predict_proba(self, images) -> np.ndarray:
-        """uint8 [N, S, S, 3] -> float32 [N], probability of fake."""
-        return self._run("classify", images)["probability"]
-
-    def reconstruct(self, images) -> dict[str, np.ndarray]:
-        """uint8 [N, S, S, 3] -> {"probability", "reconstruction", "error_map"}."""
-        return self._run("reconstruct", images)
-
-
-def load_bundle(export_dir: str | os.PathLike, batch_size: int = 32) -> Predictor:
-    """Reads a bundle's model.json and parameters; clear errors for a wrong directory."""
-    import orbax.checkpoint as ocp
-
-    root = Path(export_dir).absolute()
-    meta_path = root / MODEL_JSON
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path}: not found; is {root} a `cae-jax export` bundle?")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("bundle_version", 0) > BUNDLE_VERSION:
-        raise ValueError(f"{meta_path}: bundle_version {meta['bundle_version']} is newer than "
-                         f"this cae-jax reads ({BUNDLE_VERSION}); upgrade cae-jax to load it")
-    _, abstract_params, abstract_stats = models.abstract_model(ConfigDict(meta["model"]))
-    params_dtype = jnp.bfloat16 if meta["dtype"] == "bfloat16" else None
-    target = {
-        "params": flat_state.restore_target(flat_state.flatten(abstract_params), params_dtype),
-        "batch_stats": flat_state.restore_target(flat_state.flatten(abstract_stats)),
+def calibrate(predictor: serving.Predictor, config: ConfigDict, data_dir: str,
+              split: str) -> dict:
+    """The operating point of `predictor` on one prepared split: thresholds for EER and
+    FPR 1/5/10% of its faces (`metrics.operating_points`), their rates there, the AUC and
+    how many faces and videos they come from. Raises ValueError where the split cannot
+    place a threshold (one class only)."""
+    labels, probs, videos = score_prepared(predictor, config, data_dir, split)
+    if len(set(labels.tolist())) < 2:
+        raise ValueError(f"{data_dir} ({split}): {len(labels)} faces of one class; an "
+                         "operating point needs real and fake faces")
+    thresholds = metrics.operating_points(labels, probs)
+    return {
+        "default": "eer", "data": os.fspath(data_dir), "split": split,
+        "thresholds": thresholds,
+        "rates": {name: metrics.rates_at(labels, probs, t) for name, t in thresholds.items()},
+        "auc": metrics.auc(labels, probs), "faces": int(labels.size), "videos": videos,
     }
-    with ocp.StandardCheckpointer() as ckptr:
-        loaded = ckptr.restore(root / PARAMS_DIR, target)
-    params = flat_state.unflatten(abstract_params, loaded["params"])
-    batch_stats = flat_state.unflatten(abstract_stats, loaded["batch_stats"])
-    return Predictor(meta, params, batch_stats, batch_size)
+
+
+def restore_source(path: str) -> tuple[ConfigDict, nnx.State, nnx.State, int]:
+    """(config, params, batch_stats, step) of a training workdir, a step directory, or an
+    `import-weights` directory holding a detector (step 0: exported as imported)."""
+    from cae_jax import checkpoints, sharding, train_step, weights
+
+    if not weights.is_import(path):
+        return checkpoints.restore_inference(path)
+    meta = json.loads((Path(path) / weights.IMPORT_META).read_text())
+    if not meta.get("classifier"):
+        raise ValueError(f"{path}: {meta['format']} encoder weights only (no deepfake "
+                         f"classifier): train a detector from them first (cae-jax train "
+                         f"--config.init_from={path} ...), then export its workdir")
+    config = weights.detector_config(path)
+    mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
+    state = train_step.create_train_state(config, train_step.abstract_state(config, mesh))
+    return config, state.params, state.batch_stats, 0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a checkpoint step directory of a training run")
+    source.add_argument("--checkpoint", help="a checkpoint step directory of a training run, "
+                        "or an `import-weights` directory holding a detector")
     source.add_argument("--workdir", help="a training workdir: its best checkpoint by "
                         "validation AUC, else its latest")
     parser.add_argument("--out", required=True, help="new bundle directory")
@@ -301,22 +273,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--platforms", default=",".join(DEFAULT_PLATFORMS),
                         help="comma-separated platforms the artifacts run on, from: "
                         + ", ".join(PLATFORMS) + " (default: %(default)s)")
+    parser.add_argument("--calibration-data", help="prepared dir whose faces set the "
+                        "operating point (default: the run's input.eval_dir, else its first "
+                        "train dir)")
+    parser.add_argument("--calibration-split", help="its split (default: the run's "
+                        "input.eval_split)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from cae_jax import checkpoints
+    from cae_jax import config as config_lib
+    from cae_jax import weights, workdir_lock
 
     path = args.checkpoint or args.workdir
     try:
-        config, params, batch_stats, step = checkpoints.restore_inference(path)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from err
-    try:
+        workdir_lock.check_can_create(args.out, "--out")
+        check_out(args.out)
+        config, params, batch_stats, step = restore_source(path)
+        data_dir = args.calibration_data or config_lib.eval_data_dir(config)
+        split = args.calibration_split or config.input.eval_split
+        point = None
+        if data_dir:
+            export_config, cast = cast_for_export(config.model, params, args.dtype)
+            meta = {"model": export_config.to_dict(), "image_size": export_config.image_size}
+            batch = config.input.eval_batch_size or config.train.batch_size
+            predictor = serving.Predictor(meta, cast, batch_stats, batch_size=batch)
+            try:
+                point = calibrate(predictor, config, data_dir, split)
+            except FileNotFoundError as err:
+                if args.calibration_data:
+                    raise
+                # The run's data moved since training: the bundle is still worth writing.
+                point = {"reason": f"the run's validation data is not readable here ({err})"}
+                print(f"{point['reason']}: the bundle decides at 0.5; --calibration-data DIR "
+                      "gives it an operating point", file=sys.stderr)
+        else:
+            print("no validation data (no input.eval_dir or train dir in the run's config, no "
+                  "--calibration-data): the bundle decides at 0.5", file=sys.stderr)
         out = export_bundle(config, params, batch_stats, args.out, dtype=args.dtype,
                             formats=tuple(f for f in args.formats.split(",") if f),
                             platforms=tuple(p for p in args.platforms.split(",") if p),
-                            step=int(step), source=os.fspath(path))
-    except (FileExistsError, ValueError) as err:
+                            step=int(step), source=os.fspath(path), operating_point=point,
+                            decoder_trained=not weights.is_import(path))
+    except (FileNotFoundError, FileExistsError, ValueError, workdir_lock.DirectoryError) as err:
         raise SystemExit(f"error: {err}") from err
     except export_check.ArtifactError as err:
         raise SystemExit(f"error: export: {err}; no bundle written") from err
@@ -324,4 +322,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"checked {line}")
     print(f"wrote {out} (step {int(step)}, {args.dtype}): "
           + ", ".join(sorted(p.name for p in out.iterdir())))
+    if point and "thresholds" in point:
+        print(f"operating point on {data_dir} ({split}, {point['faces']} faces, AUC "
+              f"{point['auc']:.4f}): " + ", ".join(f"{k} {v:.4f}"
+                                                   for k, v in point["thresholds"].items()))
     return 0

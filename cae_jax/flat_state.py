@@ -20,14 +20,18 @@ def flatten(state: nnx.State) -> dict[str, Any]:
 def unflatten(state: nnx.State, arrays: dict[str, Any]) -> nnx.State:
     """A copy of `state` (real or shape-only) with each leaf taken from `arrays` by its path.
 
-    Raises ValueError naming the first path `arrays` lacks (arrays of another model), which
-    the commands report as a bad input file.
+    Raises ValueError naming the first path `arrays` lacks or holds in another shape (arrays
+    of another model), which the commands report as a bad input file.
     """
     state = jax.tree.map(lambda x: x, state)
     for path, leaf in nnx.to_flat_state(state):
         key = ".".join(map(str, path))
         if key not in arrays:
             raise ValueError(f"no array for {key!r}: saved from another model")
+        want, got = tuple(leaf.get_value().shape), tuple(arrays[key].shape)
+        if got != want:
+            raise ValueError(f"array {key!r} has shape {got}, the model's is {want}: saved "
+                             "from another model")
         leaf.set_value(arrays[key])
     return state
 

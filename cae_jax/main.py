@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("cae_jax.compare", "paired bootstrap AUC difference of two models' scores"),
     "export": ("cae_jax.export", "training checkpoint -> inference bundle"),
     "predict": ("cae_jax.predict", "score images and videos with an exported model"),
+    "serve": ("cae_jax.serve", "HTTP service of a bundle: TF Serving REST API, uploads, a page"),
     "demo": ("cae_jax.demo", "end-to-end run on built-in data (CPU)"),
     "bench": ("cae_jax.bench.cli", "speed benchmarks against peers"),
     "import-weights": ("cae_jax.weights", "ImageNet Xception weights (timm/keras) -> Orbax"),

@@ -40,9 +40,6 @@ class Decoder(nnx.Module):
 
     def __init__(self, in_features: int, features: Sequence[int], *, kernel_size: int,
                  output_activation: str, image_size: int, layers: Layers, rngs: nnx.Rngs):
-        if output_activation not in ("tanh", "sigmoid"):
-            raise ValueError(f"decoder.output_activation must be tanh or sigmoid, "
-                             f"got {output_activation!r}")
         ins = [in_features, *features[:-1]]
         self.ups = nnx.List([ConvTranspose(i, o, kernel_size, stride=2, layers=layers, rngs=rngs)
                              for i, o in zip(ins, features, strict=True)])

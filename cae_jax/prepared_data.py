@@ -35,8 +35,12 @@ def split_shards(data_dir: str | os.PathLike, split: str) -> list[tuple[str, int
     info_path = epath.Path(data_dir) / "dataset_info.json"
     if not info_path.is_file():
         raise FileNotFoundError(f"{info_path} not found: is {data_dir} a `cae-jax prepare` output?")
-    info = json.loads(info_path.read_text())
-    splits = {s["name"]: s for s in info.get("splits", [])}
+    try:
+        info = json.loads(info_path.read_text())
+        splits = {s["name"]: s for s in info.get("splits", [])}
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise ValueError(f"{info_path}: not a dataset_info.json written by `cae-jax prepare` "
+                         f"({err})") from err
     if split not in splits:
         raise ValueError(f"{info_path}: no split {split!r}; it has {sorted(splits)}")
     lengths = [int(n) for n in splits[split]["shardLengths"]]

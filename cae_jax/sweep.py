@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import importlib.util
 import itertools
 import json
 import re
@@ -102,9 +101,7 @@ def load_sweep(path: str | Path) -> list[Point]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"sweep file not found: {path}")
-    spec = importlib.util.spec_from_file_location(f"cae_jax_sweep_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = config_lib.python_file(path, "cae_jax_sweep")
     if not hasattr(module, "get_sweep"):
         raise ValueError(f"{path}: a sweep file defines get_sweep()")
     points = list(module.get_sweep())

@@ -14,16 +14,22 @@ from config.json in a field that fixes the run's meaning stops before touching a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
 import signal
+import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
@@ -38,6 +44,7 @@ from cae_jax import (
     sharding,
     tensorboard_writer,
     train_step,
+    workdir_lock,
 )
 from cae_jax import config as config_lib
 
@@ -153,21 +160,48 @@ def _has_validation(config: ConfigDict) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def sole_writer(workdir: epath.Path) -> Iterator[None]:
+    """Process 0 holds the workdir's lock (workdir_lock.py) while the block runs; every
+    process stops, with process 0's reason, when it cannot. gs:// workdirs are not locked."""
+    refusal, lock = None, None
+    if jax.process_index() == 0 and "://" not in str(workdir):
+        try:
+            workdir_lock.make_directory(Path(workdir), "--workdir")
+            lock = workdir_lock.acquire(Path(workdir), "cae-jax train")
+        except workdir_lock.DirectoryError as err:
+            refusal = err
+    if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(
+            np.int32(refusal is not None)):
+        refusal = refusal or workdir_lock.DirectoryError(
+            f"--workdir {workdir}: process 0 could not lock it (its error says why)")
+    if refusal:
+        raise refusal
+    try:
+        yield
+    finally:
+        if lock:
+            workdir_lock.release(lock)
+
+
 def train(config: ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
     """Trains (or resumes) to `config.train.steps`; returns the last logged metrics."""
     workdir = checkpoints.as_path(workdir)
     config_lib.validate(config)
     if not config.input.train_dirs:
         raise ValueError("config.input.train_dirs is empty: nothing to train on")
+    # The manager is closed on every exit, early errors included (left open, its threads
+    # die with a traceback).
+    with sole_writer(workdir), checkpoints.make_manager(workdir, config) as manager:
+        return _train(config, workdir, manager)
+
+
+def _train(config: ConfigDict, workdir: epath.Path,
+           manager: ocp.CheckpointManager) -> dict[str, float]:
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, jax.devices())
-    manager = checkpoints.make_manager(workdir, config)
     latest = manager.latest_step()
     if latest is not None:
-        try:
-            checkpoints.check_resumable(workdir, config)
-        except (ValueError, FileNotFoundError):
-            manager.close()
-            raise
+        checkpoints.check_resumable(workdir, config)
     checkpoints.write_config(workdir, config)
     data = input_pipeline.make_train_iterator(config, mesh)
     abstract = train_step.abstract_state(config, mesh)
@@ -178,11 +212,15 @@ def train(config: ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
     if latest is None:
         state = train_step.create_train_state(config, abstract)
     else:
-        state = checkpoints.restore_train(manager, latest, abstract.shapes, data)
+        state, latest = checkpoints.restore_newest_intact(manager, abstract.shapes, data)
         if jax.process_index() == 0:
             tqdm.write(f"resumed from {workdir / checkpoints.CHECKPOINT_DIR} at step {latest}")
     step = int(state.step)
     total = config.train.steps
+    if step >= total and jax.process_index() == 0:
+        tqdm.write(f"nothing to train: the checkpoint in {workdir / checkpoints.CHECKPOINT_DIR} "
+                   f"is at step {step} and train.steps={total}; pass a larger "
+                   "--config.train.steps to train on", file=sys.stderr)
     logger = Logger(workdir, step)
     preemption = Preemption()
     bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True,
@@ -220,8 +258,13 @@ def train(config: ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
                 logger.scalars(step, last)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['learning_rate']:.2e}")
                 tick, tick_step = now, step
-            val = validate(config, eval_step, state, mesh, logger, step) \
-                if validate_now else None
+            try:
+                val = validate(config, eval_step, state, mesh, logger, step) \
+                    if validate_now else None
+            except (ValueError, OSError) as err:  # A corrupt or unreadable validation record.
+                checkpoints.save(manager, step, state, data)  # Unscored; the training is kept.
+                raise ValueError(f"validation at step {step} failed ({err}); the step's "
+                                 "checkpoint is saved, a resume continues after it") from err
             if val:
                 last.update(val)
                 tqdm.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in val.items()))
@@ -241,7 +284,6 @@ def train(config: ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
     finally:
         bar.close()
         manager.wait_until_finished()
-        manager.close()
         data.close()
         logger.close()
         preemption.restore()
@@ -264,8 +306,12 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {err}") from err
     try:
         final = train(config, args.workdir)
-    except (NonFiniteLossError, FileNotFoundError, ValueError) as err:
+    except (NonFiniteLossError, FileNotFoundError, ValueError,
+            workdir_lock.DirectoryError) as err:
         raise SystemExit(f"error: {err}") from err
+    except OSError as err:  # A full disk (checkpoints.check_free_space) or an unwritable file.
+        raise SystemExit(f"error: {err.strerror or err}"
+                         + (f": {err.filename}" if err.filename else "")) from err
     if jax.process_index() == 0:
         print(json.dumps({"workdir": str(args.workdir), **final}))
     return 0

@@ -248,7 +248,10 @@ def conventions(source_format: str, encoder: str) -> dict:
 
 
 def save(out_dir: str | Path, params: Flat, stats: Flat, source_format: str, source: str,
-         classifier: Flat | None = None, encoder: str = xception.NAME) -> None:
+         classifier: Flat | None = None, model_config: ConfigDict | None = None) -> None:
+    """The arrays and import.json; `model_config` (the widths the arrays fit, and so the
+    backbone) is recorded so an imported detector is rebuilt at its own size
+    (`detector_config`) and training refuses another backbone (`import_meta`)."""
     import orbax.checkpoint as ocp
 
     out_dir = Path(out_dir).absolute()
@@ -258,8 +261,11 @@ def save(out_dir: str | Path, params: Flat, stats: Flat, source_format: str, sou
         ckptr.save(out_dir / "weights", {"params": params, "batch_stats": stats})
         if classifier:
             ckptr.save(out_dir / CLASSIFIER_ITEM, classifier)
+    encoder = backbones.name_of(model_config) if model_config is not None else xception.NAME
     meta = {"format": source_format, "source": str(source), "encoder": encoder,
             **conventions(source_format, encoder), "classifier": bool(classifier)}
+    if model_config is not None:
+        meta["model"] = model_config.to_dict()
     (out_dir / IMPORT_META).write_text(json.dumps(meta, indent=2))
 
 
@@ -275,6 +281,8 @@ def detector_config(import_dir: str | Path, base: ConfigDict | None = None) -> C
     meta = json.loads((import_dir / IMPORT_META).read_text())
     config = base if base is not None else config_lib.default_config()
     config.init_from = str(import_dir)
+    if "model" in meta:  # Imports before it was recorded hold the default widths.
+        config.model.update(meta["model"])
     for key in ("pool_padding", "bn_epsilon", "image_size"):
         if key in meta:
             config.model[key] = meta[key]
@@ -347,6 +355,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "full size)")
 
 
+def check_encoder_shapes(params: Flat, stats: Flat, model_config: ConfigDict,
+                         source: Path) -> None:
+    """Raises ValueError naming the first imported array whose shape the encoder of
+    `model_config` does not have (checked here, not when a run starts from the import)."""
+    from cae_jax import models
+
+    _, abstract_params, abstract_stats = models.abstract_model(model_config)
+    for arrays, abstract in ((params, abstract_params), (stats, abstract_stats)):
+        shapes = {k: tuple(v.shape) for k, v in flat_state.flatten(abstract["encoder"]).items()}
+        for key, array in arrays.items():
+            if tuple(array.shape) != shapes.get(key):
+                raise ValueError(f"{source}: array {key} has shape {tuple(array.shape)}, the "
+                                 f"encoder's is {shapes.get(key)} (model.encoder widths of "
+                                 "--config)")
+
+
+def _read(args: argparse.Namespace, model_config: ConfigDict) -> tuple[Flat, Flat, Flat | None]:
+    """(params, batch stats, classifier head or None) of the --input file."""
+    classifier = None
+    if args.format == "timm":
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        try:
+            state_dict = load_file(str(args.input))
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{args.input}: not a safetensors file ({err})") from err
+        read = from_timm if backbones.name_of(model_config) == xception.NAME else from_timm_tree
+        params, stats = read(state_dict, model_config)
+    elif args.format == "deepfakebench":
+        state_dict = read_torch_state_dict(args.input)
+        params, stats, classifier = from_deepfakebench(state_dict, model_config)
+    else:
+        try:
+            params, stats = from_keras(args.input, model_config)
+        except OSError as err:
+            raise ValueError(f"{args.input}: not a Keras HDF5 weights file ({err})") from err
+    check_encoder_shapes(params, stats, model_config, args.input)
+    return params, stats, classifier
+
+
 def run(args: argparse.Namespace) -> int:
     module = next(m for m in backbones.BACKBONES.values() if m.TIMM_ARCH == args.arch)
     if args.format != "timm" and module is not xception:
@@ -357,28 +406,22 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {err}") from err
     if not args.config:
         config.model.encoder = module.encoder_config()
-    model_config = config.model
-    if backbones.name_of(model_config) != module.NAME:
+    if backbones.name_of(config.model) != module.NAME:
         raise SystemExit(f"error: {args.config}: model.encoder.name is "
-                         f"{backbones.name_of(model_config)!r}; --arch {args.arch} needs "
+                         f"{backbones.name_of(config.model)!r}; --arch {args.arch} needs "
                          f"{module.NAME!r}")
     if not args.input.is_file():
         raise SystemExit(f"error: {args.input}: no such file")
-    classifier = None
-    if args.format == "timm":
-        from safetensors.numpy import load_file
-
-        read = from_timm if module is xception else from_timm_tree
-        try:
-            params, stats = read(load_file(str(args.input)), model_config)
-        except (KeyError, ValueError) as err:
-            raise SystemExit(f"error: {args.input}: {err.args[0]}") from err
-    elif args.format == "deepfakebench":
-        state_dict = read_torch_state_dict(args.input)
-        params, stats, classifier = from_deepfakebench(state_dict, model_config)
-    else:
-        params, stats = from_keras(args.input, model_config)
-    save(args.output, params, stats, args.format, args.input, classifier, module.NAME)
+    if args.output.exists():
+        raise SystemExit(f"error: --output {args.output} exists; choose a new directory")
+    try:
+        params, stats, classifier = _read(args, config.model)
+    except (KeyError, ValueError) as err:
+        message = str(err.args[0] if err.args else err)  # A KeyError's str() adds quotes.
+        if str(args.input) not in message:
+            message = f"{args.input}: {message}"
+        raise SystemExit(f"error: {message}") from err
+    save(args.output, params, stats, args.format, args.input, classifier, config.model)
     overrides = " ".join(f"--config.model.{k}={v}"
                          for k, v in conventions(args.format, module.NAME).items())
     if classifier:

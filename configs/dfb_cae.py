@@ -6,16 +6,13 @@ Only the model and loss differ from dfb_xception: the decoder's reconstruction l
 Dropout 0.5). Evaluate both with `cae-jax evaluate --protocol deepfakebench`.
 """
 
-import importlib.util
 from pathlib import Path
+
+from cae_jax.config import python_file
 
 
 def get_config():
-    path = Path(__file__).with_name("dfb_xception.py")
-    spec = importlib.util.spec_from_file_location("dfb_xception", path)
-    baseline = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(baseline)
-    config = baseline.get_config()
+    config = python_file(Path(__file__).with_name("dfb_xception.py"), "cae_jax_config").get_config()
     config.model.classifier.hidden = (256,)
     config.model.classifier.dropout = 0.5
     config.loss.recon_weight = 1.0

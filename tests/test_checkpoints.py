@@ -121,9 +121,14 @@ def test_a_workdir_config_is_validated_when_read_back(setup, tmp_path):
     path.write_text(json.dumps(edited))
     with pytest.raises(ValueError, match=r"config\.json: .*model\.image_size=-3"):
         checkpoints.read_config(tmp_path)
-    del edited["model"]
+    edited["model"] = 3
     path.write_text(json.dumps(edited))
-    with pytest.raises(ValueError, match=r"config\.json: not a config written by cae-jax"):
+    with pytest.raises(ValueError, match=r"config\.json: not a config written by cae-jax train "
+                       r"\(model is not a group of fields\)"):
+        checkpoints.read_config(tmp_path)
+    path.write_text(json.dumps({"learning_rate": 0.1}))
+    with pytest.raises(ValueError, match=r"config\.json: not a config written by cae-jax train "
+                       r"\(it has none of cae-jax's config fields\)"):
         checkpoints.read_config(tmp_path)
     path.write_text("{")
     with pytest.raises(ValueError, match="not a config written by cae-jax"):

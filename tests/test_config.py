@@ -19,7 +19,10 @@ def test_overrides_parse_to_the_field_type():
 
 
 @pytest.mark.parametrize("item, error, named", [
-    ("--config.loss.nope=1", KeyError, r"'loss\.nope'"),
+    ("--config.loss.nope=1", ValueError, r"^unknown config field --config\.loss\.nope$"),
+    ("--config.train.step=3", ValueError, r"--config\.train\.step; did you mean train\.steps\?"),
+    ("--config.foo.bar=1", ValueError, r"^unknown config field --config\.foo\.bar$"),
+    ("--config.train=1", ValueError, r"^unknown config field --config\.train$"),
     ("--config.train.steps=ten", ValueError, r"--config\.train\.steps: cannot parse 'ten'"),
     ("--config.loss.recon_real_only=maybe", ValueError, r"--config\.loss\.recon_real_only "),
     ("--steps=1", ValueError, r"'--steps=1'"),
@@ -45,6 +48,13 @@ def test_bad_overrides_are_named(item, error, named):
     ("--config.model.encoder.entry_features=(8,16)", r"model\.encoder\.entry_features="),
     ("--config.model.dtype=float16", r"model\.dtype='float16' "),
     ("--config.mesh.data=0", r"mesh\.data=0 \(must be -1 or an integer >= 1\)"),
+    ("--config.model.layer_impl=shifted", r"model\.layer_impl='shifted' \(must be one of 'auto', "
+                                          r"'decomposed', 'native'\)"),
+    ("--config.input.augment.on_device=maybe", r"input\.augment\.on_device='maybe' "),
+    ("--config.loss.recon=l2", r"loss\.recon='l2' "),
+    ("--config.model.decoder.output_activation=relu", r"output_activation='relu' "),
+    ("--config.model.pool_padding=valid", r"model\.pool_padding='valid' "),
+    ("--config.model.image_size=2", r"model\.image_size=2 \(must be an integer >= 7\)"),
 ])
 def test_values_no_run_can_use_are_refused_at_load_naming_the_field(item, named):
     with pytest.raises(ValueError, match=named):
@@ -78,6 +88,42 @@ def test_cli_refuses_a_bad_config_without_a_traceback(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("item, message", [
+    ("--config.train.step=3", "error: unknown config field --config.train.step; "
+                              "did you mean train.steps?"),
+    ("--config.foo.bar=1", "error: unknown config field --config.foo.bar"),
+])
+def test_cli_refuses_an_unknown_field_in_one_line(tmp_path, item, message):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "cae_jax.main", "train", "--config", "configs/tiny.py",
+         "--workdir", str(tmp_path / "run"), item],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == message
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_saved_config_merges_onto_the_defaults(caplog):
+    saved = config_lib.default_config().to_dict()
+    del saved["train"]["steps"], saved["input"]["sbi"]
+    saved["model"]["encoder"]["entry_features"] = [8, 8, 16]  # JSON has lists.
+    saved["model"]["gone"] = 1
+    config = config_lib.from_saved(saved, "old.json")
+    assert config.model.encoder.entry_features == (8, 8, 16)
+    assert config.train.steps == 20_000 and config.input.sbi.prob == 0.0
+    assert "old.json: written before fields input.sbi.prob, train.steps existed" in caplog.text
+    assert "old.json: fields model.gone are no longer used" in caplog.text
+    assert "gone" not in config.model
+    with pytest.raises(ValueError, match="model.encoder is not a group of fields"):
+        config_lib.from_saved({"model": {"encoder": 3}}, "bad.json")
+    with pytest.raises(ValueError, match="model.image_size is a field, not a group"):
+        config_lib.from_saved({"model": {"image_size": {"a": 1}}}, "bad.json")
+
+
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.py"):
         config_lib.load_config(tmp_path / "nope.py")
@@ -97,3 +143,22 @@ def test_readme_documents_every_config_field():
 
     missing = [f for f in fields(config_lib.default_config()) if f"| `{f}` |" not in readme]
     assert not missing
+
+
+@pytest.mark.parametrize("pool_padding", ["torch", "same"])
+def test_latent_size_is_the_encoders_output_and_the_smallest_image_size_runs(pool_padding):
+    import jax
+    import jax.numpy as jnp
+
+    from cae_jax import models
+
+    config = config_lib.load_config("configs/tiny.py")
+    config.model.pool_padding = pool_padding
+    for size in (5, 6, 7, 8, 9, 13, 64, 299):
+        config.model.image_size = size
+        encoder = models.build_model(config.model).encoder
+        shape = jax.eval_shape(lambda x, encoder=encoder: encoder(x, train=False),
+                               jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)).shape
+        assert shape[1:3] == (config_lib.latent_size(size),) * 2, size
+    assert config_lib.latent_size(config_lib.MIN_IMAGE_SIZE - 1) == 0
+    assert config_lib.latent_size(config_lib.MIN_IMAGE_SIZE) == 1

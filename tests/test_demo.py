@@ -1,8 +1,11 @@
-"""The demo dataset: real package photos, self-blended fakes, disjoint identities per split."""
+"""The demo: its dataset (real package photos, self-blended fakes, disjoint identities per
+split), one-line errors for bad overrides, and a copied workdir resuming on its own data."""
 
 import json
+import shutil
 
 import numpy as np
+import pytest
 
 from cae_jax import demo, eval_pipeline
 from cae_jax.config import load_config
@@ -52,3 +55,38 @@ def test_demo_dataset_has_disjoint_identities_and_paired_videos(tmp_path):
     assert not identities["train"] & identities["test"]
     assert not identities["train"] & identities["validation"]
     assert not identities["validation"] & identities["test"]
+
+
+@pytest.mark.parametrize("item, message", [
+    ("--config.train.step=3", "error: unknown config field --config.train.step; "
+                              "did you mean train.steps?"),
+    ("--config.train.steps=0", "error: invalid config: train.steps=0 (must be an integer >= 1)"),
+])
+def test_bad_demo_overrides_are_one_line_before_any_work(tmp_path, item, message):
+    import subprocess
+    import sys
+
+    workdir = tmp_path / "demo"
+    result = subprocess.run([sys.executable, "-m", "cae_jax.main", "demo", "--workdir",
+                             str(workdir), item], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == message
+    assert not workdir.exists()
+
+
+def test_a_copied_demo_workdir_resumes_on_its_own_data(tmp_path, capsys):
+    from cae_jax import checkpoints
+
+    config = load_config(demo.DEMO_CONFIG)
+    config.input.train_dirs = (str(tmp_path / "first" / "data"),)
+    checkpoints.write_config(tmp_path / "first" / "train", config)
+    shutil.copytree(tmp_path / "first", tmp_path / "copy")
+    shutil.rmtree(tmp_path / "first")
+
+    copy_data = tmp_path / "copy" / "data"
+    demo.adopt_data_dir(tmp_path / "copy" / "train", copy_data)
+    assert f"its workdir moved, so it continues on {copy_data}" in capsys.readouterr().out
+    # What the demo's resume is checked against now names the copy's data.
+    config.input.train_dirs = (str(copy_data),)
+    checkpoints.check_resumable(tmp_path / "copy" / "train", config)

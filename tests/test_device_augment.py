@@ -68,9 +68,9 @@ def test_on_by_default_on_gpu_and_tpu_only():
     assert [augment.on_device(cfg, b) for b in ("cpu", "gpu", "tpu")] == [False, True, True]
     cfg.on_device = "on"
     assert augment.on_device(cfg, "cpu")
-    cfg.on_device = "yes"
-    with pytest.raises(ValueError, match="auto, on or off"):
-        augment.on_device(cfg, "cpu")
+    with pytest.raises(ValueError, match=r"input\.augment\.on_device='yes' \(must be one of "
+                       r"'auto', 'on', 'off'\)"):  # Refused where every field is: config.RULES.
+        load_config("configs/tiny.py", ["--config.input.augment.on_device=yes"])
 
 
 def test_default_on_cpu_keeps_augmenting_on_the_host():

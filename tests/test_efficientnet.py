@@ -60,9 +60,11 @@ def test_config_without_encoder_name_is_xception():
     """A config.json written before `model.encoder.name` existed."""
     saved = json.loads(config_lib.to_json(config_lib.load_config("configs/tiny.py")))
     del saved["model"]["encoder"]["name"]
-    config = config_lib.from_json(json.dumps(saved))
+    config = config_lib.from_saved(saved, "config.json")
     config_lib.validate(config)
-    model = models.build_model(config.model)
+    assert config.model.encoder.name == "xception"
+    # A model group read as it is (no defaults merged) builds Xception too.
+    model = models.build_model(config_lib.ConfigDict(saved["model"]))
     assert type(model.encoder) is backbones.xception.Xception
 
 
@@ -182,3 +184,16 @@ def test_b4_config_has_no_xception_torch_peer():
 
     assert torch_peer.unsupported_reason(config_lib.load_config(TINY).model) == (
         "the peer's encoder is legacy_xception; encoder.name=efficientnet_b4")
+
+
+def test_saved_b4_config_reads_back_with_its_own_encoder_defaults():
+    """config.json and a bundle's model merge onto the defaults of the backbone they name."""
+    config = config_lib.load_config(TINY)
+    saved = json.loads(config_lib.to_json(config))
+    del saved["model"]["encoder"]["drop_path_rate"]  # A field added after it was written.
+    read = config_lib.from_saved(saved, "config.json")
+    assert read.model.encoder.to_dict() == {**config.model.encoder.to_dict(),
+                                            "drop_path_rate": 0.2}
+    model = config_lib.from_saved(saved["model"], "model.json",
+                                  config_lib.default_config().model)
+    assert model.encoder.name == "efficientnet_b4" and "stem_features" not in model.encoder

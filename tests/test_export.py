@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from cae_jax import config as config_lib
-from cae_jax import export, flat_state, models, pixels, sharding, train_step
+from cae_jax import export, flat_state, models, pixels, serving, sharding, train_step
 from cae_jax.ops import cpu_serving
 
 SIZE = 64
@@ -137,7 +137,7 @@ def test_jax_export_matches_jax(trained, images_and_reference):
 
 def test_load_bundle_predictor_matches_jax(trained, images_and_reference):
     images, ref = images_and_reference
-    predictor = export.load_bundle(trained[-1], batch_size=2)  # 5 images: 3 padded batches.
+    predictor = serving.load_bundle(trained[-1], batch_size=2)  # 5 images: 3 padded batches.
     np.testing.assert_allclose(predictor.predict_proba(images), ref["probability"],
                                atol=1e-5, rtol=0)
     assert_outputs_close(predictor.reconstruct(images), ref,
@@ -150,7 +150,7 @@ def test_bundle_keeps_the_batch_norm_statistics(trained, images_and_reference, s
     images, ref = images_and_reference
     fresh = reference(graphdef, params, state.batch_stats, images)["probability"]
     assert np.abs(fresh - ref["probability"]).max() > 0.05  # The statistics matter here.
-    loaded = flat_state.flatten(export.load_bundle(bundle).batch_stats)
+    loaded = flat_state.flatten(serving.load_bundle(bundle).batch_stats)
     assert loaded.keys() == flat_state.flatten(batch_stats).keys()
     for key, value in flat_state.flatten(batch_stats).items():
         np.testing.assert_array_equal(loaded[key], value, err_msg=key)
@@ -167,11 +167,11 @@ def test_arrays_of_another_model_are_named_not_restored(trained):
 
 def test_model_json_describes_model_without_training_state(trained):
     config, _, params, batch_stats, bundle = trained
-    meta = json.loads((bundle / export.MODEL_JSON).read_text())
+    meta = json.loads((bundle / serving.MODEL_JSON).read_text())
     assert meta["model"] == json.loads(json.dumps(config.model.to_dict()))
     assert (meta["dtype"], meta["image_size"], meta["step"]) == ("float32", SIZE, 7)
     assert meta["formats"] == list(export.FORMATS) and meta["platforms"] == ["cpu", "tpu"]
-    predictor = export.load_bundle(bundle)
+    predictor = serving.load_bundle(bundle)
     loaded_params, loaded_stats = predictor.params, predictor.batch_stats
     assert flat_state.flatten(loaded_params).keys() == flat_state.flatten(params).keys()
     for key, value in flat_state.flatten(loaded_params).items():
@@ -183,7 +183,7 @@ def test_wrong_dtype_or_shape_is_rejected(trained):
     import tensorflow as tf
 
     bundle = trained[-1]
-    predictor = export.load_bundle(bundle)
+    predictor = serving.load_bundle(bundle)
     with pytest.raises(ValueError, match=r"expected uint8 \[N, 64, 64, 3\].*got dtype float32"):
         predictor.predict_proba(np.zeros((2, SIZE, SIZE, 3), np.float32))
     with pytest.raises(ValueError, match=r"got shape \[2, 32, 32, 3\]"):
@@ -203,7 +203,7 @@ def test_export_refuses_to_overwrite_and_load_names_missing_bundle(trained, tmp_
     with pytest.raises(FileExistsError, match="exists"):
         export.export_bundle(config, params, batch_stats, bundle)
     with pytest.raises(FileNotFoundError, match="model.json"):
-        export.load_bundle(tmp_path)
+        serving.load_bundle(tmp_path)
     with pytest.raises(ValueError, match="unknown export formats"):
         export.export_bundle(config, params, batch_stats, tmp_path / "b", formats=("onnx",))
     with pytest.raises(ValueError, match="unknown platforms"):
@@ -221,10 +221,10 @@ def test_bfloat16_bundle_stores_bf16_and_stays_close(trained, images_and_referen
         export.cast_for_export(config.model, params, "float16")
     bundle = export.export_bundle(config, params, batch_stats, tmp_path / "bf16",
                                   dtype="bfloat16", formats=())
-    predictor = export.load_bundle(bundle)
+    predictor = serving.load_bundle(bundle)
     loaded = predictor.params
     assert {v.dtype for v in flat_state.flatten(loaded).values()} == {jnp.dtype(jnp.bfloat16)}
-    assert json.loads((bundle / export.MODEL_JSON).read_text())["model"]["dtype"] == "bfloat16"
+    assert json.loads((bundle / serving.MODEL_JSON).read_text())["model"]["dtype"] == "bfloat16"
     prob = predictor.predict_proba(images)
     assert not np.allclose(prob, ref["probability"], atol=1e-6, rtol=0)  # bf16 really ran.
     np.testing.assert_allclose(prob, ref["probability"], atol=0.05, rtol=0)
@@ -255,10 +255,10 @@ def test_cli_exports_best_checkpoint_of_a_workdir(state, tmp_path, capsys):
     out = tmp_path / "bundle"
     assert cli.main(["export", "--workdir", str(workdir), "--out", str(out), "--formats="]) == 0
     assert "step 10" in capsys.readouterr().out
-    meta = json.loads((out / export.MODEL_JSON).read_text())
+    meta = json.loads((out / serving.MODEL_JSON).read_text())
     assert meta["step"] == 10 and meta["source"] == str(workdir)
-    assert sorted(p.name for p in out.iterdir()) == [export.MODEL_JSON, export.PARAMS_DIR]
-    loaded = export.load_bundle(out).params
+    assert sorted(p.name for p in out.iterdir()) == [serving.MODEL_JSON, serving.PARAMS_DIR]
+    loaded = serving.load_bundle(out).params
     expected = flat_state.flatten(jax.device_get(state.params))
     for key, value in flat_state.flatten(loaded).items():
         np.testing.assert_array_equal(value, expected[key], err_msg=key)
@@ -272,7 +272,7 @@ def test_demo_replaces_a_bundle_of_another_step(state, tmp_path):
 
     write_two_checkpoints(tmp_path / "train", state)
     bundle = demo.ensure_bundle(tmp_path, 10)
-    meta_file = bundle / export.MODEL_JSON
+    meta_file = bundle / serving.MODEL_JSON
     assert json.loads(meta_file.read_text())["step"] == 10
     kept = meta_file.stat().st_mtime_ns
     assert demo.ensure_bundle(tmp_path, 10) == bundle
@@ -288,8 +288,8 @@ def test_cpu_serving_runs_without_ynnpack_and_computes_the_same():
     config = tiny_config()
     graphdef, params, batch_stats = calibrated_model(config, initial_state(config))
     weights, images = (params, batch_stats), jnp.asarray(face_batch(4, seed=3))
-    classify = export.serving_fns(graphdef)["classify"]
-    tuned, default = export.jit_serving(classify), jax.jit(classify)
+    classify = serving.serving_fns(graphdef)["classify"]
+    tuned, default = serving.jit_serving(classify), jax.jit(classify)
     assert "__ynn_fusion" not in tuned.lower(weights, images).compile().as_text()
     assert "__ynn_fusion" in default.lower(weights, images).compile().as_text()
     np.testing.assert_allclose(tuned(weights, images)["probability"],
@@ -305,8 +305,8 @@ def test_cpu_serving_runs_in_chunks_with_the_same_outputs(count, monkeypatch):
     config = tiny_config()
     graphdef, params, batch_stats = calibrated_model(config, initial_state(config))
     weights, images = (params, batch_stats), jnp.asarray(face_batch(count, seed=4))
-    reconstruct = export.serving_fns(graphdef)["reconstruct"]
-    chunked = export.jit_serving(reconstruct)
+    reconstruct = serving.serving_fns(graphdef)["reconstruct"]
+    chunked = serving.jit_serving(reconstruct)
     assert "while" in chunked.lower(weights, images).as_text()
     got, want = chunked(weights, images), reference(graphdef, params, batch_stats, images)
     for key in ("probability", "reconstruction", "error_map"):
@@ -315,7 +315,7 @@ def test_cpu_serving_runs_in_chunks_with_the_same_outputs(count, monkeypatch):
 
 
 def test_model_json_lists_the_checks_export_ran(trained):
-    checks = json.loads((trained[-1] / export.MODEL_JSON).read_text())["checks"]
+    checks = json.loads((trained[-1] / serving.MODEL_JSON).read_text())["checks"]
     assert checks[0].startswith("saved_model: serving_default and reconstruct run in TensorFlow")
     assert [c.split(":")[0] for c in checks[1:]] == ["classify.jax", "reconstruct.jax"]
 

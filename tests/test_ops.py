@@ -234,7 +234,7 @@ def test_batch_norm_layer_equals_flax_batch_norm():
     results = []
     layers = [nnx.BatchNorm(6, momentum=0.9, epsilon=1e-3, rngs=nnx.Rngs(0))]
     layers += [layers_lib.BatchNorm(6, layer_impl=impl, momentum=0.9, epsilon=1e-3,
-                                    rngs=nnx.Rngs(0)) for impl in ops.LAYER_IMPLS]
+                                    rngs=nnx.Rngs(0)) for impl in config_lib.LAYER_IMPLS]
     for layer in layers:
         layer.scale[...] = jnp.linspace(0.5, 2.0, 6)
         layer.bias[...] = jnp.linspace(-1.0, 1.0, 6)
@@ -297,7 +297,3 @@ def test_bfloat16_decomposed_stays_close_to_float32():
     np.testing.assert_allclose(grad_kernel.astype(jnp.float32), want, rtol=0.05, atol=0.5)
 
 
-def test_unknown_layer_impl_is_refused_by_name():
-    with pytest.raises(ValueError, match="layer_impl must be one of auto, decomposed, native, "
-                                         "got 'shifted'"):
-        ops.depthwise_conv3x3(jnp.zeros((1, 3, 3, 2)), jnp.zeros((3, 3, 1, 2)), "shifted")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cae_jax import config as config_lib
-from cae_jax import device_augment, export, models, sharding, train_step
+from cae_jax import device_augment, export, models, serving, sharding, train_step
 from cae_jax.ops import cpu_kernels
 
 BATCH = 32
@@ -66,7 +66,7 @@ def traced_programs(config) -> dict:
         "eval step": train_step.make_eval_step(
             config, train_step.abstract_state(config, mesh)).trace(state, batch),
     }
-    for name, fn in export.serving_fns(graphdef).items():
+    for name, fn in serving.serving_fns(graphdef).items():
         programs[f"serving {name}"] = jax.jit(fn).trace(weights, images)
     return programs
 
@@ -153,9 +153,9 @@ def test_bundle_holds_cpu_cuda_and_tpu_and_scores_like_a_cpu_only_bundle(tmp_pat
         assert classify.platforms == (export.DEFAULT_PLATFORMS if name == "every" else ("cpu",))
     assert np.ptp(scores["cpu"]) > 1e-3 and 0 < scores["cpu"].min() < scores["cpu"].max() < 1
     np.testing.assert_allclose(scores["every"], scores["cpu"], rtol=1e-6, atol=1e-7)
-    assert json.loads((every / export.MODEL_JSON).read_text())["platforms"] == ["cpu", "cuda",
+    assert json.loads((every / serving.MODEL_JSON).read_text())["platforms"] == ["cpu", "cuda",
                                                                                  "tpu"]
-    np.testing.assert_allclose(export.load_bundle(every).predict_proba(images), scores["cpu"],
+    np.testing.assert_allclose(serving.load_bundle(every).predict_proba(images), scores["cpu"],
                                rtol=1e-5, atol=1e-6)
     import tensorflow as tf
 
@@ -169,14 +169,14 @@ def test_a_bundle_newer_than_this_reader_is_refused_by_name(tmp_path):
     state = train_step.init_state(config)
     bundle = export.export_bundle(config, state.params, state.batch_stats, tmp_path / "b",
                                   formats=(), platforms=("cpu",))
-    meta = json.loads((bundle / export.MODEL_JSON).read_text())
-    assert meta["bundle_version"] == export.BUNDLE_VERSION
-    export.load_bundle(bundle)  # This reader's own version loads.
-    meta["bundle_version"] = export.BUNDLE_VERSION + 1
-    (bundle / export.MODEL_JSON).write_text(json.dumps(meta))
+    meta = json.loads((bundle / serving.MODEL_JSON).read_text())
+    assert meta["bundle_version"] == serving.BUNDLE_VERSION
+    serving.load_bundle(bundle)  # This reader's own version loads.
+    meta["bundle_version"] = serving.BUNDLE_VERSION + 1
+    (bundle / serving.MODEL_JSON).write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"model.json: bundle_version 2 is newer than this "
                                          r"cae-jax reads \(1\)"):
-        export.load_bundle(bundle)
+        serving.load_bundle(bundle)
 
 
 def test_native_layer_forms_train_export_and_serve_end_to_end(tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from skimage import data as skdata
 
-from cae_jax import export, heatmap, predict
+from cae_jax import export, heatmap, predict, scoring
 from cae_jax import main as cli
 from data_prep import faces
 from tests.test_export import calibrated_model, initial_state, tiny_config
@@ -224,17 +224,17 @@ def test_invalid_flags_are_refused_before_any_work(media, tmp_path, capsys, flag
 
 def test_any_failure_of_one_input_is_its_entry(bundle, media, tmp_path, monkeypatch, capsys):
     moving = media / "moving.mp4"
-    real_find = predict.find_faces
+    real_read = scoring.read_file
 
     def denied(path, *args):
         if path == moving:
             raise PermissionError(13, "Permission denied", str(path))
-        return real_find(path, *args)
+        return real_read(path, *args)
 
     def full_disk(path, image):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(predict, "find_faces", denied)
+    monkeypatch.setattr(scoring, "read_file", denied)
     monkeypatch.setattr(heatmap, "write_png", full_disk)
     heatmaps = tmp_path / "heatmaps"
     code, report = run_predict(tmp_path, "--model", str(bundle), str(moving),
@@ -253,7 +253,9 @@ def test_any_failure_of_one_input_is_its_entry(bundle, media, tmp_path, monkeypa
     assert "Permission denied" in err and "heatmaps not written" in err
 
 
-def test_an_interrupted_run_keeps_every_score_so_far(bundle, media, tmp_path, monkeypatch):
+def test_an_interrupted_run_keeps_every_score_so_far(bundle, media, tmp_path, monkeypatch,
+                                                     capsys):
+    """Ctrl-C: the scores so far stay in --out, one line says so, no traceback."""
     out = tmp_path / "preds.json"
     real_score = predict.score_input
     seen = []
@@ -265,11 +267,48 @@ def test_an_interrupted_run_keeps_every_score_so_far(bundle, media, tmp_path, mo
         return real_score(path, *args)
 
     monkeypatch.setattr(predict, "score_input", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        cli.main(["predict", "--model", str(bundle), str(media / "astronaut.png"),
-                  str(media / "moving.mp4"), *HAAR, "--out", str(out)])
+    assert cli.main(["predict", "--model", str(bundle), str(media / "astronaut.png"),
+                     str(media / "moving.mp4"), *HAAR, "--out", str(out)]) == 130
     report = json.loads(out.read_text())
     assert report["complete"] is False and report == seen[0]
     (image,) = report["results"]
     assert image["path"] == str(media / "astronaut.png") and image["status"] == "ok"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["preds.json"]
+    err = capsys.readouterr().err
+    assert f"interrupted: 1 of 2 inputs scored, kept in {out}" in err
+    assert "Traceback" not in err
+
+
+def test_without_out_results_stream_as_json_lines_and_survive_sigterm(
+        bundle, media, monkeypatch, capsys):
+    """Each input's line is on stdout as soon as it is scored; SIGTERM ends the run there."""
+    import os
+    import signal
+
+    real_score = predict.score_input
+    printed = []
+
+    def terminated(path, *args):
+        if path.name == "moving.mp4":
+            printed.append(capsys.readouterr().out)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_score(path, *args)
+
+    monkeypatch.setattr(predict, "score_input", terminated)
+    inputs = [str(media / "astronaut.png"), str(media / "moving.mp4"), str(media / "noise.mp4")]
+    assert cli.main(["predict", "--model", str(bundle), *inputs, *HAAR]) == 130
+    header, image = (json.loads(line) for line in printed[0].splitlines())
+    assert header["threshold"] == 0.5 and header["decision"].startswith("0.5 (uncalibrated")
+    assert image["path"] == inputs[0] and image["status"] == "ok"
+    captured = capsys.readouterr()
+    assert captured.out == ""  # Nothing after the signal: no half report.
+    assert "interrupted: 1 of 3 inputs scored" in captured.err
+    assert "Traceback" not in captured.err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # Restored.
+
+
+def test_heatmap_folders_of_equal_names_never_meet(tmp_path):
+    paths = [tmp_path / "a" / "astro.png", tmp_path / "b" / "0000_astro.png",
+             tmp_path / "c" / "astro.png"]
+    folders = predict.heatmap_folders(paths, tmp_path / "maps")
+    assert [f.name for f in folders] == ["astro.png.0", "0000_astro.png", "astro.png.2"]

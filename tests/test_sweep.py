@@ -83,7 +83,8 @@ def test_tuple_and_string_values_round_trip(tmp_path):
 
 @pytest.mark.parametrize(
     "point, message",
-    [({"loss.nope": 1.0}, "unknown config field 'loss.nope'"), ({"train.steps": "ten"}, "steps")],
+    [({"loss.nope": 1.0}, "unknown config field --config.loss.nope"),
+     ({"train.steps": "ten"}, "steps")],
 )
 def test_points_that_do_not_fit_the_config_fail_before_launch(tmp_path, point, message):
     with pytest.raises(ValueError, match=f"sweep point 0 .*{message}"):

@@ -29,6 +29,7 @@ def test_wheel_installs_and_trains_outside_the_checkout(tmp_path):
     shipped = {f"cae_jax/configs/{p.name}" for p in (ROOT / "configs").glob("*.py")}
     assert shipped <= names
     assert "cae_jax/ops/cpu_kernels.cc" in names
+    assert "cae_jax/serve_page.html" in names  # The page `cae-jax serve` answers / with.
     assert {"data_prep/splits/train.json", "data_prep/splits/val.json",
             "data_prep/splits/test.json"} <= names
 

@@ -113,6 +113,47 @@ def run_all(config: ConfigDict, *, repeats: int, matmul_size: int, layer_scale: 
     return results
 
 
+def run_serve(config: ConfigDict, args: argparse.Namespace) -> int:
+    """`bench --serve`: the service rows against `--serve-model`, or the config's model."""
+    from cae_jax.bench import serve_rows
+
+    smoke = args.smoke
+    results = {"machine": timing.machine(),
+               "config": {"image_size": config.model.image_size, "repeats": 1}}
+    with tempfile.TemporaryDirectory(prefix="cae_jax_bench_") as workdir:
+        bundle = Path(args.serve_model) if args.serve_model else untrained_bundle(
+            config, Path(workdir) / "bundle")
+        image_size = json.loads((bundle / "model.json").read_text())["image_size"]
+        results["service"] = serve_rows.service(
+            bundle, image_size, clients=(1, 4, 16), requests=16 if smoke else 400,
+            memory_requests=(8, 16) if smoke else (100, 1000),
+            flags=["--detector", "haar"] if smoke else [])
+    results["rows"] = serve_rows.rows(results["service"])
+    return write_results(results, args)
+
+
+def write_results(results: dict, args: argparse.Namespace) -> int:
+    """Prints the table; writes the JSON to --out and the table to --markdown."""
+    table = report.markdown(results)
+    print(table)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n")
+    return 0
+
+
+def untrained_bundle(config: ConfigDict, out: Path) -> Path:
+    """The config's model at its initialization, as a params-only bundle: what serving
+    costs does not depend on what the weights learned."""
+    from flax import nnx
+
+    from cae_jax import export, models
+
+    _, params, batch_stats = nnx.split(models.build_model(config.model, config.seed),
+                                       nnx.Param, nnx.BatchStat)
+    return export.export_bundle(config, params, batch_stats, out, formats=())
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="", help="config file (default: the full-size "
                         "defaults; with --smoke: configs/tiny.py); --config.a.b=v overrides follow")
@@ -125,6 +166,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accelerator", action="store_true",
                         help="the accelerator rows (cae_jax/bench/accelerator.py) even on the "
                         "CPU; the default wherever JAX's backend is a GPU or TPU")
+    parser.add_argument("--serve", action="store_true",
+                        help="the service rows only (cae_jax/bench/serve_rows.py): 1, 4 and 16 "
+                        "HTTP clients of `cae-jax serve`, memory after 100 vs 1,000 requests")
+    parser.add_argument("--serve-model", default="",
+                        help="with --serve: the bundle to serve (default: the config's model, "
+                        "untrained, exported for the run)")
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="accelerator rows: start no row after this many seconds")
 
@@ -136,6 +183,8 @@ def run(args: argparse.Namespace) -> int:
     if not path:
         config_lib.validate(config_lib.apply_overrides(config, args.overrides))
     smoke = args.smoke
+    if args.serve:
+        return run_serve(config, args)
     if args.accelerator or jax.default_backend() != "cpu":
         from cae_jax.bench import accelerator
 
@@ -156,9 +205,4 @@ def run(args: argparse.Namespace) -> int:
             worker_counts=(0, 1) if smoke else (0, 1, 2),
             workdir=Path(workdir),
         )
-    table = report.markdown(results)
-    print(table)
-    Path(args.out).write_text(json.dumps(results, indent=2))
-    if args.markdown:
-        Path(args.markdown).write_text(table + "\n")
-    return 0
+    return write_results(results, args)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from cae_jax import augment, device_augment, export, models, pixels, sharding, train_step
+from cae_jax import augment, device_augment, models, pixels, serving, sharding, train_step
 from cae_jax.bench import timing
 
 
@@ -64,11 +64,11 @@ def infer_jax(config: ConfigDict, batch: int) -> tuple[Callable[[], object], dic
     `load_bundle`'s Predictor runs it."""
     model = models.build_model(config.model, config.seed)
     graphdef, params, batch_stats = models.split_model(model)
-    serving_fn = export.serving_fns(graphdef)["classify"]
+    serving_fn = serving.serving_fns(graphdef)["classify"]
     images = jnp.asarray(random_batch(config, batch)[0])
     weights = (params, batch_stats)
     start = time.perf_counter()
-    compiled = export.jit_serving(serving_fn).lower(weights, images).compile()
+    compiled = serving.jit_serving(serving_fn).lower(weights, images).compile()
     compile_s = time.perf_counter() - start
     # Counted on the whole batch in one program: XLA counts the CPU chunk loop's body once.
     gflop = timing.gflops(jax.jit(serving_fn).lower(weights, images).compile())

@@ -26,6 +26,8 @@ def markdown(results: dict) -> str:
         ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}x"
         lines.append(f"| {r['benchmark']} | {fmt(r['cae_jax'])} | {fmt(r['peer'])} | "
                      f"{r['unit']} | {ratio} | {r['note']} |")
+    if "layers" not in results:  # A run of some rows only (`bench --serve`).
+        return "\n".join(lines)
     lines += [
         "",
         f"Matmul peak ({results['matmul_peak']['size']}^2 float32): "

@@ -22,17 +22,9 @@ import jax
 
 from cae_jax.ops import cpu, native
 
-LAYER_IMPLS = ("auto", "decomposed", "native")
-
-
-def check_layer_impl(impl: str) -> str:
-    if impl not in LAYER_IMPLS:
-        raise ValueError(f"layer_impl must be one of {', '.join(LAYER_IMPLS)}, got {impl!r}")
-    return impl
-
 
 def _by_platform(impl: str, cpu_form: Callable, native_form: Callable, *args: jax.Array):
-    if check_layer_impl(impl) == "auto":
+    if impl == "auto":  # config.RULES holds the choices (model.layer_impl).
         return jax.lax.platform_dependent(*args, cpu=cpu_form, default=native_form)
     return (cpu_form if impl == "decomposed" else native_form)(*args)
 
@@ -67,10 +59,8 @@ def max_pool3x3(x: jax.Array, stride: int, padding: str, impl: str) -> jax.Array
     """3x3 max-pool; "torch" pads 1 on every side, "same" pads as TF (extra pad at the end)."""
     if padding == "torch":
         pads = ((1, 1), (1, 1))
-    elif padding == "same":
+    else:  # "same"; config.RULES admits no other.
         pads = tuple(jax.lax.padtype_to_pads(x.shape[1:3], (3, 3), (stride, stride), "SAME"))
-    else:
-        raise ValueError(f"pool_padding must be torch or same, got {padding!r}")
     return _by_platform(impl, functools.partial(cpu.max_pool3x3, stride=stride, pads=pads),
                         functools.partial(native.max_pool3x3, stride=stride, pads=pads), x)
 

@@ -1,4 +1,4 @@
-"""CPU only: how a bundle's serving functions run on XLA:CPU (`export.jit_serving`, the Predictor
+"""CPU only: how a bundle's serving functions run on XLA:CPU (`serving.jit_serving`, the Predictor
 of `predict`, `evaluate` and the demo). GPUs and TPUs run them as plain `jax.jit`; exported
 artifacts hold neither tuning (any batch in one go).
 """

@@ -146,3 +146,17 @@ def test_eval_step_with_reconstructions_adds_them_and_changes_nothing_else():
     _, recon, _ = jax.jit(functools.partial(train_step.forward, abstract.graphdef, train=False))(
         jax.device_get(state.params), jax.device_get(state.batch_stats), face_batch()["image"])
     np.testing.assert_allclose(full["reconstruction"], recon, rtol=1e-5, atol=1e-5)
+
+
+def test_train_step_lowers_past_two_to_the_31_elements_per_batch_norm_channel():
+    """The last decoder BatchNorm sums B * 64 * 64 elements per channel: past 2**31 at this
+    global batch (a pod's, e.g. v5p-128 at 1024 per chip for the full-size model). Shapes
+    only, so nothing is allocated; the CPU's written-out BatchNorm gradient is traced too."""
+    config = tiny_config()
+    batch_size = 2**31 // (64 * 64) + 8
+    mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
+    abstract = train_step.abstract_state(config, mesh)
+    batch = {"image": jax.ShapeDtypeStruct((batch_size, 64, 64, 3), np.float32),
+             "label": jax.ShapeDtypeStruct((batch_size,), np.int32)}
+    lowered = train_step.make_train_step(config, abstract).lower(abstract.shapes, batch)
+    assert f"tensor<{batch_size}x64x64x8xf32>" in lowered.as_text()

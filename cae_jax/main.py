@@ -11,7 +11,7 @@ import importlib
 import os
 import sys
 
-from cae_jax import host_memory
+from cae_jax import accelerators, host_memory
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("data_prep.prepare", "raw videos/images -> face crops in sharded TFRecords"),
@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import-weights": ("cae_jax.weights", "ImageNet Xception weights (timm/keras) -> Orbax"),
     "sweep": ("cae_jax.sweep", "expand a sweep file into runs and launch them"),
     "sweep-report": ("cae_jax.sweep_report", "collect a sweep's results into one table"),
+    "compile": ("cae_jax.aot_compile",
+                "compile the train step for a TPU/GPU topology here: fit, cost, collectives"),
 }
 # Commands whose CPU runs the heap tuning (host_memory.py) speeds up: they train or time
 # training, allocating and freeing gigabytes of activations every step.
@@ -54,6 +56,7 @@ def cli() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    accelerators.use_cpu_where_nothing_is_attached()  # Before JAX starts.
     command = argv[0] if argv and argv[0] in COMMANDS else None
     if _tunes_heap(command):
         host_memory.retain_freed_memory()  # Before JAX starts its threads.

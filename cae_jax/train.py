@@ -34,7 +34,6 @@ from cae_jax import (
     input_pipeline,
     pixels,
     prepared_data,
-    sharding,
     tensorboard_writer,
     train_step,
 )
@@ -160,7 +159,8 @@ def train(config: ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
     config_lib.validate(config)
     if not config.input.train_dirs:
         raise ValueError("config.input.train_dirs is empty: nothing to train on")
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, jax.devices())
+    program = train_step.build_program(config, jax.devices())
+    mesh = program.abstract.mesh
     manager = checkpoints.make_manager(workdir, config)
     latest = manager.latest_step()
     if latest is not None:
@@ -171,9 +171,7 @@ def train(config: ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
             raise
     checkpoints.write_config(workdir, config)
     data = input_pipeline.make_train_iterator(config, mesh)
-    abstract = train_step.abstract_state(config, mesh)
-    step_fn = train_step.make_train_step(config, abstract)
-    eval_step = train_step.make_eval_step(config, abstract, with_reconstructions=True)
+    abstract, step_fn, eval_step = program.abstract, program.train_step, program.eval_step
     with_validation = _has_validation(config)
 
     if latest is None:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
@@ -205,8 +206,39 @@ class Decoder(nnx.Module):
             x = nnx.relu(bn(up(x), use_running_average=not train))
         x = self.to_rgb(x).astype(jnp.float32)
         if x.shape[1:3] != (self.image_size, self.image_size):
-            x = jax.image.resize(x, (x.shape[0], self.image_size, self.image_size, 3), "bilinear")
+            x = resize_bilinear(x, self.image_size)
         return jnp.tanh(x) if self.output_activation == "tanh" else jax.nn.sigmoid(x)
+
+
+def bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source indices [out, K] and weights [out, K] of `jax.image.resize`'s antialiased
+    bilinear (triangle) kernel along one axis, as its `compute_weight_mat` makes them."""
+    scale = out_size / in_size
+    kernel_scale = max(1 / scale, 1.0)
+    sample = (np.arange(out_size) + 0.5) / scale - 0.5
+    weights = np.maximum(0.0, 1 - np.abs(sample[:, None] - np.arange(in_size)) / kernel_scale)
+    weights /= weights.sum(axis=1, keepdims=True)
+    weights[(sample < -0.5) | (sample > in_size - 0.5)] = 0.0
+    nonzero = weights > 0
+    starts = np.argmax(nonzero, axis=1)
+    taps = int(nonzero.sum(axis=1).max())
+    index = starts[:, None] + np.arange(taps)
+    tap_weights = np.take_along_axis(weights, np.minimum(index, in_size - 1), axis=1)
+    return np.minimum(index, in_size - 1), np.where(index < in_size, tap_weights, 0.0)
+
+
+def resize_bilinear(x: jax.Array, size: int) -> jax.Array:
+    """`jax.image.resize(x, [N, size, size, C], "bilinear")` of NHWC `x`, as a few gathers and
+    multiply-adds per axis: jax.image makes it a HIGHEST-precision matrix product, which XLA's
+    GPU compiler rejects with its default flags."""
+    for axis in (1, 2):
+        index, weights = bilinear_taps(x.shape[axis], size)
+        shape = [1] * x.ndim
+        shape[axis] = size
+        x = sum(jnp.take(x, index[:, k], axis=axis)
+                * jnp.asarray(weights[:, k].reshape(shape), x.dtype)
+                for k in range(index.shape[1]))
+    return x
 
 
 class Classifier(nnx.Module):

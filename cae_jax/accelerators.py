@@ -123,13 +123,20 @@ def slice_shape(chips: int, dims: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
-# Device files of an attached TPU (v4 and v5p: accel, v5e and later: vfio) or NVIDIA GPU.
-ATTACHED_DEVICE_FILES = ("/dev/accel[0-9]*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*")
+# Device files of an attached TPU (v4 and v5p: accel, v5e and later: vfio) and NVIDIA GPU.
+TPU_DEVICE_FILES = ("/dev/accel[0-9]*", "/dev/vfio/[0-9]*")
+GPU_DEVICE_FILES = ("/dev/nvidia[0-9]*",)
+
+
+def tpu_attached() -> bool:
+    """Whether this host has a TPU, told without starting JAX (libtpu may be installed on
+    any host: the `tpu-compile` extra)."""
+    return any(glob.glob(pattern) for pattern in TPU_DEVICE_FILES)
 
 
 def attached() -> bool:
     """Whether this host has a TPU or GPU, told without starting JAX."""
-    return any(glob.glob(pattern) for pattern in ATTACHED_DEVICE_FILES)
+    return tpu_attached() or any(glob.glob(pattern) for pattern in GPU_DEVICE_FILES)
 
 
 def use_cpu_where_nothing_is_attached(environ: dict[str, str] | None = None) -> None:

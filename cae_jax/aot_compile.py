@@ -98,6 +98,8 @@ def configured(config: ConfigDict, target: accelerators.Target, batch_per_chip: 
                ) -> ConfigDict:
     config = config.copy_and_resolve_references()
     config.train.batch_size = batch_per_chip * target.chips * target.slices
+    if target.chip.platform == "tpu":
+        config.mesh.slices = target.slices
     return config
 
 

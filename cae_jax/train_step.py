@@ -59,9 +59,22 @@ def split_model(model: models.CAE) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     return graphdef, params, batch_stats
 
 
-def abstract_model(model_config: ConfigDict) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+def abstract_model(model_config: ConfigDict, bn_groups: int = 1
+                   ) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """GraphDef and shape-only states of the model: no memory, no compute."""
-    return split_model(nnx.eval_shape(lambda: models.build_model(model_config)))
+    return split_model(nnx.eval_shape(
+        lambda: models.build_model(model_config, bn_groups=bn_groups)))
+
+
+def bn_groups(model_config: ConfigDict, mesh: Mesh) -> int:
+    """Groups of the global batch with their own BatchNorm statistics: `model.bn_group`
+    devices' examples each (0: one group, the whole batch)."""
+    group = model_config.bn_group
+    if group == 0:
+        return 1
+    if mesh.size % group:
+        raise ValueError(f"model.bn_group={group} must divide the mesh's {mesh.size} devices")
+    return mesh.size // group
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +94,7 @@ class AbstractState:
 
 def abstract_state(config: ConfigDict, mesh: Mesh) -> AbstractState:
     """The model graph and the train state's shapes and shardings, from shapes alone."""
-    graphdef, params, batch_stats = abstract_model(config.model)
+    graphdef, params, batch_stats = abstract_model(config.model, bn_groups(config.model, mesh))
     shapes = TrainState(
         step=jax.ShapeDtypeStruct((), jnp.int32),
         params=params,
@@ -135,7 +148,7 @@ class Program:
 
 def build_program(config: ConfigDict, devices: Sequence[jax.Device]) -> Program:
     """The (data, fsdp) mesh over `devices`, the abstract state, and the jitted steps."""
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices, config.mesh.slices)
     abstract = abstract_state(config, mesh)
     return Program(abstract, make_train_step(config, abstract),
                    make_eval_step(config, abstract, with_reconstructions=True))

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from cae_jax import accelerators, aot_compile, main
+from cae_jax import accelerators, aot_compile, main, sharding
 from cae_jax import config as config_lib
 
 needs_libtpu = pytest.mark.skipif(not importlib.util.find_spec("libtpu"),
@@ -94,3 +94,17 @@ def test_max_batch_finds_the_largest_batch_that_fits():
     found = aot_compile.max_batch(config, target, devices, start=2)
     assert (found["fits"], found["fails"]) == (3, 4)
     assert "exceed" in found["message"]
+
+
+@needs_libtpu
+def test_two_slices_put_the_dcn_outermost_on_the_data_axis():
+    """`--slices 2` (multislice): the data axis runs over slice 0's devices, then slice 1's,
+    so only the data axis crosses the data-center network."""
+    target = accelerators.parse("v5litepod-4", slices=2)
+    config = aot_compile.configured(tiny(), target, batch_per_chip=8)
+    assert config.mesh.slices == 2 and config.train.batch_size == 64
+    aot_compile.quiet_libtpu(target)
+    mesh = sharding.make_mesh(-1, 1, accelerators.compile_only_devices(target), 2)
+    assert [d.slice_index for d in mesh.devices[:, 0]] == [0] * 4 + [1] * 4
+    with pytest.raises(ValueError, match="mesh.slices=3 must divide mesh data=8"):
+        sharding.make_mesh(-1, 1, mesh.devices.ravel(), 3)

@@ -49,6 +49,7 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
 def cli() -> int:
     """The console script: CPU training commands restart once with the heap on huge pages
     (host_memory.py), then `main`."""
+    accelerators.use_cpu_where_nothing_is_attached()  # Before the heap choice and JAX.
     if _tunes_heap(sys.argv[1] if len(sys.argv) > 1 else None):
         host_memory.restart_with_huge_pages()
     return main()

@@ -108,3 +108,21 @@ def test_two_slices_put_the_dcn_outermost_on_the_data_axis():
     assert [d.slice_index for d in mesh.devices[:, 0]] == [0] * 4 + [1] * 4
     with pytest.raises(ValueError, match="mesh.slices=3 must divide mesh data=8"):
         sharding.make_mesh(-1, 1, mesh.devices.ravel(), 3)
+
+
+def test_hosts_without_a_tpu_or_gpu_pick_the_cpu_and_others_are_left_alone(tmp_path,
+                                                                          monkeypatch):
+    """With libtpu installed JAX would probe for a TPU and warn in every CPU command."""
+    none = (str(tmp_path / "accel[0-9]*"),)
+    monkeypatch.setattr(accelerators, "TPU_DEVICE_FILES", none)
+    monkeypatch.setattr(accelerators, "GPU_DEVICE_FILES", (str(tmp_path / "nvidia[0-9]*"),))
+    environ = {}
+    accelerators.use_cpu_where_nothing_is_attached(environ)
+    assert environ == {"JAX_PLATFORMS": "cpu"}
+    environ = {"JAX_PLATFORMS": "tpu"}
+    accelerators.use_cpu_where_nothing_is_attached(environ)
+    assert environ == {"JAX_PLATFORMS": "tpu"}  # The user's choice stands.
+    (tmp_path / "accel0").touch()  # A TPU host: JAX finds its TPU as usual.
+    environ = {}
+    accelerators.use_cpu_where_nothing_is_attached(environ)
+    assert environ == {}

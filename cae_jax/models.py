@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
@@ -32,11 +33,12 @@ class Layers:
     impl: str
     bn_momentum: float
     bn_epsilon: float
+    bn_groups: int = 1  # Groups of the batch with their own BatchNorm statistics.
 
     @classmethod
-    def from_config(cls, model_config: ConfigDict) -> Layers:
+    def from_config(cls, model_config: ConfigDict, bn_groups: int = 1) -> Layers:
         return cls(model_config.dtype, model_config.layer_impl, model_config.bn_momentum,
-                   model_config.bn_epsilon)
+                   model_config.bn_epsilon, bn_groups)
 
     def conv(self, in_features: int, out_features: int, kernel_size: int, *, rngs: nnx.Rngs,
              stride: int = 1, padding: str = "VALID", use_bias: bool = False) -> nnx.Conv:
@@ -51,23 +53,37 @@ class Layers:
         )
 
     def batch_norm(self, features: int, *, rngs: nnx.Rngs) -> BatchNorm:
-        return BatchNorm(features, layer_impl=self.impl, momentum=self.bn_momentum,
-                         epsilon=self.bn_epsilon, dtype=jnp.dtype(self.dtype), rngs=rngs)
+        return BatchNorm(features, layer_impl=self.impl, groups=self.bn_groups,
+                         momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+                         dtype=jnp.dtype(self.dtype), rngs=rngs)
 
 
 class BatchNorm(nnx.BatchNorm):
     """nnx.BatchNorm over NHWC whose training statistics come from `ops.batch_norm_train`: on
-    the CPU with its gradient written out. Same parameters, statistics and values."""
+    the CPU with its gradient written out. Same parameters, statistics and values.
 
-    def __init__(self, features: int, *, layer_impl: str, **kwargs):
+    With `groups` > 1 the batch is cut into that many consecutive groups, each normalized by
+    its own statistics (a batch sharded over the mesh: the examples of 1 or N devices), and the
+    running averages take their mean."""
+
+    def __init__(self, features: int, *, layer_impl: str, groups: int = 1, **kwargs):
         super().__init__(features, **kwargs)
         self.impl = layer_impl
+        self.groups = groups
 
     def __call__(self, x: jax.Array, *, use_running_average: bool) -> jax.Array:
         if use_running_average:
             return super().__call__(x, use_running_average=True)
-        y, mean, var = ops.batch_norm_train(x.astype(self.dtype), self.scale[...],
-                                            self.bias[...], self.epsilon, self.impl)
+        normalize = functools.partial(ops.batch_norm_train, epsilon=self.epsilon,
+                                      impl=self.impl)
+        x = x.astype(self.dtype)
+        if self.groups == 1:
+            y, mean, var = normalize(x, self.scale[...], self.bias[...])
+        else:
+            grouped = x.reshape(self.groups, x.shape[0] // self.groups, *x.shape[1:])
+            y, mean, var = jax.vmap(normalize, in_axes=(0, None, None))(
+                grouped, self.scale[...], self.bias[...])
+            y, mean, var = y.reshape(x.shape), mean.mean(axis=0), var.mean(axis=0)
         self.mean[...] = self.momentum * self.mean[...] + (1 - self.momentum) * mean
         self.var[...] = self.momentum * self.var[...] + (1 - self.momentum) * var
         return y
@@ -202,8 +218,39 @@ class Decoder(nnx.Module):
             x = nnx.relu(bn(up(x), use_running_average=not train))
         x = self.to_rgb(x).astype(jnp.float32)
         if x.shape[1:3] != (self.image_size, self.image_size):
-            x = jax.image.resize(x, (x.shape[0], self.image_size, self.image_size, 3), "bilinear")
+            x = resize_bilinear(x, self.image_size)
         return jnp.tanh(x) if self.output_activation == "tanh" else jax.nn.sigmoid(x)
+
+
+def bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source indices [out, K] and weights [out, K] of `jax.image.resize`'s antialiased
+    bilinear (triangle) kernel along one axis, as its `compute_weight_mat` makes them."""
+    scale = out_size / in_size
+    kernel_scale = max(1 / scale, 1.0)
+    sample = (np.arange(out_size) + 0.5) / scale - 0.5
+    weights = np.maximum(0.0, 1 - np.abs(sample[:, None] - np.arange(in_size)) / kernel_scale)
+    weights /= weights.sum(axis=1, keepdims=True)
+    weights[(sample < -0.5) | (sample > in_size - 0.5)] = 0.0
+    nonzero = weights > 0
+    starts = np.argmax(nonzero, axis=1)
+    taps = int(nonzero.sum(axis=1).max())
+    index = starts[:, None] + np.arange(taps)
+    tap_weights = np.take_along_axis(weights, np.minimum(index, in_size - 1), axis=1)
+    return np.minimum(index, in_size - 1), np.where(index < in_size, tap_weights, 0.0)
+
+
+def resize_bilinear(x: jax.Array, size: int) -> jax.Array:
+    """`jax.image.resize(x, [N, size, size, C], "bilinear")` of NHWC `x`, as a few gathers and
+    multiply-adds per axis: jax.image makes it a HIGHEST-precision matrix product, which XLA's
+    GPU compiler rejects with its default flags."""
+    for axis in (1, 2):
+        index, weights = bilinear_taps(x.shape[axis], size)
+        shape = [1] * x.ndim
+        shape[axis] = size
+        x = sum(jnp.take(x, index[:, k], axis=axis)
+                * jnp.asarray(weights[:, k].reshape(shape), x.dtype)
+                for k in range(index.shape[1]))
+    return x
 
 
 class Classifier(nnx.Module):
@@ -227,8 +274,8 @@ class Classifier(nnx.Module):
 class CAE(nnx.Module):
     """Shared Xception encoder feeding a reconstruction decoder and a real/fake classifier."""
 
-    def __init__(self, model_config: ConfigDict, rngs: nnx.Rngs):
-        layers = Layers.from_config(model_config)
+    def __init__(self, model_config: ConfigDict, rngs: nnx.Rngs, bn_groups: int = 1):
+        layers = Layers.from_config(model_config, bn_groups)
         decoder, classifier = model_config.decoder, model_config.classifier
         self.encoder = Xception(model_config.encoder, pool_padding=model_config.pool_padding,
                                 layers=layers, rngs=rngs)
@@ -249,11 +296,14 @@ class CAE(nnx.Module):
         return logit, self.decoder(z, train=train)
 
 
-def build_model(model_config: ConfigDict, seed: int = 0) -> CAE:
-    return CAE(model_config, nnx.Rngs(params=seed))
+def build_model(model_config: ConfigDict, seed: int = 0, bn_groups: int = 1) -> CAE:
+    """The CAE; `bn_groups`: how many groups of the batch get their own BatchNorm statistics
+    in training (`train_step.bn_groups` derives it from `model.bn_group` and the mesh)."""
+    return CAE(model_config, nnx.Rngs(params=seed), bn_groups)
 
 
-def abstract_model(model_config: ConfigDict) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+def abstract_model(model_config: ConfigDict, bn_groups: int = 1
+                   ) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """GraphDef and shape-only (params, batch_stats) of the model: no memory, no compute."""
-    model = nnx.eval_shape(lambda: build_model(model_config))
+    model = nnx.eval_shape(lambda: build_model(model_config, bn_groups=bn_groups))
     return nnx.split(model, nnx.Param, nnx.BatchStat)

@@ -41,7 +41,6 @@ from cae_jax import (
     input_pipeline,
     pixels,
     prepared_data,
-    sharding,
     tensorboard_writer,
     train_step,
 )
@@ -194,15 +193,14 @@ def train(config: ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
 
 def _train(config: ConfigDict, workdir: epath.Path,
            manager: ocp.CheckpointManager) -> dict[str, float]:
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, jax.devices())
+    program = train_step.build_program(config, jax.devices())
+    mesh = program.abstract.mesh
     latest = manager.latest_step()
     if latest is not None:
         checkpoints.check_resumable(workdir, config)
     checkpoints.write_config(workdir, config)
     data = input_pipeline.make_train_iterator(config, mesh)
-    abstract = train_step.abstract_state(config, mesh)
-    step_fn = train_step.make_train_step(config, abstract)
-    eval_step = train_step.make_eval_step(config, abstract, with_reconstructions=True)
+    abstract, step_fn, eval_step = program.abstract, program.train_step, program.eval_step
     with_validation = _has_validation(config)
 
     if latest is None:

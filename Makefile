@@ -16,12 +16,12 @@ PYTHON      ?= $(NEWEST_PYTHON)
 VENV        := .venv
 CONSTRAINTS := constraints-newest.txt
 # No `bench` extra: PyPI's torch for Python 3.12+ is the multi-GB CUDA build (README).
-EXTRAS      := test
+EXTRAS      := test,tpu-compile,cuda-compile
 else ifeq ($(STACK),oldest)
 PYTHON      ?= python3.11
 VENV        := .venv-oldest
 CONSTRAINTS := constraints.txt
-EXTRAS      := test,bench
+EXTRAS      := test,bench,tpu-compile,cuda-compile
 else
 $(error STACK must be newest or oldest, got '$(STACK)')
 endif
@@ -59,13 +59,14 @@ bench:
 	.venv-oldest/bin/cae-jax bench --out bench.json
 
 # Run deliberately: re-resolves the newest versions the ranges in pyproject.toml allow on the
-# newest Python, installs them into a scratch venv and pins them in constraints-newest.txt.
+# newest Python, installs them into a scratch venv and pins them in constraints-newest.txt
+# (jax[tpu]: libtpu at the version that jax pins).
 constraints-newest:
 	@[ -n "$(NEWEST_PYTHON)" ] || { echo "make: needs Python 3.12+ (python3.13 on PATH or in pyenv)" >&2; exit 1; }
 	rm -rf .venv-resolve
 	$(NEWEST_PYTHON) -m venv .venv-resolve
 	.venv-resolve/bin/python -m pip install --quiet --upgrade pip
-	.venv-resolve/bin/python -m pip install --quiet -e '.[test]'
+	.venv-resolve/bin/python -m pip install --quiet -e '.[test,tpu-compile,cuda-compile]' 'jax[tpu]'
 	V=$$(.venv-resolve/bin/python -c 'import sys; print("%d.%d" % sys.version_info[:2])'); \
 	{ echo "# Exact versions tested together on Python $$V (pip -c): the newest the ranges in pyproject.toml"; \
 	  echo "# allowed on $$(date -u +%F). Refresh: make constraints-newest (then run make test)."; \

@@ -34,6 +34,9 @@ def default_config() -> ConfigDict:
     config.model.dtype = "float32"
     config.model.bn_momentum = 0.99  # Running-average decay (Keras convention; PyTorch's 0.01).
     config.model.bn_epsilon = 1e-3  # Keras Xception's value; timm's legacy_xception uses 1e-5.
+    # Devices whose examples share BatchNorm's training statistics: 0 = the whole global batch
+    # (one all-reduce per layer across every chip), 1 = each device's own, N = groups of N.
+    config.model.bn_group = 0
     # MaxPool padding in the strided blocks: "torch" (symmetric, timm/Cadene weights) or
     # "same" (TF/Keras). They differ only where the input side is even (74 -> 37 at 299).
     config.model.pool_padding = "torch"
@@ -81,6 +84,7 @@ def default_config() -> ConfigDict:
     config.mesh = ConfigDict()
     config.mesh.data = -1  # Data-parallel axis size; -1 takes all devices left over by fsdp.
     config.mesh.fsdp = 1  # Parameter-sharding axis size (the batch is split over it too).
+    config.mesh.slices = 1  # TPU slices (multislice): the data axis spans them over DCN.
 
     config.train = ConfigDict()
     config.train.steps = 20_000
@@ -304,6 +308,7 @@ RULES: tuple[tuple[str, tuple[Callable, str]], ...] = (
     ("model.dtype", _one_of("float32", "bfloat16")),
     ("model.bn_momentum", _PROBABILITY),
     ("model.bn_epsilon", _number(0.0, open_low=True)),
+    ("model.bn_group", _integer(0)),
     ("model.pool_padding", _one_of("torch", "same")),
     ("model.layer_impl", _one_of(*LAYER_IMPLS)),
     ("model.decoder.features", _widths(1)),
@@ -325,6 +330,7 @@ RULES: tuple[tuple[str, tuple[Callable, str]], ...] = (
     ("optim.clip_grad_norm", _number(0.0)),
     ("mesh.data", ((lambda v: v == -1 or _integer(1)[0](v)), "-1 or an integer >= 1")),
     ("mesh.fsdp", _integer(1)),
+    ("mesh.slices", _integer(1)),
     ("train.steps", _integer(1)),
     ("train.batch_size", _integer(1)),
     ("train.log_every", _integer(1)),

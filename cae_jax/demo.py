@@ -215,15 +215,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cae_jax import train, workdir_lock
+    from cae_jax import dir_lock, train
 
     workdir = Path(args.workdir)
     try:
         config_lib.load_config(DEMO_CONFIG, args.overrides)  # Bad overrides: before any work.
-        workdir_lock.make_directory(workdir, "--workdir")
+        dir_lock.make_directory(workdir, "--workdir")
         summary = run_demo(workdir, args.overrides)
     except (FileNotFoundError, ValueError, train.NonFiniteLossError,
-            workdir_lock.DirectoryError) as err:
+            dir_lock.DirectoryError) as err:
         raise SystemExit(f"error: {err}") from err
     print(f"demo: test frame AUC {summary['test_frame_auc']:.4f}, balanced accuracy "
           f"{summary['test_frame_balanced_acc_at_threshold']:.4f} at {summary['threshold']:.4f} "

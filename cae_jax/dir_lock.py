@@ -1,9 +1,12 @@
-"""One writer per output folder: a lock file naming the process that holds it.
+"""Folders a command writes: one writer per folder (a lock file naming the host and process
+that hold it), and outputs that could not be created refused before the work.
 
-Two runs writing one folder destroy each other's work (one's cleanup deletes the other's
-temporary files); the second is refused by name instead. A lock left by a process that is no
-longer running (killed) is taken over, saying so. Light on purpose (`data_prep` imports it).
-On object stores (gs://), which have no exclusive create, the check is best effort.
+Two runs writing one folder destroy each other's work (two `prepare`s delete each other's
+temporary shards; two `train`s overwrite each other's checkpoints and metrics, both reporting
+success); the second is refused by name instead. A lock left by a process of this host that is
+no longer running (killed) is taken over, saying so; one of another host cannot be checked from
+here, so the refusal says how to clear it. On object stores (gs://), which have no exclusive
+create, the lock is best effort. Light on purpose: `data_prep` imports it.
 """
 
 from __future__ import annotations
@@ -14,26 +17,59 @@ import os
 import socket
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 from etils import epath
 
-LOCK_FILE = ".lock"
+LOCK_FILE = "cae-jax.lock"
 
 
-class LockedError(RuntimeError):
-    """Another live process holds the folder."""
+class DirectoryError(RuntimeError):
+    """A folder cannot be written: held by another live process (or one this host cannot
+    check), a file, or not writable."""
+
+
+def make_directory(directory: str | os.PathLike, flag: str) -> None:
+    """Creates `directory` (and parents), one line naming `flag` where it cannot be one."""
+    directory = epath.Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise DirectoryError(f"{flag} {directory} is a file, not a directory")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DirectoryError(
+            f"{flag} {directory}: cannot create it ({err.strerror or err})") from err
+
+
+def check_can_create(path: str | os.PathLike, flag: str) -> None:
+    """Raises DirectoryError (one line naming `flag`) where `path` could not be created:
+    under a file, or in a directory this user cannot write. Checked before the work whose
+    result goes there; gs:// paths pass."""
+    if "://" in os.fspath(path):
+        return
+    path = Path(path).absolute()
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise DirectoryError(f"{flag} {path}: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise DirectoryError(f"{flag} {path}: {ancestor} is not writable")
 
 
 @contextlib.contextmanager
-def hold(folder: str | os.PathLike, command: str) -> Iterator[None]:
-    """Holds FOLDER/.lock (the folder must exist) while the block runs."""
-    path = epath.Path(folder) / LOCK_FILE
+def hold(directory: str | os.PathLike, command: str) -> Iterator[None]:
+    """Holds DIRECTORY/cae-jax.lock (the directory must exist) while the block runs; raises
+    DirectoryError naming the holder where another run has it."""
+    path = epath.Path(directory) / LOCK_FILE
     mine = {"pid": os.getpid(), "host": socket.gethostname(), "command": command}
     _acquire(path, mine)
     try:
         yield
     finally:
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            if _holder(path) == mine:  # Not the lock of a run that took it over meanwhile.
+                path.unlink()
 
 
 def _acquire(path: epath.Path, mine: dict) -> None:
@@ -41,45 +77,48 @@ def _acquire(path: epath.Path, mine: dict) -> None:
         if _create(path, json.dumps(mine)):
             return
         try:
-            holder = _parse(path.read_text())
+            holder = _holder(path)
         except FileNotFoundError:
             continue
         if holder is None or _alive(holder):
             who = (f"{holder['command']} (process {holder['pid']} on {holder['host']})"
                    if holder else "another run")
-            raise LockedError(
-                f"{path.parent} is being written by {who}: wait for it to finish, or delete "
-                f"{path} if no such run is going on"
-            )
+            raise DirectoryError(
+                f"{path.parent} is in use by {who}: wait for it to finish, or use another "
+                f"directory; if no such run is going on, remove {path}")
         print(f"{mine['command']}: {path}: taking over the lock of process {holder['pid']} "
               f"({holder['command']}), which is no longer running", file=sys.stderr)
         path.unlink(missing_ok=True)
-    raise LockedError(f"{path.parent} is being written by another run (it took {path} first)")
+    raise DirectoryError(f"{path}: another run keeps taking the lock; try again")
 
 
 def _create(path: epath.Path, text: str) -> bool:
     """Creates `path` holding `text` unless it exists; whether it did."""
-    if "://" in os.fspath(path):
-        if path.exists():
-            return False
-        path.write_text(text)
-        return True
     try:
+        if "://" in os.fspath(path):
+            if path.exists():
+                return False
+            path.write_text(text)
+            return True
         fd = os.open(os.fspath(path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
         return False
+    except OSError as err:
+        raise DirectoryError(f"{path}: cannot create the lock ({err.strerror or err})") from err
     with os.fdopen(fd, "w") as f:
         f.write(text)
     return True
 
 
-def _parse(text: str) -> dict | None:
-    """The lock's holder; None when unreadable (being written this very moment, or foreign)."""
+def _holder(path: epath.Path) -> dict | None:
+    """The lock's holder; None when unreadable (being written this very moment, or foreign).
+    FileNotFoundError when there is none."""
     try:
-        holder = json.loads(text)
+        holder = json.loads(path.read_text())
     except ValueError:
         return None
-    if isinstance(holder, dict) and {"pid", "host", "command"} <= holder.keys():
+    if (isinstance(holder, dict) and {"pid", "host", "command"} <= holder.keys()
+            and isinstance(holder["pid"], int)):
         return holder
     return None
 
@@ -89,10 +128,10 @@ def _alive(holder: dict) -> bool:
     very process id is an earlier process's, reused (a restarted container): not running."""
     if holder["host"] != socket.gethostname():
         return True
-    if int(holder["pid"]) == os.getpid():
+    if holder["pid"] == os.getpid():
         return False
     try:
-        os.kill(int(holder["pid"]), 0)
+        os.kill(holder["pid"], 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # Someone else's process.

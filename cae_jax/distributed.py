@@ -28,6 +28,8 @@ from collections.abc import Mapping
 
 import jax
 
+from cae_jax import accelerators
+
 ENV_MODE = "CAE_JAX_DISTRIBUTED"
 ENV_COORDINATOR = "CAE_JAX_COORDINATOR"
 ENV_NUM_PROCESSES = "CAE_JAX_NUM_PROCESSES"
@@ -74,7 +76,7 @@ def resolve_launch(
     if "OMPI_MCA_orte_hnp_uri" in environ and _int_var(environ, "OMPI_COMM_WORLD_SIZE", 1) > 1:
         return Launch("ompi")
     if tpu_runtime is None:
-        tpu_runtime = importlib.util.find_spec("libtpu") is not None
+        tpu_runtime = importlib.util.find_spec("libtpu") is not None and accelerators.tpu_attached()
     if tpu_runtime:
         return Launch("tpu")
     return None

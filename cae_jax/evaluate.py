@@ -443,14 +443,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cae_jax import workdir_lock
+    from cae_jax import dir_lock
 
     if args.batch_size < 0:
         raise SystemExit(f"error: --batch-size {args.batch_size}: must be >= 0 "
                          "(0: the run's eval batch)")
     try:
-        workdir_lock.check_can_create(args.out, "--out")
-    except workdir_lock.DirectoryError as err:
+        dir_lock.check_can_create(args.out, "--out")
+    except dir_lock.DirectoryError as err:
         raise SystemExit(f"error: {err}") from err
     try:
         if args.bootstrap < 0:

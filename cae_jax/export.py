@@ -282,11 +282,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cae_jax import config as config_lib
-    from cae_jax import weights, workdir_lock
+    from cae_jax import dir_lock, weights
 
     path = args.checkpoint or args.workdir
     try:
-        workdir_lock.check_can_create(args.out, "--out")
+        dir_lock.check_can_create(args.out, "--out")
         check_out(args.out)
         config, params, batch_stats, step = restore_source(path)
         data_dir = args.calibration_data or config_lib.eval_data_dir(config)
@@ -314,7 +314,7 @@ def run(args: argparse.Namespace) -> int:
                             platforms=tuple(p for p in args.platforms.split(",") if p),
                             step=int(step), source=os.fspath(path), operating_point=point,
                             decoder_trained=not weights.is_import(path))
-    except (FileNotFoundError, FileExistsError, ValueError, workdir_lock.DirectoryError) as err:
+    except (FileNotFoundError, FileExistsError, ValueError, dir_lock.DirectoryError) as err:
         raise SystemExit(f"error: {err}") from err
     except export_check.ArtifactError as err:
         raise SystemExit(f"error: export: {err}; no bundle written") from err

@@ -8,6 +8,7 @@ decoder and the classifier (`models.py`) all take a `Layers` and the widths they
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -30,11 +31,12 @@ class Layers:
     impl: str
     bn_momentum: float
     bn_epsilon: float
+    bn_groups: int = 1  # Groups of the batch with their own BatchNorm statistics.
 
     @classmethod
-    def from_config(cls, model_config: ConfigDict) -> Layers:
+    def from_config(cls, model_config: ConfigDict, bn_groups: int = 1) -> Layers:
         return cls(model_config.dtype, model_config.layer_impl, model_config.bn_momentum,
-                   model_config.bn_epsilon)
+                   model_config.bn_epsilon, bn_groups)
 
     def native(self) -> Layers:
         """The same layers in XLA's native forms on every platform (for layers `ops` has no
@@ -58,23 +60,37 @@ class Layers:
         )
 
     def batch_norm(self, features: int, *, rngs: nnx.Rngs) -> BatchNorm:
-        return BatchNorm(features, layer_impl=self.impl, momentum=self.bn_momentum,
-                         epsilon=self.bn_epsilon, dtype=jnp.dtype(self.dtype), rngs=rngs)
+        return BatchNorm(features, layer_impl=self.impl, groups=self.bn_groups,
+                         momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+                         dtype=jnp.dtype(self.dtype), rngs=rngs)
 
 
 class BatchNorm(nnx.BatchNorm):
     """nnx.BatchNorm over NHWC whose training statistics come from `ops.batch_norm_train`: on
-    the CPU with its gradient written out. Same parameters, statistics and values."""
+    the CPU with its gradient written out. Same parameters, statistics and values.
 
-    def __init__(self, features: int, *, layer_impl: str, **kwargs):
+    With `groups` > 1 the batch is cut into that many consecutive groups, each normalized by
+    its own statistics (a batch sharded over the mesh: the examples of 1 or N devices), and the
+    running averages take their mean."""
+
+    def __init__(self, features: int, *, layer_impl: str, groups: int = 1, **kwargs):
         super().__init__(features, **kwargs)
         self.impl = layer_impl
+        self.groups = groups
 
     def __call__(self, x: jax.Array, *, use_running_average: bool) -> jax.Array:
         if use_running_average:
             return super().__call__(x, use_running_average=True)
-        y, mean, var = ops.batch_norm_train(x.astype(self.dtype), self.scale[...],
-                                            self.bias[...], self.epsilon, self.impl)
+        normalize = functools.partial(ops.batch_norm_train, epsilon=self.epsilon,
+                                      impl=self.impl)
+        x = x.astype(self.dtype)
+        if self.groups == 1:
+            y, mean, var = normalize(x, self.scale[...], self.bias[...])
+        else:
+            grouped = x.reshape(self.groups, x.shape[0] // self.groups, *x.shape[1:])
+            y, mean, var = jax.vmap(normalize, in_axes=(0, None, None))(
+                grouped, self.scale[...], self.bias[...])
+            y, mean, var = y.reshape(x.shape), mean.mean(axis=0), var.mean(axis=0)
         self.mean[...] = self.momentum * self.mean[...] + (1 - self.momentum) * mean
         self.var[...] = self.momentum * self.var[...] + (1 - self.momentum) * var
         return y

@@ -11,7 +11,7 @@ import importlib
 import os
 import sys
 
-from cae_jax import host_memory
+from cae_jax import accelerators, host_memory
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("data_prep.prepare", "raw videos/images -> face crops in sharded TFRecords"),
@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import-weights": ("cae_jax.weights", "ImageNet Xception weights (timm/keras) -> Orbax"),
     "sweep": ("cae_jax.sweep", "expand a sweep file into runs and launch them"),
     "sweep-report": ("cae_jax.sweep_report", "collect a sweep's results into one table"),
+    "compile": ("cae_jax.aot_compile",
+                "compile the train step for a TPU/GPU topology here: fit, cost, collectives"),
 }
 # Commands whose CPU runs the heap tuning (host_memory.py) speeds up: they train or time
 # training, allocating and freeing gigabytes of activations every step.
@@ -49,6 +51,7 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
 def cli() -> int:
     """The console script: CPU training commands restart once with the heap on huge pages
     (host_memory.py), then `main`."""
+    accelerators.use_cpu_where_nothing_is_attached()  # Before the heap choice and JAX.
     if _tunes_heap(sys.argv[1] if len(sys.argv) > 1 else None):
         host_memory.restart_with_huge_pages()
     return main()
@@ -56,6 +59,7 @@ def cli() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    accelerators.use_cpu_where_nothing_is_attached()  # Before JAX starts.
     command = argv[0] if argv and argv[0] in COMMANDS else None
     if _tunes_heap(command):
         host_memory.retain_freed_memory()  # Before JAX starts its threads.

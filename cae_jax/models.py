@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
@@ -54,8 +55,39 @@ class Decoder(nnx.Module):
             x = nnx.relu(bn(up(x), use_running_average=not train))
         x = self.to_rgb(x).astype(jnp.float32)
         if x.shape[1:3] != (self.image_size, self.image_size):
-            x = jax.image.resize(x, (x.shape[0], self.image_size, self.image_size, 3), "bilinear")
+            x = resize_bilinear(x, self.image_size)
         return jnp.tanh(x) if self.output_activation == "tanh" else jax.nn.sigmoid(x)
+
+
+def bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source indices [out, K] and weights [out, K] of `jax.image.resize`'s antialiased
+    bilinear (triangle) kernel along one axis, as its `compute_weight_mat` makes them."""
+    scale = out_size / in_size
+    kernel_scale = max(1 / scale, 1.0)
+    sample = (np.arange(out_size) + 0.5) / scale - 0.5
+    weights = np.maximum(0.0, 1 - np.abs(sample[:, None] - np.arange(in_size)) / kernel_scale)
+    weights /= weights.sum(axis=1, keepdims=True)
+    weights[(sample < -0.5) | (sample > in_size - 0.5)] = 0.0
+    nonzero = weights > 0
+    starts = np.argmax(nonzero, axis=1)
+    taps = int(nonzero.sum(axis=1).max())
+    index = starts[:, None] + np.arange(taps)
+    tap_weights = np.take_along_axis(weights, np.minimum(index, in_size - 1), axis=1)
+    return np.minimum(index, in_size - 1), np.where(index < in_size, tap_weights, 0.0)
+
+
+def resize_bilinear(x: jax.Array, size: int) -> jax.Array:
+    """`jax.image.resize(x, [N, size, size, C], "bilinear")` of NHWC `x`, as a few gathers and
+    multiply-adds per axis: jax.image makes it a HIGHEST-precision matrix product, which XLA's
+    GPU compiler rejects with its default flags."""
+    for axis in (1, 2):
+        index, weights = bilinear_taps(x.shape[axis], size)
+        shape = [1] * x.ndim
+        shape[axis] = size
+        x = sum(jnp.take(x, index[:, k], axis=axis)
+                * jnp.asarray(weights[:, k].reshape(shape), x.dtype)
+                for k in range(index.shape[1]))
+    return x
 
 
 class Classifier(nnx.Module):
@@ -84,8 +116,8 @@ ENCODER_STREAM = 1
 class CAE(nnx.Module):
     """Shared encoder feeding a reconstruction decoder and a real/fake classifier."""
 
-    def __init__(self, model_config: ConfigDict, rngs: nnx.Rngs):
-        layers = Layers.from_config(model_config)
+    def __init__(self, model_config: ConfigDict, rngs: nnx.Rngs, bn_groups: int = 1):
+        layers = Layers.from_config(model_config, bn_groups)
         decoder, classifier = model_config.decoder, model_config.classifier
         self.backbone = backbones.name_of(model_config)
         self.encoder = backbones.backbone(model_config).build(model_config, layers=layers,
@@ -115,8 +147,10 @@ class CAE(nnx.Module):
         return {"logit": logit, "reconstruction": self.decoder(z, train=train), "latent": z}
 
 
-def build_model(model_config: ConfigDict, seed: int = 0) -> CAE:
-    return CAE(model_config, nnx.Rngs(params=seed))
+def build_model(model_config: ConfigDict, seed: int = 0, bn_groups: int = 1) -> CAE:
+    """The CAE; `bn_groups`: how many groups of the batch get their own BatchNorm statistics
+    in training (`train_step.bn_groups` derives it from `model.bn_group` and the mesh)."""
+    return CAE(model_config, nnx.Rngs(params=seed), bn_groups)
 
 
 def split_model(model: CAE) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
@@ -124,9 +158,10 @@ def split_model(model: CAE) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     return graphdef, params, batch_stats
 
 
-def abstract_model(model_config: ConfigDict) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    """GraphDef and shape-only states of the model: no memory, no compute."""
-    return split_model(nnx.eval_shape(lambda: build_model(model_config)))
+def abstract_model(model_config: ConfigDict, bn_groups: int = 1
+                   ) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """GraphDef and shape-only (params, batch_stats) of the model: no memory, no compute."""
+    return split_model(nnx.eval_shape(lambda: build_model(model_config, bn_groups=bn_groups)))
 
 
 def forward(graphdef: nnx.GraphDef, params: nnx.State, batch_stats: nnx.State,

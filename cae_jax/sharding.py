@@ -2,7 +2,10 @@
 
 The mesh has two axes: `data` (pure data parallelism) and `fsdp` (parameters and optimizer
 state sharded, batch split too). A global batch is split over both axes; a parameter is
-sharded over `fsdp` along its largest dimension that `fsdp` divides, else replicated.
+sharded over `fsdp` along its largest dimension that `fsdp` divides, else replicated. Devices
+are laid out in the topology's order (`mesh_utils`: neighbours on the ICI torus); across
+TPU slices (`slices` > 1, multislice) the `data` axis spans the slices over the data-center
+network, outermost, so only the gradient all-reduce crosses it.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -21,8 +25,10 @@ BATCH_AXES = (DATA, FSDP)  # The leading (batch) dimension is split over both ax
 MIN_FSDP_SIZE = 2**14  # Smaller arrays (biases, BN scales) are replicated: not worth a gather.
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp) mesh; `data=-1` takes every device that `fsdp` leaves over."""
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None,
+              slices: int = 1) -> Mesh:
+    """A (data, fsdp) mesh; `data=-1` takes every device that `fsdp` leaves over; with
+    `slices` > 1 the data axis spans that many TPU slices."""
     devices = list(jax.devices() if devices is None else devices)
     if fsdp < 1 or len(devices) % fsdp:
         raise ValueError(f"mesh.fsdp={fsdp} must divide the {len(devices)} devices")
@@ -30,7 +36,14 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | Non
         data = len(devices) // fsdp
     if data * fsdp != len(devices):
         raise ValueError(f"mesh data={data} x fsdp={fsdp} != {len(devices)} devices")
-    grid = np.asarray(devices).reshape(data, fsdp)
+    if slices == 1:
+        grid = mesh_utils.create_device_mesh((data, fsdp), devices,
+                                             allow_split_physical_axes=True)
+    elif data % slices:
+        raise ValueError(f"mesh.slices={slices} must divide mesh data={data}")
+    else:
+        grid = mesh_utils.create_hybrid_device_mesh(
+            (data // slices, fsdp), (slices, 1), devices, allow_split_physical_axes=True)
     return Mesh(grid, MESH_AXES)
 
 

@@ -23,7 +23,6 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -36,15 +35,14 @@ from tqdm import tqdm
 from cae_jax import (
     atomic_file,
     checkpoints,
+    dir_lock,
     distributed,
     evaluate,
     input_pipeline,
     pixels,
     prepared_data,
-    sharding,
     tensorboard_writer,
     train_step,
-    workdir_lock,
 )
 from cae_jax import config as config_lib
 
@@ -162,26 +160,23 @@ def _has_validation(config: ConfigDict) -> bool:
 
 @contextlib.contextmanager
 def sole_writer(workdir: epath.Path) -> Iterator[None]:
-    """Process 0 holds the workdir's lock (workdir_lock.py) while the block runs; every
+    """Process 0 holds the workdir's lock (dir_lock.py) while the block runs; every
     process stops, with process 0's reason, when it cannot. gs:// workdirs are not locked."""
-    refusal, lock = None, None
-    if jax.process_index() == 0 and "://" not in str(workdir):
-        try:
-            workdir_lock.make_directory(Path(workdir), "--workdir")
-            lock = workdir_lock.acquire(Path(workdir), "cae-jax train")
-        except workdir_lock.DirectoryError as err:
-            refusal = err
-    if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(
-            np.int32(refusal is not None)):
-        refusal = refusal or workdir_lock.DirectoryError(
-            f"--workdir {workdir}: process 0 could not lock it (its error says why)")
-    if refusal:
-        raise refusal
-    try:
+    refusal = None
+    with contextlib.ExitStack() as stack:
+        if jax.process_index() == 0 and "://" not in str(workdir):
+            try:
+                dir_lock.make_directory(workdir, "--workdir")
+                stack.enter_context(dir_lock.hold(workdir, "cae-jax train"))
+            except dir_lock.DirectoryError as err:
+                refusal = err
+        if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(
+                np.int32(refusal is not None)):
+            refusal = refusal or dir_lock.DirectoryError(
+                f"--workdir {workdir}: process 0 could not lock it (its error says why)")
+        if refusal:
+            raise refusal
         yield
-    finally:
-        if lock:
-            workdir_lock.release(lock)
 
 
 def train(config: ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
@@ -198,15 +193,14 @@ def train(config: ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
 
 def _train(config: ConfigDict, workdir: epath.Path,
            manager: ocp.CheckpointManager) -> dict[str, float]:
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, jax.devices())
+    program = train_step.build_program(config, jax.devices())
+    mesh = program.abstract.mesh
     latest = manager.latest_step()
     if latest is not None:
         checkpoints.check_resumable(workdir, config)
     checkpoints.write_config(workdir, config)
     data = input_pipeline.make_train_iterator(config, mesh)
-    abstract = train_step.abstract_state(config, mesh)
-    step_fn = train_step.make_train_step(config, abstract)
-    eval_step = train_step.make_eval_step(config, abstract, with_reconstructions=True)
+    abstract, step_fn, eval_step = program.abstract, program.train_step, program.eval_step
     with_validation = _has_validation(config)
 
     if latest is None:
@@ -307,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         final = train(config, args.workdir)
     except (NonFiniteLossError, FileNotFoundError, ValueError,
-            workdir_lock.DirectoryError) as err:
+            dir_lock.DirectoryError) as err:
         raise SystemExit(f"error: {err}") from err
     except OSError as err:  # A full disk (checkpoints.check_free_space) or an unwritable file.
         raise SystemExit(f"error: {err.strerror or err}"

@@ -8,7 +8,7 @@ statistics are means over the sharded global batch, so they are global-batch sta
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.struct
@@ -54,6 +54,17 @@ def make_optimizer(config: ConfigDict) -> optax.GradientTransformation:
     return adamw
 
 
+def bn_groups(model_config: ConfigDict, mesh: Mesh) -> int:
+    """Groups of the global batch with their own BatchNorm statistics: `model.bn_group`
+    devices' examples each (0: one group, the whole batch)."""
+    group = model_config.bn_group
+    if group == 0:
+        return 1
+    if mesh.size % group:
+        raise ValueError(f"model.bn_group={group} must divide the mesh's {mesh.size} devices")
+    return mesh.size // group
+
+
 @dataclasses.dataclass(frozen=True)
 class AbstractState:
     """What a run derives once from its config and mesh and hands to every step and restore.
@@ -71,7 +82,8 @@ class AbstractState:
 
 def abstract_state(config: ConfigDict, mesh: Mesh) -> AbstractState:
     """The model graph and the train state's shapes and shardings, from shapes alone."""
-    graphdef, params, batch_stats = models.abstract_model(config.model)
+    graphdef, params, batch_stats = models.abstract_model(config.model,
+                                                          bn_groups(config.model, mesh))
     shapes = TrainState(
         step=jax.ShapeDtypeStruct((), jnp.int32),
         params=params,
@@ -104,6 +116,39 @@ def create_train_state(config: ConfigDict, abstract: AbstractState) -> TrainStat
     if config.init_from:
         state = weights.load_encoder(state, config, meta)
     return state
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """What a run compiles, built once from its config and devices: by `cae-jax train` on the
+    devices it has, and by `cae-jax compile` on a topology's compile-only devices."""
+
+    abstract: AbstractState
+    train_step: Callable
+    eval_step: Callable  # With reconstructions: the trainer's validation draws them.
+
+
+def build_program(config: ConfigDict, devices: Sequence[jax.Device]) -> Program:
+    """The (data, fsdp) mesh over `devices`, the abstract state, and the jitted steps."""
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices, config.mesh.slices)
+    abstract = abstract_state(config, mesh)
+    return Program(abstract, make_train_step(config, abstract),
+                   make_eval_step(config, abstract, with_reconstructions=True))
+
+
+def batch_shapes(config: ConfigDict, mesh: Mesh, batch_size: int, *, train: bool = True
+                 ) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch the input pipeline feeds a step, as sharded shapes: uint8 images with
+    the `aug_*` fields where the train step augments on the device, else normalized floats."""
+    size, shard = config.model.image_size, sharding.batch_sharding(mesh)
+    on_device = train and augment.on_device(config.input.augment, sharding.platform(mesh))
+    fields = {"image": ((batch_size, size, size, 3), jnp.uint8 if on_device else jnp.float32),
+              "label": ((batch_size,), jnp.int32)}
+    if on_device:
+        fields.update({f"aug_{name}": ((batch_size,), dtype)
+                       for name, dtype in device_augment.PARAM_DTYPES.items()})
+    return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=shard)
+            for name, (shape, dtype) in fields.items()}
 
 
 def make_train_step(config: ConfigDict, abstract: AbstractState) -> Callable:

@@ -166,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
         work.CorruptCacheError,
         writer.NothingToWriteError,
         writer.OutputError,
-        dir_lock.LockedError,
+        dir_lock.DirectoryError,
     ) as err:
         print(f"cae-jax prepare: {err}", file=sys.stderr)
         return 2
@@ -229,13 +229,8 @@ def prepare(
 def _hold(out_dir: epath.Path, stack: contextlib.ExitStack) -> None:
     """Creates OUT and holds its lock until `stack` closes: two runs into one OUT would delete
     each other's temporary shards. An OUT that cannot be written is one error naming it."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise writer.OutputError(f"--out {out_dir} is a file, not a folder")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        stack.enter_context(dir_lock.hold(out_dir, "cae-jax prepare"))
-    except OSError as err:
-        raise writer.OutputError(f"cannot write --out {out_dir}: {err.strerror or err}") from err
+    dir_lock.make_directory(out_dir, "--out")
+    stack.enter_context(dir_lock.hold(out_dir, "cae-jax prepare"))
 
 
 def cache_note(summaries: Iterable[dict], work_dir: epath.Path) -> str:

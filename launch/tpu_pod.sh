@@ -19,6 +19,9 @@ usage: launch/tpu_pod.sh [--dry-run] COMMAND --name TPU --zone ZONE [--project I
   delete                                          delete the TPU VM
 
   --dry-run   print the exact commands instead of running them
+
+  Multislice (several slices over DCN, created as one queued resource): see
+  docs/scale_out.md, "Multislice"; train with --config.mesh.slices=N.
 USAGE
 }
 

@@ -73,8 +73,9 @@ def test_every_writer_keeps_the_old_file_and_no_temporary_when_the_write_fails(
         assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
 
 
-def test_imports_nothing_heavy():
-    code = ("import sys; import cae_jax.atomic_file; "
+@pytest.mark.parametrize("module", ["cae_jax.atomic_file", "cae_jax.dir_lock"])
+def test_what_data_prep_imports_of_cae_jax_imports_nothing_heavy(module):
+    code = (f"import sys; import {module}; "
             "print(sorted(m for m in ('jax', 'tensorflow', 'numpy', 'cv2') if m in sys.modules))")
     found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            check=True).stdout

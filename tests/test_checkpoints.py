@@ -134,3 +134,17 @@ def test_a_workdir_config_is_validated_when_read_back(setup, tmp_path):
     with pytest.raises(ValueError, match="not a config written by cae-jax"):
         checkpoints.read_config(tmp_path)
 
+
+
+def test_a_workdir_config_from_before_a_field_existed_reads_with_its_default(setup, tmp_path):
+    import json
+
+    _, config, _, _ = setup
+    checkpoints.write_config(tmp_path, config)
+    path = tmp_path / checkpoints.CONFIG_FILE
+    saved = json.loads(path.read_text())
+    del saved["model"]["bn_group"], saved["mesh"]["slices"]  # Fields added later.
+    path.write_text(json.dumps(saved))
+    read = checkpoints.read_config(tmp_path)
+    assert (read.model.bn_group, read.mesh.slices) == (0, 1)
+    checkpoints.check_resumable(tmp_path, config)  # Resumes: the defaults are what it ran.

@@ -1,8 +1,10 @@
 """Multi-process runs: launch detection, and 2 CPU processes training and evaluating like 1."""
 
+import importlib.util
+
 import pytest
 
-from cae_jax import distributed
+from cae_jax import accelerators, distributed
 from cae_jax.distributed import Launch, resolve_launch
 
 EXPLICIT = {
@@ -320,3 +322,12 @@ def test_two_processes_train_and_evaluate_like_one_and_share_checkpoints(tmp_pat
 
 if __name__ == "__main__":
     worker(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3])
+
+
+@pytest.mark.skipif(not importlib.util.find_spec("libtpu"), reason="libtpu not installed")
+def test_libtpu_on_a_host_without_a_tpu_is_a_single_process_run(tmp_path, monkeypatch):
+    """The tpu-compile extra installs libtpu on CPU hosts: no TPU launch there."""
+    monkeypatch.setattr(accelerators, "TPU_DEVICE_FILES", (str(tmp_path / "accel[0-9]*"),))
+    assert resolve_launch({}) is None
+    (tmp_path / "accel0").touch()
+    assert resolve_launch({}) == Launch("tpu")

@@ -297,3 +297,18 @@ def test_bfloat16_decomposed_stays_close_to_float32():
     np.testing.assert_allclose(grad_kernel.astype(jnp.float32), want, rtol=0.05, atol=0.5)
 
 
+@pytest.mark.parametrize("sizes", [(320, 299), (64, 60), (40, 64), (7, 7)])
+def test_resize_bilinear_equals_jax_image_resize(sizes):
+    in_size, out_size = sizes
+    x = jax.random.normal(jax.random.key(0), (2, in_size, in_size + 3, 3))
+    expected = jax.image.resize(x, (2, out_size, out_size, 3), "bilinear")
+    got = models.resize_bilinear(x, out_size)
+    # Up to 1.2e-4 apart on unit-variance inputs (jax.image forms its weights its own way).
+    np.testing.assert_allclose(got, expected, atol=5e-4, rtol=0)
+
+
+def test_resize_bilinear_is_no_matrix_product():
+    """XLA's GPU compiler refuses jax.image's HIGHEST-precision dot with default flags."""
+    text = jax.jit(lambda x: models.resize_bilinear(x, 299)).lower(
+        jax.ShapeDtypeStruct((2, 320, 320, 3), jnp.float32)).as_text()
+    assert "dot_general" not in text and "precision" not in text

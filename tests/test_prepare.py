@@ -1061,10 +1061,10 @@ def test_out_that_cannot_be_written_is_one_line_naming_it(raw_folder, tmp_path):
         locked.parent.chmod(0o500)
     options = ["--workers", "1", "--detector", "haar", "--frames-per-video", "2"]
     listing = _small_list(root, tmp_path)
-    under_file = tmp_path / "file" / "out"
-    for out, wanted in ((locked, f"cannot write --out {locked}: "),
-                        (tmp_path / "file", f"--out {tmp_path / 'file'} is a file, not a folder"),
-                        (under_file, f"cannot write --out {under_file}: ")):
+    a_file, under_file = tmp_path / "file", tmp_path / "file" / "out"
+    for out, wanted in ((locked, f"--out {locked}: cannot create it ("),
+                        (a_file, f"--out {a_file} is a file, not a directory"),
+                        (under_file, f"--out {under_file}: cannot create it (")):
         line = _one_line_error(_run_prepare("folder", "--root", str(listing), "--out", str(out),
                                             *options))
         assert line.startswith(f"cae-jax prepare: {wanted}"), line
@@ -1113,24 +1113,25 @@ def test_second_prepare_into_one_out_is_refused_and_a_stale_lock_taken_over(raw_
     root, _ = raw_folder
     out = tmp_path / "o"
     out.mkdir()
+    lock = out / dir_lock.LOCK_FILE
     argv = ["folder", "--root", str(_small_list(root, tmp_path)), "--out", str(out),
             "--workers", "1", "--detector", "haar", "--frames-per-video", "2"]
     with dir_lock.hold(out, "cae-jax prepare"):  # A run in progress: this process.
         line = _one_line_error(_run_prepare(*argv))
     assert line == (
-        f"cae-jax prepare: {out} is being written by cae-jax prepare (process {os.getpid()} on "
-        f"{socket.gethostname()}): wait for it to finish, or delete {out / '.lock'} if no such "
-        "run is going on")
+        f"cae-jax prepare: {out} is in use by cae-jax prepare (process {os.getpid()} on "
+        f"{socket.gethostname()}): wait for it to finish, or use another directory; if no such "
+        f"run is going on, remove {lock}")
     assert not list(out.iterdir())
     # A run killed while holding it leaves the lock behind.
     killed = subprocess.run([sys.executable, "-c", (
         "import os, signal; from cae_jax import dir_lock\n"
         f"with dir_lock.hold({str(out)!r}, 'cae-jax prepare'): os.kill(os.getpid(), signal.SIGKILL)"
     )])
-    assert killed.returncode == -9 and (out / ".lock").exists()
-    holder = json.loads((out / ".lock").read_text())["pid"]
+    assert killed.returncode == -9 and lock.exists()
+    holder = json.loads(lock.read_text())["pid"]
     result = _run_prepare(*argv)
     assert result.returncode == 0, result.stderr
-    assert (f"cae-jax prepare: {out / '.lock'}: taking over the lock of process {holder} "
+    assert (f"cae-jax prepare: {lock}: taking over the lock of process {holder} "
             "(cae-jax prepare), which is no longer running") in result.stderr
-    assert not (out / ".lock").exists()  # Released at the end.
+    assert not lock.exists()  # Released at the end.

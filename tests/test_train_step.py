@@ -3,11 +3,14 @@
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from skimage import data, transform
 
 from cae_jax import config as config_lib
+from cae_jax import layers as layers_lib
 from cae_jax import models, sharding, train_step
 
 MESHES = {"1 device": (1, 1), "data=8": (8, 1), "data=2,fsdp=4": (2, 4)}
@@ -147,3 +150,60 @@ def test_eval_step_with_reconstructions_adds_them_and_changes_nothing_else():
         jax.device_get(state.params), jax.device_get(state.batch_stats), face_batch()["image"])
     recon = outputs["reconstruction"]
     np.testing.assert_allclose(full["reconstruction"], recon, rtol=1e-5, atol=1e-5)
+
+
+def test_train_step_lowers_past_two_to_the_31_elements_per_batch_norm_channel():
+    """The last decoder BatchNorm sums B * 64 * 64 elements per channel: past 2**31 at this
+    global batch (a pod's, e.g. v5p-128 at 1024 per chip for the full-size model). Shapes
+    only, so nothing is allocated; the CPU's written-out BatchNorm gradient is traced too."""
+    config = tiny_config()
+    batch_size = 2**31 // (64 * 64) + 8
+    mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
+    abstract = train_step.abstract_state(config, mesh)
+    batch = {"image": jax.ShapeDtypeStruct((batch_size, 64, 64, 3), np.float32),
+             "label": jax.ShapeDtypeStruct((batch_size,), np.int32)}
+    lowered = train_step.make_train_step(config, abstract).lower(abstract.shapes, batch)
+    assert f"tensor<{batch_size}x64x64x8xf32>" in lowered.as_text()
+
+
+@pytest.mark.parametrize("bn_group", [0, 1, 2, 4])
+def test_batch_norm_statistics_per_group_of_devices_equal_numpy(bn_group):
+    """On the 8-device mesh, a batch of 16 (2 per device): statistics over the whole batch,
+    each device's own, or groups of 2 and 4 devices, as numpy computes them per group."""
+    mesh = sharding.make_mesh(8, 1)
+    groups = 8 // bn_group if bn_group else 1
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(16, 3, 3, 4)) * np.arange(1, 17)[:, None, None, None]
+         + np.arange(16)[:, None, None, None]).astype(np.float32)  # Each device's own scale.
+    layer = layers_lib.BatchNorm(4, layer_impl="auto", groups=groups, momentum=0.9, epsilon=1e-3,
+                                 dtype=jnp.float32, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(layer)
+
+    @jax.jit
+    def normalize(state, x):
+        layer = nnx.merge(graphdef, state)
+        return layer(x, use_running_average=False), nnx.state(layer, nnx.BatchStat)
+
+    y, stats = normalize(state, jax.device_put(x, sharding.batch_sharding(mesh)))
+    grouped = x.astype(np.float64).reshape(groups, -1, 3, 3, 4)
+    mean = grouped.mean(axis=(1, 2, 3), keepdims=True)
+    var = grouped.var(axis=(1, 2, 3), keepdims=True)
+    np.testing.assert_allclose(y, ((grouped - mean) / np.sqrt(var + 1e-3)).reshape(x.shape),
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(stats["mean"][...], 0.1 * mean.mean(axis=0).ravel(), rtol=1e-5)
+    np.testing.assert_allclose(stats["var"][...], 0.9 + 0.1 * var.mean(axis=0).ravel(),
+                               rtol=1e-5)
+
+
+def test_batch_norm_group_must_divide_the_devices():
+    config = tiny_config()
+    config.model.bn_group = 3
+    with pytest.raises(ValueError, match="model.bn_group=3 must divide the mesh's 8 devices"):
+        train_step.abstract_state(config, sharding.make_mesh(8, 1))
+
+
+def test_per_device_batch_norm_trains_on_the_sharded_mesh():
+    config = tiny_config()
+    config.model.bn_group = 1
+    _, history, _ = run_steps(config, (8, 1), face_batch(), steps=1)
+    assert np.isfinite(history[0]["loss"])

@@ -459,7 +459,7 @@ def _batch_norm_train_bwd(epsilon, residuals, cotangents):
     x, scale, mean, rstd, unclipped = residuals
     grad_y, grad_mean, grad_var = cotangents
     axes = tuple(range(x.ndim - 1))
-    count = x.size // x.shape[-1]
+    count = float(x.size // x.shape[-1])  # A float: past 2**31 elements an int is no int32.
     g, x32 = grad_y.astype(jnp.float32), x.astype(jnp.float32)
     sum_g = jnp.sum(g, axis=axes)
     grad_scale = rstd * (jnp.sum(g * x32, axis=axes) - mean * sum_g)  # sum(g * x_hat)

@@ -1,0 +1,128 @@
+"""`cae-jax compile`: the tiny config's train and eval steps compiled by XLA's TPU and GPU
+compilers on this CPU-only host (compile-only devices), with fit, cost and collectives; an
+oversized batch is a result, not a traceback; --max-batch finds the boundary."""
+
+import dataclasses
+import importlib.util
+import json
+
+import pytest
+
+from cae_jax import accelerators, aot_compile, main, sharding
+from cae_jax import config as config_lib
+
+needs_libtpu = pytest.mark.skipif(not importlib.util.find_spec("libtpu"),
+                                  reason="the tpu-compile extra (libtpu) is not installed")
+needs_cuda_plugin = pytest.mark.skipif(
+    not importlib.util.find_spec("jax_plugins.xla_cuda12"),
+    reason="the cuda-compile extra (jax-cuda12-pjrt) is not installed")
+# Augmentation on the host: the same model, a quicker compile.
+FAST = ["--config.input.augment.on_device=off"]
+
+
+def tiny(**fields):
+    config = config_lib.load_config("configs/tiny.py", [f"--config.{k}={v}" for k, v in
+                                                         fields.items()] + FAST)
+    return config
+
+
+def test_topology_names_map_to_slices_and_unknown_ones_are_refused():
+    assert accelerators.parse("v5litepod-16").topology == "v5e:4x4"
+    assert accelerators.parse("v5p-128").topology == "v5:4x4x4"  # 64 chips: cores in the name
+    assert accelerators.parse("v4-32").topology == "v4:2x2x4"
+    assert accelerators.parse("v6e-256").topology == "v6e:16x16"
+    assert accelerators.parse("tpu7x-8").devices == 8  # 4 chips, 2 devices each
+    assert accelerators.parse("h100-8", slices=2).topology == "1x2x8"
+    with pytest.raises(ValueError, match=r"--topology 'v9-4': unknown accelerator; known: v4-N"):
+        accelerators.parse("v9-4")
+
+
+def test_unknown_topology_is_one_line_on_the_command_line(capsys):
+    with pytest.raises(SystemExit, match=r"^error: --topology 'k80-8': unknown accelerator"):
+        main.main(["compile", "--topology", "k80-8", "--config", "configs/tiny.py"])
+
+
+@needs_libtpu
+def test_tiny_train_and_eval_steps_compile_for_v5e_2x2(tmp_path, capsys):
+    main.main(["compile", "--topology", "v5litepod-4", "--config", "configs/tiny.py",
+               "--batch-per-chip", "8", "--out", str(tmp_path), *FAST])
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["target"]["topology"] == "v5e:2x2" and report["global_batch"] == 32
+    train = report["steps"]["train step"]
+    assert train["fits"] and report["steps"]["eval step"]["fits"]
+    for name in ("arguments", "outputs", "temporaries", "total"):
+        assert train["memory"][name] > 0
+    assert train["cost"]["flops"] > 0 and train["roofline"]["images_per_second_per_chip"] > 0
+    # Global-batch BatchNorm and the gradient all-reduce: data parallel over 4 chips.
+    assert train["collectives"]["all-reduce"]["count"] > 0
+    assert "| fits | yes," in (tmp_path / "report.md").read_text()
+    assert "does not fit" not in capsys.readouterr().out
+
+
+@needs_libtpu
+def test_an_oversized_batch_is_reported_as_not_fitting_with_xlas_message():
+    target = accelerators.parse("v5litepod-4")
+    devices = accelerators.compile_only_devices(target)
+    steps = aot_compile.compile_program(tiny(), target, devices, 2**16, steps=("train",),
+                                        analyze=False)
+    assert not steps["train step"]["fits"]
+    assert "memory" in steps["train step"]["message"].lower()
+
+
+@needs_cuda_plugin
+def test_tiny_train_step_compiles_for_one_h100_with_default_flags():
+    """At 60 the decoder's 64 is resized: jax.image's HIGHEST-precision matmul did not compile
+    for the GPU with XLA's default flags, the model's resize does."""
+    target = accelerators.parse("h100-1")
+    devices = accelerators.compile_only_devices(target)
+    step = aot_compile.compile_program(tiny(**{"model.image_size": 60}), target, devices, 8,
+                                       steps=("train",))["train step"]
+    assert step["fits"] and step["memory"]["total"] > 0
+    assert step["cost"]["flops"] > 0 and step["collectives"] == {}
+
+
+@needs_cuda_plugin
+def test_max_batch_finds_the_largest_batch_that_fits():
+    """On a GPU the fit is this report's own comparison, so a GPU made as small as the train
+    step at 3 per chip puts the boundary where three compiles find it (2, 4, then 3)."""
+    target = accelerators.parse("h100-1")
+    devices = accelerators.compile_only_devices(target)
+    config = tiny()
+    at_3 = aot_compile.compile_program(config, target, devices, 3, steps=("train",),
+                                       analyze=False)["train step"]["memory"]["total"]
+    target = dataclasses.replace(target, chip=dataclasses.replace(target.chip, hbm_bytes=at_3))
+    found = aot_compile.max_batch(config, target, devices, start=2)
+    assert (found["fits"], found["fails"]) == (3, 4)
+    assert "exceed" in found["message"]
+
+
+@needs_libtpu
+def test_two_slices_put_the_dcn_outermost_on_the_data_axis():
+    """`--slices 2` (multislice): the data axis runs over slice 0's devices, then slice 1's,
+    so only the data axis crosses the data-center network."""
+    target = accelerators.parse("v5litepod-4", slices=2)
+    config = aot_compile.configured(tiny(), target, batch_per_chip=8)
+    assert config.mesh.slices == 2 and config.train.batch_size == 64
+    aot_compile.quiet_libtpu(target)
+    mesh = sharding.make_mesh(-1, 1, accelerators.compile_only_devices(target), 2)
+    assert [d.slice_index for d in mesh.devices[:, 0]] == [0] * 4 + [1] * 4
+    with pytest.raises(ValueError, match="mesh.slices=3 must divide mesh data=8"):
+        sharding.make_mesh(-1, 1, mesh.devices.ravel(), 3)
+
+
+def test_hosts_without_a_tpu_or_gpu_pick_the_cpu_and_others_are_left_alone(tmp_path,
+                                                                          monkeypatch):
+    """With libtpu installed JAX would probe for a TPU and warn in every CPU command."""
+    none = (str(tmp_path / "accel[0-9]*"),)
+    monkeypatch.setattr(accelerators, "TPU_DEVICE_FILES", none)
+    monkeypatch.setattr(accelerators, "GPU_DEVICE_FILES", (str(tmp_path / "nvidia[0-9]*"),))
+    environ = {}
+    accelerators.use_cpu_where_nothing_is_attached(environ)
+    assert environ == {"JAX_PLATFORMS": "cpu"}
+    environ = {"JAX_PLATFORMS": "tpu"}
+    accelerators.use_cpu_where_nothing_is_attached(environ)
+    assert environ == {"JAX_PLATFORMS": "tpu"}  # The user's choice stands.
+    (tmp_path / "accel0").touch()  # A TPU host: JAX finds its TPU as usual.
+    environ = {}
+    accelerators.use_cpu_where_nothing_is_attached(environ)
+    assert environ == {}

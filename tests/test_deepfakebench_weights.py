@@ -181,7 +181,10 @@ def test_detector_import_gives_their_probabilities(tmp_path):
     assert row["frame_auc"] == pytest.approx(skm.roc_auc_score(labels, theirs))
     assert row["acc"] == pytest.approx(np.mean((theirs > 0.5) == np.array(labels, bool)))
     table = (tmp_path / "metrics_deepfakebench.md").read_text()
-    assert f"| Celeb-DF-v2 | {row['frame_auc']:.4f} | 0.7365 |" in table
+    lo, hi = row["frame_auc_ci"]
+    assert lo <= row["frame_auc"] <= hi
+    assert (f"| Celeb-DF-v2 | {row['frame_auc']:.4f} | [{lo:.4f}, {hi:.4f}] | 0.7365 |"
+            in table)
 
 
 def test_pickled_objects_are_refused(tmp_path):

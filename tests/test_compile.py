@@ -13,8 +13,9 @@ from cae_jax import config as config_lib
 
 needs_libtpu = pytest.mark.skipif(not importlib.util.find_spec("libtpu"),
                                   reason="the tpu-compile extra (libtpu) is not installed")
-needs_cuda_plugin = pytest.mark.skipif(
-    not importlib.util.find_spec("jax_plugins.xla_cuda12"),
+needs_cuda_plugin = pytest.mark.skipif(  # find_spec of a.b raises where a is absent.
+    not (importlib.util.find_spec("jax_plugins")
+         and importlib.util.find_spec("jax_plugins.xla_cuda12")),
     reason="the cuda-compile extra (jax-cuda12-pjrt) is not installed")
 # Augmentation on the host: the same model, a quicker compile.
 FAST = ["--config.input.augment.on_device=off"]

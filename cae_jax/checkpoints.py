@@ -166,11 +166,19 @@ def make_manager(workdir: str | os.PathLike, config: ConfigDict) -> ocp.Checkpoi
         enable_async_checkpointing=True,
         cleanup_tmp_directories=True,
     )
-    return ocp.CheckpointManager(
+    manager = ocp.CheckpointManager(
         as_path(workdir) / CHECKPOINT_DIR,
         item_names=(STATE_ITEM, DATA_ITEM),
         options=options,
     )
+    # Orbax removes an earlier run's unfinished steps in a thread that `close()` does not wait
+    # for (the first save does): a run stopped by a bad input right after this would exit
+    # under it, and on Python 3.13 the thread dies with a traceback. Wait here; it lists one
+    # directory (test_train_errors catches a change).
+    wait_for_cleanup = getattr(manager, "_maybe_await_cleanup_tmp_directory", None)
+    if wait_for_cleanup is not None:
+        wait_for_cleanup()
+    return manager
 
 
 def check_free_space(manager: ocp.CheckpointManager) -> None:

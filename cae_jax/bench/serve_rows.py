@@ -42,10 +42,14 @@ def start_server(bundle: Path, flags: list[str]) -> tuple[subprocess.Popen, str]
     process = subprocess.Popen(
         [sys.executable, "-m", "cae_jax.main", "serve", "--model", str(bundle), "--port", "0",
          *flags], stderr=subprocess.PIPE, text=True)
+    before = []  # Lines before the address (warnings, e.g. of an older bundle), kept for errors.
     line = process.stderr.readline()
-    if " on http://" not in line:
+    while line and " on http://" not in line:
+        before.append(line)
+        line = process.stderr.readline()
+    if not line:
         process.kill()
-        raise RuntimeError(f"cae-jax serve did not start: {line}{process.stderr.read()}")
+        raise RuntimeError("cae-jax serve did not start: " + "".join(before))
     url = line.split(" on http://")[1].split(" ")[0]
     for _ in range(600):  # Bounded: compiling the bundle's programs takes seconds.
         try:

@@ -92,7 +92,9 @@ def test_cpu_backend_expected_from_jax_platforms_or_installed_plugins(monkeypatc
     assert host_memory.cpu_backend_expected({"JAX_PLATFORMS": "cpu"})
     assert not host_memory.cpu_backend_expected({"JAX_PLATFORMS": "cuda,cpu"})
     assert not host_memory.cpu_backend_expected({"JAX_PLATFORMS": "tpu"})
-    assert host_memory.cpu_backend_expected({})  # No GPU/TPU plugin in this environment.
+    # The compile extras install libtpu and the CUDA plugin here: names stand in for them.
+    monkeypatch.setattr(host_memory, "ACCELERATOR_PLUGINS", ("cae_jax_no_such_plugin",))
+    assert host_memory.cpu_backend_expected({})
     monkeypatch.setattr(host_memory, "ACCELERATOR_PLUGINS", ("json",))  # An installed name.
     assert not host_memory.cpu_backend_expected({})
 

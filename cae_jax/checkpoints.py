@@ -6,6 +6,9 @@ A training workdir holds:
   WORKDIR/checkpoints/<step>/  one Orbax Composite per saved step:
       state/                   the `TrainState` pytree (step, params, batch_stats, opt_state)
       data/                    the grain iterator position of each host (JSON per process)
+      log_window/              only where a preemption stopped between two metrics records:
+                               the per-step metrics since the last one, so the resumed run's
+                               next record covers the same steps an uninterrupted run's would
     plus Orbax metadata with the step's metrics, {"val_auc": ...} when validation ran there.
 
 Orbax writes a step into a temporary directory and renames it when complete, so a run killed
@@ -36,6 +39,8 @@ CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 STATE_ITEM = "state"
 DATA_ITEM = "data"
+LOG_WINDOW_ITEM = "log_window"
+ITEM_NAMES = (STATE_ITEM, DATA_ITEM, LOG_WINDOW_ITEM)
 BEST_METRIC = "val_auc"  # Validation frame-level AUC; higher is better.
 # Config fields a resumed run may change: how long, how often it logs, validates and saves, how
 # the input is read and how the same arrays are laid out and computed. Every other field
@@ -168,7 +173,7 @@ def make_manager(workdir: str | os.PathLike, config: ConfigDict) -> ocp.Checkpoi
     )
     manager = ocp.CheckpointManager(
         as_path(workdir) / CHECKPOINT_DIR,
-        item_names=(STATE_ITEM, DATA_ITEM),
+        item_names=ITEM_NAMES,
         options=options,
     )
     # Orbax removes an earlier run's unfinished steps in a thread that `close()` does not wait
@@ -206,18 +211,22 @@ def save(
     state: Any,
     data_iterator: Any,
     metrics: dict[str, float] | None = None,
+    log_window: list[dict[str, float]] | None = None,
 ) -> bool:
     """Starts an asynchronous save of the train state and data position at `step`, after
-    `check_free_space`."""
+    `check_free_space`; `log_window` holds the per-step metrics not yet in a record."""
     import grain
 
     check_free_space(manager)
+    items = {
+        STATE_ITEM: ocp.args.StandardSave(state),
+        DATA_ITEM: grain.checkpoint.CheckpointSave(data_iterator),
+    }
+    if log_window:
+        items[LOG_WINDOW_ITEM] = ocp.args.JsonSave({"steps": log_window})
     return manager.save(
         step,
-        args=ocp.args.Composite(**{
-            STATE_ITEM: ocp.args.StandardSave(state),
-            DATA_ITEM: grain.checkpoint.CheckpointSave(data_iterator),
-        }),
+        args=ocp.args.Composite(**items),
         metrics=metrics,
         force=True,
     )
@@ -248,6 +257,16 @@ def restore_train(
             "number); restoring the train state only, the input restarts its shuffled order.",
             position.parent, jax.process_count())
     return manager.restore(step, args=ocp.args.Composite(**items))[STATE_ITEM]
+
+
+def unlogged_metrics(manager: ocp.CheckpointManager, step: int) -> list[dict[str, float]]:
+    """The per-step metrics `step` saved past its run's last record (`save`'s `log_window`);
+    empty for a step saved at a record, and for checkpoints of releases before it."""
+    if not (manager.directory / str(step) / LOG_WINDOW_ITEM).exists():
+        return []
+    restored = manager.restore(step, args=ocp.args.Composite(
+        **{LOG_WINDOW_ITEM: ocp.args.JsonRestore()}))
+    return restored[LOG_WINDOW_ITEM]["steps"]
 
 
 def restore_newest_intact(manager: ocp.CheckpointManager, target: Any,
@@ -309,7 +328,7 @@ def resolve(path: str | os.PathLike) -> tuple[epath.Path, epath.Path]:
     if (path / CHECKPOINT_DIR).is_dir():
         with ocp.CheckpointManager(
             path / CHECKPOINT_DIR,
-            item_names=(STATE_ITEM, DATA_ITEM),
+            item_names=ITEM_NAMES,
             options=ocp.CheckpointManagerOptions(read_only=True),
         ) as manager:
             step = best_step(manager)

@@ -23,6 +23,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -117,6 +118,12 @@ class Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
+def on_host(step_metrics: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """Per-step metrics as Python floats: JSON-ready, and averaged in float64 alike whether
+    they come from the devices or from a checkpoint's `log_window`."""
+    return [{k: float(v) for k, v in m.items()} for m in jax.device_get(step_metrics)]
+
+
 def recon_grid(images: np.ndarray, recons: np.ndarray) -> np.ndarray:
     """Inputs (top row) over reconstructions (bottom row) as one uint8 image."""
     return np.concatenate([np.concatenate(list(pixels.to_uint8(x)), axis=1)
@@ -203,10 +210,12 @@ def _train(config: ConfigDict, workdir: epath.Path,
     abstract, step_fn, eval_step = program.abstract, program.train_step, program.eval_step
     with_validation = _has_validation(config)
 
+    pending = []  # Per-step metrics since the last record.
     if latest is None:
         state = train_step.create_train_state(config, abstract)
     else:
         state, latest = checkpoints.restore_newest_intact(manager, abstract.shapes, data)
+        pending = checkpoints.unlogged_metrics(manager, latest)
         if jax.process_index() == 0:
             tqdm.write(f"resumed from {workdir / checkpoints.CHECKPOINT_DIR} at step {latest}")
     step = int(state.step)
@@ -219,7 +228,7 @@ def _train(config: ConfigDict, workdir: epath.Path,
     preemption = Preemption()
     bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True,
                disable=jax.process_index() != 0)
-    pending, last = [], {}
+    last = {}
     warned_undefined_auc = False
     tick, tick_step = time.perf_counter(), step
     try:
@@ -230,11 +239,14 @@ def _train(config: ConfigDict, workdir: epath.Path,
             bar.update(1)
             validate_now = with_validation and (step % config.train.eval_every == 0
                                                 or step == total)
-            save_now = (step % config.train.checkpoint_every == 0 or step == total
-                        or validate_now or preemption.requested
-                        or manager.reached_preemption(step))
-            if step % config.train.log_every == 0 or save_now:
-                fetched = jax.device_get(pending)
+            # A record closes at every log step and scheduled save. A preemption between them
+            # saves the open window with the checkpoint instead, so that a resumed run's
+            # records are the uninterrupted run's.
+            scheduled_save = (step % config.train.checkpoint_every == 0 or step == total
+                              or validate_now)
+            preempted = preemption.requested or manager.reached_preemption(step)
+            if step % config.train.log_every == 0 or scheduled_save:
+                fetched = on_host(pending)
                 pending = []
                 bad = [m for m in fetched if not m["finite"]]
                 if bad and config.train.nan_policy == "stop":
@@ -270,9 +282,10 @@ def _train(config: ConfigDict, workdir: epath.Path,
                 logging.warning("Validation AUC is NaN at step %d (one class in the split?): "
                                 "such steps are saved without a score and never selected as "
                                 "best.", step)
-            if save_now:
-                checkpoints.save(manager, step, state, data, metrics=selection)
-            if preemption.requested or manager.reached_preemption(step):
+            if scheduled_save or preempted:
+                checkpoints.save(manager, step, state, data, metrics=selection,
+                                 log_window=on_host(pending))
+            if preempted:
                 logging.warning("Preempted at step %d: checkpoint saved, exiting.", step)
                 break
     finally:

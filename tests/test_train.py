@@ -88,8 +88,10 @@ def deterministic(record: dict) -> dict:
     return {k: v for k, v in record.items() if k not in ("step_time", "images_per_second")}
 
 
-def instrument_steps(monkeypatch, nan_at: tuple[int, ...] = ()) -> list[int]:
-    """Records the step each train-step call produces; feeds NaN images to those in `nan_at`."""
+def instrument_steps(monkeypatch, nan_at: tuple[int, ...] = (),
+                     sigterm_at: int | None = None) -> list[int]:
+    """Records the step each train-step call produces; feeds NaN images to those in `nan_at`;
+    sends this process SIGTERM (a preemption notice) during step `sigterm_at`."""
     make = train_step.make_train_step
     produced = []
 
@@ -100,6 +102,8 @@ def instrument_steps(monkeypatch, nan_at: tuple[int, ...] = ()) -> list[int]:
             produced.append(int(state.step) + 1)
             if produced[-1] in nan_at:
                 batch = {**batch, "image": batch["image"] * jnp.nan}
+            if produced[-1] == sigterm_at:
+                os.kill(os.getpid(), signal.SIGTERM)
             return step_fn(state, batch)
 
         return step
@@ -127,10 +131,11 @@ def test_resume_after_a_signal_equals_uninterrupted_run(sig, reference, data_dir
     stopped_at = saved_steps(workdir)[-1]
     assert stopped_at < STEPS, "the run finished before the signal"
     if sig == signal.SIGTERM:
-        # Preemption: a checkpoint at the step it stopped (its last logged one), exit status 0.
+        # Preemption: a checkpoint at the step it stopped, exit status 0, the records so far.
         assert process.returncode == 0, stderr
         assert f"Preempted at step {stopped_at}: checkpoint saved" in stderr
-        assert records(workdir)[-1]["step"] == stopped_at
+        assert ([deterministic(r) for r in records(workdir)]
+                == [deterministic(r) for r in records(ref_dir) if r["step"] <= stopped_at])
     else:
         assert process.returncode == -signal.SIGKILL
         # What a kill between a checkpoint and the next one leaves: records past the
@@ -147,6 +152,26 @@ def test_resume_after_a_signal_equals_uninterrupted_run(sig, reference, data_dir
     for key in ("val_auc", "val_eer", "val_ap", "val_recon_error", "loss", "bce", "recon"):
         assert final[key] == ref_final[key], key
     # Every step's record once, with the values of the uninterrupted run.
+    assert ([deterministic(r) for r in records(workdir)]
+            == [deterministic(r) for r in records(ref_dir)])
+
+
+def test_preemption_between_records_resumes_the_open_record(reference, data_dir, tmp_path,
+                                                             monkeypatch):
+    """Step 5 is neither a log step nor a scheduled save: its metrics travel with the
+    preemption checkpoint, and the resumed run's record at step 6 averages steps 5 and 6 as
+    the uninterrupted run's does."""
+    ref_dir, _ = reference
+    workdir = tmp_path / "preempted"
+    with monkeypatch.context() as patch:
+        instrument_steps(patch, sigterm_at=5)
+        train.train(config_for(data_dir), workdir)
+    assert saved_steps(workdir) == [4, 5]
+    assert [r["step"] for r in records(workdir)] == [2, 4]
+
+    produced = instrument_steps(monkeypatch)
+    train.train(config_for(data_dir), workdir)
+    assert produced == list(range(6, STEPS + 1))
     assert ([deterministic(r) for r in records(workdir)]
             == [deterministic(r) for r in records(ref_dir)])
 

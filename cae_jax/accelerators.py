@@ -162,6 +162,11 @@ def compile_only_devices(target: Target) -> list[jax.Device]:
             platform="cuda", topology=target.topology,
             target_config=gpu_target_config(target.chip))
     else:
+        if not tpu_attached():
+            # libtpu takes /tmp/libtpu_lockfile so that one process owns the TPU; compiling
+            # owns none, and with the lock a second compile on this host would fail
+            # ("Internal error when accessing libtpu multi-process lockfile").
+            os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         topology = topologies.get_topology_desc(
             target.topology, platform="tpu", chip_config_name=target.chip.chip_config,
             num_slices=target.slices)

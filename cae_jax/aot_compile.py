@@ -170,6 +170,7 @@ def report(config: ConfigDict, target: accelerators.Target, batch_per_chip: int 
         "batch_per_chip": batch_per_chip,
         "global_batch": batch_per_chip * target.chips * target.slices,
         "dtype": config.model.dtype,
+        "bn_group": config.model.bn_group,
         "mesh": {"data": config.mesh.data, "fsdp": config.mesh.fsdp},
         "versions": versions(),
         "estimated": ["roofline", "images_per_second_per_chip", "images_per_second_total"],

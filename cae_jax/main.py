@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep-report": ("cae_jax.sweep_report", "collect a sweep's results into one table"),
     "compile": ("cae_jax.aot_compile",
                 "compile the train step for a TPU/GPU topology here: fit, cost, collectives"),
+    "compile-table": ("cae_jax.compile_table",
+                      "many `compile` reports as one table and a plot of images/s against chips"),
 }
 # Commands whose CPU runs the heap tuning (host_memory.py) speeds up: they train or time
 # training, allocating and freeing gigabytes of activations every step.

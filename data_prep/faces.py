@@ -123,7 +123,8 @@ class MtcnnDetector:
     """MTCNN (Zhang et al. 2016) from the `mtcnn` package: boxes and five landmarks.
 
     Frames of one size are detected in batches: per-call TensorFlow overhead dominates
-    single frames, and a batch pays it once.
+    single frames, and a batch pays it once. A frame's detections do not depend on the batch
+    it is in (tests/test_prepare.py checks), so batching across videos or requests is free.
     """
 
     def __init__(self, find_eyes: bool = True, max_side: int = 480, batch_size: int = 16):
@@ -138,12 +139,19 @@ class MtcnnDetector:
         return self.detect_many([rgb])[0]
 
     def detect_many(self, frames: list[np.ndarray]) -> list[list[Detection]]:
+        """Batches of up to `batch_size` frames of one size (after downscaling), in order;
+        the `mtcnn` package's own mixed-size batches pad frames, which changes detections."""
         resized = [_downscale(f, self.max_side) for f in frames]
-        if len({small.shape for small, _ in resized}) > 1:  # Mixed sizes: one at a time.
-            return [self._detect_batch([r])[0] for r in resized]
-        out = []
-        for start in range(0, len(resized), self.batch_size):
-            out += self._detect_batch(resized[start : start + self.batch_size])
+        by_shape: dict[tuple, list[int]] = {}
+        for position, (small, _) in enumerate(resized):
+            by_shape.setdefault(small.shape, []).append(position)
+        out: list[list[Detection]] = [[] for _ in frames]
+        for positions in by_shape.values():
+            for start in range(0, len(positions), self.batch_size):
+                chunk = positions[start : start + self.batch_size]
+                found = self._detect_batch([resized[i] for i in chunk])
+                for position, detections in zip(chunk, found, strict=True):
+                    out[position] = detections
         return out
 
     def _detect_batch(self, resized: list[tuple[np.ndarray, float]]) -> list[list[Detection]]:
@@ -325,8 +333,8 @@ class FaceOptions:
     """How faces are found and cropped, alike in `prepare`, `predict` and `serve`.
 
     `detector` is a name, a detector made once (`make_detector`; the service shares one
-    one), or `NO_DETECTION`: the frames are face crops already, each taken whole and resized
-    with `whole_frame_interpolation` (None: area shrinking, linear enlarging)."""
+    across requests), or `NO_DETECTION`: the frames are face crops already, each taken whole
+    and resized with `whole_frame_interpolation` (None: area shrinking, linear enlarging)."""
 
     detector: str | FaceDetector = DEFAULT_DETECTOR
     margin: float = 1.3

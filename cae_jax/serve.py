@@ -242,6 +242,34 @@ async def _upload(request, limit: int) -> tuple[bytes, str]:
     return await upload.read(), upload.filename or "upload"
 
 
+def _predict_request(body: bytes, image_size: int) -> tuple[str, np.ndarray, bool]:
+    """A TF Serving `:predict` body -> (signature name, face crops, whether rows)."""
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise Problem(400, f"the body is not JSON: {err}") from err
+    if not isinstance(payload, dict):
+        raise Problem(400, "the body must be a JSON object")
+    signature = payload.get("signature_name", "serving_default")
+    if signature not in SIGNATURES:
+        raise Problem(400, f"signature_name {signature!r}: not one of {sorted(SIGNATURES)}")
+    return (signature, *_face_crops(payload, image_size))
+
+
+def _predict_answer(signature: str, outputs: dict[str, np.ndarray], row: bool) -> bytes:
+    """TF Serving's answer: `predictions` (rows) or `outputs` (columns); the classifier's
+    is the probabilities alone."""
+    if signature == "serving_default":
+        result = outputs["probability"].tolist()
+        answer = {"predictions": result} if row else {"outputs": result}
+    else:
+        lists = {k: v.tolist() for k, v in outputs.items()}
+        answer = {"predictions": [dict(zip(lists, values, strict=True))
+                                  for values in zip(*lists.values(), strict=True)]
+                  } if row else {"outputs": lists}
+    return json.dumps(answer, allow_nan=False, separators=(",", ":")).encode()
+
+
 def _face_crops(payload: dict, image_size: int) -> tuple[np.ndarray, bool]:
     """uint8 [N, S, S, 3] from a TF Serving body's `instances` (row format) or `inputs`
     (columnar format), each either the tensor or {"images": tensor}; and which it was."""
@@ -387,26 +415,14 @@ def make_app(service: Service):
     async def tf_predict(request):
         check_name(request)
         body = await _read_body(request, service.max_body_bytes)
-        try:
-            payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise Problem(400, f"the body is not JSON: {err}") from err
-        if not isinstance(payload, dict):
-            raise Problem(400, "the body must be a JSON object")
-        signature = payload.get("signature_name", "serving_default")
-        if signature not in SIGNATURES:
-            raise Problem(400, f"signature_name {signature!r}: not one of {sorted(SIGNATURES)}")
-        crops, row = _face_crops(payload, service.predictor.image_size)
+        # Parsing the tensors and writing the answer's are long for large crops: in worker
+        # threads, so that the event loop goes on serving other requests meanwhile.
+        signature, crops, row = await run_in_threadpool(_predict_request, body,
+                                                        service.predictor.image_size)
         future = service.batcher.submit(SIGNATURES[signature], crops)
         outputs = await limited(asyncio.wrap_future(future))
-        if signature == "serving_default":
-            result = outputs["probability"].tolist()
-            return JSONResponse({"predictions": result} if row else {"outputs": result})
-        lists = {k: v.tolist() for k, v in outputs.items()}
-        if not row:
-            return JSONResponse({"outputs": lists})
-        return JSONResponse({"predictions": [dict(zip(lists, values, strict=True))
-                                             for values in zip(*lists.values(), strict=True)]})
+        return Response(await run_in_threadpool(_predict_answer, signature, outputs, row),
+                        media_type="application/json")
 
     async def score(request):
         data, name = await _upload(request, service.max_body_bytes)

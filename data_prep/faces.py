@@ -1,5 +1,8 @@
 """Face detection, tracking and cropping: frames -> square face crops around one person.
 
+`crop_media` is the one path from read frames to face crops: `prepare` caches its crops,
+`predict` and `serve` score them.
+
 Detectors whose models ship inside installed packages (nothing is fetched at run time):
   mtcnn  MTCNN (the `mtcnn` package, TensorFlow), batched over a video's frames, with five
          landmarks. Default: the best recall, and fast enough once batched.
@@ -314,12 +317,11 @@ def whole_frames(
 ) -> Faces:
     """Each frame as its own crop, boxed by the whole frame: frames that are face crops
     already. Resized with `interpolation`, by default area shrinking and linear enlarging."""
-    crops = [
-        cv2.resize(f, (image_size, image_size), interpolation=interpolation
-                   if interpolation is not None else cv2.INTER_AREA
-                   if max(f.shape[:2]) > image_size else cv2.INTER_LINEAR)
-        for f in frames
-    ]
+    crops = []
+    for f in frames:
+        default = cv2.INTER_AREA if max(f.shape[:2]) > image_size else cv2.INTER_LINEAR
+        crops.append(cv2.resize(f, (image_size, image_size),
+                                interpolation=default if interpolation is None else interpolation))
     boxes = [[0.0, 0.0, float(f.shape[1]), float(f.shape[0])] for f in frames]
     return Faces(
         np.asarray(crops, np.uint8).reshape(-1, image_size, image_size, 3),
@@ -358,7 +360,7 @@ def crop_media(media: video.Media, image_size: int, options: FaceOptions) -> Vid
     """Frames -> face crops, the one way of `prepare`, `predict` and `serve`: one face per
     frame, tracked through a video's frames, the largest in an image (`detect_and_crop`), or
     whole frames (`NO_DETECTION`)."""
-    if isinstance(options.detector, str) and options.detector == NO_DETECTION:
+    if options.detector == NO_DETECTION:
         found = whole_frames(media.frames, image_size, options.whole_frame_interpolation)
     else:
         found = detect_and_crop(media.frames, options.detector, image_size, options.margin,

@@ -72,9 +72,10 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return paths
 
 
-def face_options(args: argparse.Namespace) -> scoring.FaceOptions:
-    return scoring.FaceOptions(detector=args.detector, margin=args.margin, align=args.align,
-                               detect=not args.no_detect, frames_per_video=args.frames_per_video)
+def face_options(args: argparse.Namespace) -> faces.FaceOptions:
+    return faces.FaceOptions(detector=faces.NO_DETECTION if args.no_detect else args.detector,
+                             margin=args.margin, align=args.align,
+                             frames_per_video=args.frames_per_video)
 
 
 def score_input(

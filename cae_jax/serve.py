@@ -10,10 +10,13 @@
   to try it with.
 - `GET /healthz` (alive), `GET /readyz` (model compiled, not draining), `GET /v1/stats`.
 
-Concurrent requests share model calls (`Batcher`): faces wait up to `--max-wait-ms` for
-others, up to `--max-batch` faces, then one call scores them all. Bad input is a 4xx JSON
-`{"error": ...}` naming the problem. SIGTERM stops accepting connections, lets requests in
-flight finish (uvicorn's graceful shutdown), then stops the batcher.
+Concurrent requests share model calls (`model_batcher`): faces wait up to `--max-wait-ms`
+for others, up to `--max-batch` faces, then one call scores them all. Uploads share face
+detection the same way (`BatchedDetector`), without waiting: the frames of uploads that
+arrived while the detector was busy are detected together in its next call. Decoding and
+cropping run in worker threads, beside both calls. Bad input is a 4xx JSON `{"error": ...}`
+naming the problem. SIGTERM stops accepting connections, lets requests in flight finish
+(uvicorn's graceful shutdown), then stops the batchers.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import base64
 import concurrent.futures
 import contextlib
 import dataclasses
+import itertools
 import json
 import queue
 import signal
@@ -31,6 +35,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -52,38 +57,51 @@ class Problem(Exception):
         self.status = status
 
 
+DETECT_FRAMES = 64  # Frames detected together at most: several photos, or two videos.
+
+
 @dataclasses.dataclass
 class _Job:
-    signature: str
-    crops: np.ndarray
+    kind: str  # The jobs of one kind in a batch share one call.
+    items: Sequence  # Face crops (uint8 [N, S, S, 3]) or frames (RGB arrays).
     future: concurrent.futures.Future
 
 
-class Batcher:
-    """One thread owns the model; requests queue their crops and wait for their rows.
+def _split(outputs: dict | list, lengths: list[int]) -> list:
+    """One call's outputs (a mapping of arrays, or a list) -> each job's rows."""
+    bounds = np.cumsum([0, *lengths]).tolist()
+    if isinstance(outputs, dict):
+        return [{k: v[a:b] for k, v in outputs.items()} for a, b in itertools.pairwise(bounds)]
+    return [outputs[a:b] for a, b in itertools.pairwise(bounds)]
 
-    A batch starts with the oldest job and takes more until `max_batch` faces or until
-    `max_wait_s` has passed since it started; each signature in it is one model call.
+
+class Batcher:
+    """One thread owns a resource (the model, the face detector); requests queue their inputs
+    and wait for their rows of its outputs.
+
+    A batch starts with the oldest job and takes more until `max_batch` items, waiting for
+    them up to `max_wait_s` after it started, then taking those already queued (so with 0 an
+    idle service waits for nothing, and a busy one batches what piled up during the last
+    call); each kind of job in it is one `call(kind, [items of each job])`, which returns
+    each job's outputs. When a shared call fails, its jobs are run one by one, so one
+    request's bad input fails that request only.
     """
 
-    def __init__(self, predictor: serving.Predictor, max_batch: int, max_wait_s: float):
-        self.predictor = predictor
+    def __init__(self, call: Callable[[str, list], list], max_batch: int, max_wait_s: float,
+                 name: str = "batcher"):
+        self.call = call
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
-        self.calls = 0  # Model calls made (GET /v1/stats).
+        self.calls = 0  # Calls made (GET /v1/stats).
         self.jobs = 0
         self._queue: queue.Queue[_Job | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, signature: str, crops: np.ndarray) -> concurrent.futures.Future:
+    def submit(self, kind: str, items: Sequence) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._queue.put(_Job(signature, crops, future))
+        self._queue.put(_Job(kind, items, future))
         return future
-
-    def reconstruct(self, crops: np.ndarray) -> dict[str, np.ndarray]:
-        """Blocking, for `scoring.score_media` running in a worker thread."""
-        return self.submit("reconstruct", crops).result()
 
     def close(self) -> None:
         self._queue.put(None)
@@ -91,59 +109,73 @@ class Batcher:
 
     def _loop(self) -> None:
         while (first := self._queue.get()) is not None:
-            batch, size = [first], len(first.crops)
+            batch, size = [first], len(first.items)
             deadline = time.monotonic() + self.max_wait_s
             stop = False
-            while size < self.max_batch and (left := deadline - time.monotonic()) > 0:
+            while size < self.max_batch:
+                left = deadline - time.monotonic()
                 try:
-                    job = self._queue.get(timeout=left)
+                    job = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if job is None:
                     stop = True
                     break
                 batch.append(job)
-                size += len(job.crops)
-            for signature in {job.signature for job in batch}:
-                self._run([job for job in batch if job.signature == signature])
+                size += len(job.items)
+            for kind in dict.fromkeys(job.kind for job in batch):
+                self._run([job for job in batch if job.kind == kind])
             if stop:
                 return
 
     def _run(self, jobs: list[_Job]) -> None:
-        name = jobs[0].signature
+        self.calls += 1
         try:
-            run = getattr(self.predictor, "predict_proba" if name == "classify" else name)
-            outputs = run(np.concatenate([job.crops for job in jobs]))
-            if name == "classify":
-                outputs = {"probability": outputs}
-        except Exception as err:  # noqa: BLE001 - each waiting request gets the failure.
-            for job in jobs:
-                job.future.set_exception(err)
+            outputs = self.call(jobs[0].kind, [job.items for job in jobs])
+        except Exception as err:  # noqa: BLE001 - the waiting request gets the failure.
+            if len(jobs) > 1:  # Whose input failed the call: each job alone.
+                for job in jobs:
+                    self._run([job])
+            else:
+                self.jobs += 1
+                jobs[0].future.set_exception(err)
             return
-        finally:
-            self.calls += 1
-            self.jobs += len(jobs)
-        start = 0
-        for job in jobs:
-            stop = start + len(job.crops)
-            job.future.set_result({k: v[start:stop] for k, v in outputs.items()})
-            start = stop
+        self.jobs += len(jobs)
+        for job, rows in zip(jobs, outputs, strict=True):
+            job.future.set_result(rows)
 
 
-class LockedDetector:
-    """A process's detector (`faces.make_detector`) used by one request thread at a time."""
+def model_batcher(predictor: serving.Predictor, max_batch: int, max_wait_s: float) -> Batcher:
+    """Requests' face crops scored together: kinds "classify" and "reconstruct"."""
+
+    def call(signature: str, crops: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        faces_in = np.concatenate(crops)
+        outputs = (predictor.reconstruct(faces_in) if signature == "reconstruct"
+                   else {"probability": predictor.predict_proba(faces_in)})
+        return _split(outputs, [len(c) for c in crops])
+
+    return Batcher(call, max_batch, max_wait_s, name="model")
+
+
+class BatchedDetector:
+    """The service's face detector (`faces.FaceDetector`): one thread owns the detector, and
+    the frames of requests waiting together are detected in one `detect_many` call (MTCNN
+    batches frames of one size; its per-call cost is paid once per batch, not per request).
+    Each frame's detections are what detecting it alone gives."""
 
     def __init__(self, detector: faces.FaceDetector):
-        self._detector = detector
-        self._lock = threading.Lock()
+        def call(kind: str, frames: list[list[np.ndarray]]) -> list[list]:
+            found = detector.detect_many([f for request in frames for f in request])
+            return _split(found, [len(request) for request in frames])
+
+        self.batcher = Batcher(call, DETECT_FRAMES, 0.0, name="detector")
 
     def detect(self, rgb: np.ndarray) -> list[faces.Detection]:
-        with self._lock:
-            return self._detector.detect(rgb)
+        return self.detect_many([rgb])[0]
 
     def detect_many(self, frames: list[np.ndarray]) -> list[list[faces.Detection]]:
-        with self._lock:
-            return self._detector.detect_many(frames)
+        """Blocking, for `scoring.score_media` running in a worker thread."""
+        return self.batcher.submit("detect", frames).result()
 
 
 @dataclasses.dataclass
@@ -152,13 +184,24 @@ class Service:
 
     name: str
     predictor: serving.Predictor
-    batcher: Batcher
-    face_options: scoring.FaceOptions
+    batcher: Batcher  # The model's (`model_batcher`).
+    face_options: faces.FaceOptions  # Its detector a `BatchedDetector`, or NO_DETECTION.
     threshold: float
     decision: str
     max_body_bytes: int
     request_timeout_s: float
     ready: bool = False
+
+    def reconstruct(self, crops: np.ndarray) -> dict[str, np.ndarray]:
+        """The model's outputs for one request's crops, scored with other requests'; blocking,
+        for `scoring.score_media` running in a worker thread."""
+        return self.batcher.submit("reconstruct", crops).result()
+
+    @property
+    def detections(self) -> Batcher | None:
+        """The face detector's batcher (None without detection)."""
+        detector = self.face_options.detector
+        return detector.batcher if isinstance(detector, BatchedDetector) else None
 
 
 def _error(status: int, message: str):
@@ -197,6 +240,34 @@ async def _upload(request, limit: int) -> tuple[bytes, str]:
     if upload is None:
         raise Problem(400, "the multipart form holds no file (send it as a file field)")
     return await upload.read(), upload.filename or "upload"
+
+
+def _predict_request(body: bytes, image_size: int) -> tuple[str, np.ndarray, bool]:
+    """A TF Serving `:predict` body -> (signature name, face crops, whether rows)."""
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise Problem(400, f"the body is not JSON: {err}") from err
+    if not isinstance(payload, dict):
+        raise Problem(400, "the body must be a JSON object")
+    signature = payload.get("signature_name", "serving_default")
+    if signature not in SIGNATURES:
+        raise Problem(400, f"signature_name {signature!r}: not one of {sorted(SIGNATURES)}")
+    return (signature, *_face_crops(payload, image_size))
+
+
+def _predict_answer(signature: str, outputs: dict[str, np.ndarray], row: bool) -> bytes:
+    """TF Serving's answer: `predictions` (rows) or `outputs` (columns); the classifier's
+    is the probabilities alone."""
+    if signature == "serving_default":
+        result = outputs["probability"].tolist()
+        answer = {"predictions": result} if row else {"outputs": result}
+    else:
+        lists = {k: v.tolist() for k, v in outputs.items()}
+        answer = {"predictions": [dict(zip(lists, values, strict=True))
+                                  for values in zip(*lists.values(), strict=True)]
+                  } if row else {"outputs": lists}
+    return json.dumps(answer, allow_nan=False, separators=(",", ":")).encode()
 
 
 def _face_crops(payload: dict, image_size: int) -> tuple[np.ndarray, bool]:
@@ -238,10 +309,11 @@ def _heatmap_pngs(scored: scoring.Scored) -> list[str]:
 
 
 def _score_upload(service: Service, data: bytes, name: str, with_heatmaps: bool) -> dict:
-    """Runs in a worker thread: decode, detect, crop, score (through the batcher)."""
+    """Runs in a worker thread: decode, detect, crop, score (detection and model calls
+    through their batchers, shared with other requests)."""
     try:
         media = scoring.read_bytes(data, service.face_options.frames_per_video, name)
-        scored = scoring.score_media(media, service.batcher.reconstruct,
+        scored = scoring.score_media(media, service.reconstruct,
                                      service.predictor.image_size, service.face_options,
                                      service.threshold)
     except video.UnreadableMediaError as err:
@@ -304,8 +376,12 @@ def make_app(service: Service):
         return JSONResponse({"ready": service.ready}, status_code=200 if service.ready else 503)
 
     async def stats(request):
-        return JSONResponse({"model_calls": service.batcher.calls,
-                             "batched_requests": service.batcher.jobs})
+        counts = {"model_calls": service.batcher.calls,
+                  "batched_requests": service.batcher.jobs}
+        if service.detections is not None:
+            counts.update(detector_calls=service.detections.calls,
+                          detected_requests=service.detections.jobs)
+        return JSONResponse(counts)
 
     async def model_status(request):
         check_name(request)
@@ -339,26 +415,14 @@ def make_app(service: Service):
     async def tf_predict(request):
         check_name(request)
         body = await _read_body(request, service.max_body_bytes)
-        try:
-            payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise Problem(400, f"the body is not JSON: {err}") from err
-        if not isinstance(payload, dict):
-            raise Problem(400, "the body must be a JSON object")
-        signature = payload.get("signature_name", "serving_default")
-        if signature not in SIGNATURES:
-            raise Problem(400, f"signature_name {signature!r}: not one of {sorted(SIGNATURES)}")
-        crops, row = _face_crops(payload, service.predictor.image_size)
+        # Parsing the tensors and writing the answer's are long for large crops: in worker
+        # threads, so that the event loop goes on serving other requests meanwhile.
+        signature, crops, row = await run_in_threadpool(_predict_request, body,
+                                                        service.predictor.image_size)
         future = service.batcher.submit(SIGNATURES[signature], crops)
         outputs = await limited(asyncio.wrap_future(future))
-        if signature == "serving_default":
-            result = outputs["probability"].tolist()
-            return JSONResponse({"predictions": result} if row else {"outputs": result})
-        lists = {k: v.tolist() for k, v in outputs.items()}
-        if not row:
-            return JSONResponse({"outputs": lists})
-        return JSONResponse({"predictions": [dict(zip(lists, values, strict=True))
-                                             for values in zip(*lists.values(), strict=True)]})
+        return Response(await run_in_threadpool(_predict_answer, signature, outputs, row),
+                        media_type="application/json")
 
     async def score(request):
         data, name = await _upload(request, service.max_body_bytes)
@@ -385,6 +449,8 @@ def make_app(service: Service):
         yield
         service.ready = False
         await run_in_threadpool(service.batcher.close)
+        if service.detections is not None:
+            await run_in_threadpool(service.detections.close)
 
     routes = [
         Route("/", page),
@@ -410,12 +476,12 @@ def build_service(args: argparse.Namespace) -> Service:
     else:
         threshold, decision = args.threshold, "--threshold"
     options = predict.face_options(args)
-    if options.detect:
-        detector = LockedDetector(faces.make_detector(args.detector, args.align))
+    if options.detector != faces.NO_DETECTION:
+        detector = BatchedDetector(faces.make_detector(args.detector, args.align))
         options = dataclasses.replace(options, detector=detector)
     return Service(
         name=args.model_name or Path(args.model).absolute().name, predictor=predictor,
-        batcher=Batcher(predictor, args.max_batch, args.max_wait_ms / 1000),
+        batcher=model_batcher(predictor, args.max_batch, args.max_wait_ms / 1000),
         face_options=options, threshold=threshold, decision=decision,
         max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout)
 

@@ -19,7 +19,6 @@ once: in test where listed there, else in validation, else train.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 
@@ -27,7 +26,7 @@ import cv2
 import numpy as np
 from etils.epath import Path
 
-from data_prep import faces, video
+from data_prep import video
 from data_prep.entries import REAL, DatasetLayoutError, Entry, Options
 
 # DeepfakeBench's training/config/test_config.yaml `label_dict`: 0 real, 1 fake.
@@ -43,7 +42,8 @@ LABELS = {
 }
 SPLITS = {"test": "test", "val": "validation", "train": "train"}  # Precedence order.
 COMPRESSION_KEYS = {"c0": "raw", "c23": "c23", "c40": "c40"}  # Ours -> their folder name.
-NO_DETECTION = "none"  # work.Settings.detector when frames are taken as they are.
+# Frames taken as they are (`faces.NO_DETECTION`) are resized as their loader does.
+FRAME_INTERPOLATION = cv2.INTER_CUBIC
 
 
 def label_of(name: str, json_path: Path) -> str:
@@ -132,18 +132,10 @@ def entries(root: Path, opts: Options) -> list[Entry]:
     return list(chosen.values())
 
 
-@dataclasses.dataclass
-class FrameFaces(faces.VideoFaces):
-    """Crops of a video given as frame files, and the frames that could not be used."""
-
-    skipped_frames: tuple[dict, ...] = ()
-
-
-def crop_frames(entry: Entry, frames_per_video: int, image_size: int, detector: str,
-                margin: float, align: bool) -> FrameFaces:
-    """The first `frames_per_video` listed frames (DeepfakeBench's own choice of frames),
-    resized to `image_size` as they are (cubic, as their loader) or re-centred on the face
-    found by `detector`. Missing or undecodable frames are listed, not fatal."""
+def read_frames(entry: Entry, frames_per_video: int) -> tuple[video.Media, tuple[dict, ...]]:
+    """The first `frames_per_video` listed frames (DeepfakeBench's own choice of frames), each
+    numbered by its file name (else its place in the list), and the frames that could not be
+    read, with why: missing or undecodable frames are listed, not fatal."""
     images, indices, skipped = [], [], []
     for position, path in enumerate(entry.frames[:frames_per_video]):
         try:
@@ -158,22 +150,7 @@ def crop_frames(entry: Entry, frames_per_video: int, image_size: int, detector: 
     if not images:
         first = skipped[0]["reason"] if skipped else "the JSON lists no frames"
         raise video.UnreadableMediaError(f"{entry.path}: no frame could be read ({first})")
-    if detector == NO_DETECTION:
-        crops = [cv2.resize(im, (image_size, image_size), interpolation=cv2.INTER_CUBIC)
-                 for im in images]
-        boxes = [[0, 0, im.shape[1], im.shape[0]] for im in images]
-        kept = np.arange(len(images))
-    else:
-        found = faces.detect_and_crop(images, detector, image_size, margin, align=align)
-        crops, boxes, kept = found.crops, found.boxes, found.kept
-    return FrameFaces(
-        np.asarray(crops, np.uint8).reshape(-1, image_size, image_size, 3),
-        np.asarray(boxes, np.float32).reshape(-1, 4),
-        np.asarray(indices, np.int64)[kept],
-        0.0,
-        len(images),
-        tuple(skipped),
-    )
+    return video.Media("frames", images, np.asarray(indices, np.int64)), tuple(skipped)
 
 
 def skipped_frames(summaries: list[dict]) -> list[dict]:

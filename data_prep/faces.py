@@ -1,5 +1,8 @@
 """Face detection, tracking and cropping: frames -> square face crops around one person.
 
+`crop_media` is the one path from read frames to face crops: `prepare` caches its crops,
+`predict` and `serve` score them.
+
 Detectors whose models ship inside installed packages (nothing is fetched at run time):
   mtcnn  MTCNN (the `mtcnn` package, TensorFlow), batched over a video's frames, with five
          landmarks. Default: the best recall, and fast enough once batched.
@@ -22,6 +25,7 @@ import numpy as np
 from data_prep import video
 
 DEFAULT_DETECTOR = "mtcnn"
+NO_DETECTION = "none"  # Frames taken whole: they are face crops already.
 
 
 class Detection(NamedTuple):
@@ -122,7 +126,8 @@ class MtcnnDetector:
     """MTCNN (Zhang et al. 2016) from the `mtcnn` package: boxes and five landmarks.
 
     Frames of one size are detected in batches: per-call TensorFlow overhead dominates
-    single frames, and a batch pays it once.
+    single frames, and a batch pays it once. A frame's detections do not depend on the batch
+    it is in (tests/test_prepare.py checks), so batching across videos or requests is free.
     """
 
     def __init__(self, find_eyes: bool = True, max_side: int = 480, batch_size: int = 16):
@@ -137,12 +142,19 @@ class MtcnnDetector:
         return self.detect_many([rgb])[0]
 
     def detect_many(self, frames: list[np.ndarray]) -> list[list[Detection]]:
+        """Batches of up to `batch_size` frames of one size (after downscaling), in order;
+        the `mtcnn` package's own mixed-size batches pad frames, which changes detections."""
         resized = [_downscale(f, self.max_side) for f in frames]
-        if len({small.shape for small, _ in resized}) > 1:  # Mixed sizes: one at a time.
-            return [self._detect_batch([r])[0] for r in resized]
-        out = []
-        for start in range(0, len(resized), self.batch_size):
-            out += self._detect_batch(resized[start : start + self.batch_size])
+        by_shape: dict[tuple, list[int]] = {}
+        for position, (small, _) in enumerate(resized):
+            by_shape.setdefault(small.shape, []).append(position)
+        out: list[list[Detection]] = [[] for _ in frames]
+        for positions in by_shape.values():
+            for start in range(0, len(positions), self.batch_size):
+                chunk = positions[start : start + self.batch_size]
+                found = self._detect_batch([resized[i] for i in chunk])
+                for position, detections in zip(chunk, found, strict=True):
+                    out[position] = detections
         return out
 
     def _detect_batch(self, resized: list[tuple[np.ndarray, float]]) -> list[list[Detection]]:
@@ -300,27 +312,74 @@ def detect_and_crop(
     )
 
 
+def whole_frames(
+    frames: list[np.ndarray], image_size: int, interpolation: int | None = None
+) -> Faces:
+    """Each frame as its own crop, boxed by the whole frame: frames that are face crops
+    already. Resized with `interpolation`, by default area shrinking and linear enlarging."""
+    crops = []
+    for f in frames:
+        default = cv2.INTER_AREA if max(f.shape[:2]) > image_size else cv2.INTER_LINEAR
+        crops.append(cv2.resize(f, (image_size, image_size),
+                                interpolation=default if interpolation is None else interpolation))
+    boxes = [[0.0, 0.0, float(f.shape[1]), float(f.shape[0])] for f in frames]
+    return Faces(
+        np.asarray(crops, np.uint8).reshape(-1, image_size, image_size, 3),
+        np.asarray(boxes, np.float32).reshape(-1, 4),
+        np.arange(len(frames), dtype=np.int64),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class FaceOptions:
+    """How faces are found and cropped, alike in `prepare`, `predict` and `serve`.
+
+    `detector` is a name, a detector made once (`make_detector`; the service shares one
+    across requests), or `NO_DETECTION`: the frames are face crops already, each taken whole
+    and resized with `whole_frame_interpolation` (None: area shrinking, linear enlarging)."""
+
+    detector: str | FaceDetector = DEFAULT_DETECTOR
+    margin: float = 1.3
+    align: bool = False
+    frames_per_video: int = 32
+    whole_frame_interpolation: int | None = None
+
+
 @dataclasses.dataclass
 class VideoFaces:
-    """Face crops of one video: the sampled frames where a face was found."""
+    """Face crops of one video (or image, or frame list): the frames where a face was found."""
 
     crops: np.ndarray  # [K, S, S, 3] uint8 RGB.
     boxes: np.ndarray  # [K, 4] float32 in source-frame pixels.
-    frame_indices: np.ndarray  # [K] int64 frame numbers in the video.
+    frame_indices: np.ndarray  # [K] int64 frame numbers in the video (0 for an image).
     fps: float
-    num_sampled: int  # Frames decoded; K <= num_sampled.
+    num_sampled: int  # Frames read; K <= num_sampled.
+
+
+def crop_media(media: video.Media, image_size: int, options: FaceOptions) -> VideoFaces:
+    """Frames -> face crops, the one way of `prepare`, `predict` and `serve`: one face per
+    frame, tracked through a video's frames, the largest in an image (`detect_and_crop`), or
+    whole frames (`NO_DETECTION`)."""
+    if options.detector == NO_DETECTION:
+        found = whole_frames(media.frames, image_size, options.whole_frame_interpolation)
+    else:
+        found = detect_and_crop(media.frames, options.detector, image_size, options.margin,
+                                track=media.kind != "image", align=options.align)
+    return VideoFaces(found.crops, found.boxes, media.indices[found.kept], media.fps,
+                      len(media.frames))
 
 
 def extract_faces(
-    video_path: str | os.PathLike,
+    path: str | os.PathLike,
     frames_per_video: int = 32,
     image_size: int = 299,
     margin: float = 1.3,
     detector: str | FaceDetector = DEFAULT_DETECTOR,
     *,
     align: bool = False,
+    image: bool | None = None,
 ) -> VideoFaces:
-    """Decode + detect + crop for one video. Raises `video.UnreadableMediaError`."""
-    frames, indices, fps = video.read_video(video_path, frames_per_video)
-    faces = detect_and_crop(frames, detector, image_size, margin, track=True, align=align)
-    return VideoFaces(faces.crops, faces.boxes, indices[faces.kept], fps, len(frames))
+    """Read + detect + crop for one video or image file (`video.read_media`, `crop_media`);
+    `image` says which (by default the file's suffix). Raises `video.UnreadableMediaError`."""
+    options = FaceOptions(detector, margin, align, frames_per_video)
+    return crop_media(video.read_media(path, frames_per_video, image), image_size, options)

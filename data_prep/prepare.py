@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         frames_per_video=args.frames_per_video,
         image_size=args.image_size or (DFB_IMAGE_SIZE if dfb else 299),
         margin=args.margin,
-        detector=args.detector if args.detect or not dfb else deepfakebench.NO_DETECTION,
+        detector=args.detector if args.detect or not dfb else faces.NO_DETECTION,
         align=args.align,
     )
     options = Options(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import tempfile
 from collections.abc import Iterator
@@ -18,6 +19,18 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".
 
 class UnreadableMediaError(Exception):
     """A video or image that cannot be decoded; the message says which file and why."""
+
+
+@dataclasses.dataclass
+class Media:
+    """The frames faces are looked for in: a still image's one frame, a video's sampled frames,
+    or a video given as frame files (DeepfakeBench's). What `prepare`, `predict` and `serve`
+    read, and `faces.crop_media` crops."""
+
+    kind: str  # "image", "video" or "frames".
+    frames: list[np.ndarray]  # RGB uint8.
+    indices: np.ndarray  # int64: each frame's number in its video (0 for an image).
+    fps: float = 0.0  # A video's frame rate; 0 for images and frame files.
 
 
 def is_video(path: str | os.PathLike) -> bool:
@@ -39,6 +52,16 @@ def local_copy(path: str | os.PathLike) -> Iterator[Path]:
         local = Path(tmp) / epath.Path(text).name
         local.write_bytes(epath.Path(text).read_bytes())
         yield local
+
+
+def read_media(
+    path: str | os.PathLike, frames_per_video: int, image: bool | None = None
+) -> Media:
+    """A still image as its one frame, any other file as a video's sampled frames; `image`
+    says which (by default the file's suffix). Raises `UnreadableMediaError`."""
+    if is_image(path) if image is None else image:
+        return Media("image", [read_image(path)], np.zeros(1, np.int64))
+    return Media("video", *read_video(path, frames_per_video))
 
 
 def sample_indices(num_frames: int, frames_per_video: int) -> np.ndarray:
@@ -107,8 +130,13 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     with local_copy(path) as local:
         if not local.is_file():
             raise UnreadableMediaError(f"{path}: file not found")
-        data = np.fromfile(local, np.uint8)
-    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if bgr is None:
+        image = decode_image(np.fromfile(local, np.uint8))
+    if image is None:
         raise UnreadableMediaError(f"{path}: cannot decode as an image")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return image
+
+
+def decode_image(data: np.ndarray) -> np.ndarray | None:
+    """An encoded image's bytes (uint8) -> RGB uint8, or None where OpenCV decodes no image."""
+    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)

@@ -216,7 +216,7 @@ def _attempt(entry: Entry, settings: Settings, work_dir: epath.Path, key: str) -
 
 def _crop_and_cache(entry: Entry, settings: Settings, crops_path: epath.Path) -> dict:
     try:
-        result = _crop(entry, settings)
+        result, skipped_frames = _crop(entry, settings)
     except (video.UnreadableMediaError, cv2.error) as err:  # The file's own: it stays so.
         return _summary(entry, "skipped", reason=f"unreadable: {err}")
     except Exception as err:  # noqa: BLE001 - one file's failure is reported, not fatal.
@@ -232,40 +232,24 @@ def _crop_and_cache(entry: Entry, settings: Settings, crops_path: epath.Path) ->
         )
     _write_atomic(crops_path, _encode(result), entry.video_id)
     fields = {"frames": len(result.crops), "sampled": result.num_sampled}
-    if getattr(result, "skipped_frames", ()):  # Frames of a frame-list video left out.
-        fields["skipped_frames"] = list(result.skipped_frames)
+    if skipped_frames:
+        fields["skipped_frames"] = list(skipped_frames)
     return _summary(entry, "ok", **fields)
 
 
-def _crop(entry: Entry, settings: Settings) -> faces.VideoFaces:
-    if entry.frames:
-        from data_prep import deepfakebench
+def _crop(entry: Entry, settings: Settings) -> tuple[faces.VideoFaces, tuple[dict, ...]]:
+    """An entry's face crops (`faces.crop_media`, as `predict` and `serve` crop), and the
+    frames of a frame-list video left out."""
+    if not entry.frames:
+        return faces.extract_faces(entry.path, settings.frames_per_video, settings.image_size,
+                                   settings.margin, settings.detector, align=settings.align,
+                                   image=entry.is_image), ()
+    from data_prep import deepfakebench
 
-        return deepfakebench.crop_frames(
-            entry, settings.frames_per_video, settings.image_size, settings.detector,
-            settings.margin, settings.align,
-        )
-    if entry.is_image:
-        image = video.read_image(entry.path)
-        found = faces.detect_and_crop(
-            [image],
-            settings.detector,
-            settings.image_size,
-            settings.margin,
-            track=False,
-            align=settings.align,
-        )
-        return faces.VideoFaces(
-            found.crops, found.boxes, np.zeros(len(found.kept), np.int64), 0.0, 1
-        )
-    return faces.extract_faces(
-        entry.path,
-        settings.frames_per_video,
-        settings.image_size,
-        settings.margin,
-        settings.detector,
-        align=settings.align,
-    )
+    media, skipped = deepfakebench.read_frames(entry, settings.frames_per_video)
+    options = faces.FaceOptions(settings.detector, settings.margin, settings.align,
+                                settings.frames_per_video, deepfakebench.FRAME_INTERPOLATION)
+    return faces.crop_media(media, settings.image_size, options), skipped
 
 
 def _encode(result: faces.VideoFaces) -> bytes:

@@ -19,6 +19,7 @@ from safetensors.numpy import save_file
 from cae_jax import flat_state, metrics, models, pixels, scoring, serving
 from cae_jax import main as cli
 from cae_jax.backbones import xception
+from data_prep import faces
 from tests import datasets, test_predict
 from tests.test_export import initial_state, tiny_config, write_two_checkpoints
 
@@ -77,7 +78,7 @@ def test_imported_detector_exports_and_predicts_at_its_own_size(tmp_path, media,
     model_config.update(image_size=256, pool_padding="torch", bn_epsilon=1e-5)
     model_config.classifier.hidden = ()
     inputs = [str(media / "astronaut.png"), str(media / "moving.mp4")]
-    crops = np.concatenate([scoring.whole_frames(scoring.read_file(Path(p), 3).frames, 256).crops
+    crops = np.concatenate([faces.whole_frames(scoring.read_file(Path(p), 3).frames, 256).crops
                             for p in inputs])
     graphdef, params, stats, state_dict = detector_arrays(model_config, 1, crops)
     source = tmp_path / "xception_best.safetensors"

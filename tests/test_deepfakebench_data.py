@@ -13,7 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from cae_jax import main as cli
-from data_prep import datasets, deepfakebench, prepare, work
+from data_prep import datasets, faces, prepare, work
 from data_prep.entries import DatasetLayoutError, Options
 
 SIZE = 40  # Side of the synthetic frames (theirs are 256).
@@ -150,7 +150,7 @@ def test_bad_json_names_the_file_and_problem(dfb_tree, tmp_path):
         datasets.list_entries("deepfakebench", rgb, options(bad, "X"))
 
 
-SETTINGS = work.Settings(frames_per_video=4, image_size=32, detector=deepfakebench.NO_DETECTION)
+SETTINGS = work.Settings(frames_per_video=4, image_size=32, detector=faces.NO_DETECTION)
 
 
 def test_prepare_writes_records_and_lists_skipped_frames(dfb_tree, tmp_path):

@@ -12,7 +12,8 @@ from skimage import data as skdata
 
 from cae_jax import export, heatmap, predict, scoring
 from cae_jax import main as cli
-from data_prep import faces
+from data_prep import deepfakebench, faces, video, work
+from data_prep.entries import Entry
 from tests.test_export import calibrated_model, initial_state, tiny_config
 
 SIZE = 64
@@ -207,6 +208,53 @@ def test_no_detect_scores_whole_frames(bundle, saved_model, media, tmp_path):
     assert results["astronaut.png"]["frames"][0]["box"] == [0.0, 0.0, 256.0, 256.0]
     noise = results["noise.mp4"]  # No face, but scored as given.
     assert noise["status"] == "ok" and len(noise["frames"]) == noise["num_sampled"] == 4
+
+
+def _frame_files(media, folder) -> tuple[str, ...]:
+    """The moving video's first frames as PNG files (DeepfakeBench's layout), numbered as
+    their frames."""
+    folder.mkdir()
+    paths = []
+    for index, frame in list(enumerate(decode_all(media / "moving.mp4")))[::3]:
+        paths.append(str(folder / f"{index:03d}.png"))
+        cv2.imwrite(paths[-1], cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    return tuple(paths)
+
+
+@pytest.mark.parametrize("kind, detector", [
+    ("video", "haar"), ("image", "haar"), ("frames", "haar"), ("frames", faces.NO_DETECTION)])
+def test_prepare_crops_what_predict_scores(media, tmp_path, kind, detector):
+    """One cropping path: the crops, boxes and frame numbers `prepare` caches for a video, an
+    image or a frame list are those `score_media` hands the model, exactly."""
+    settings = work.Settings(frames_per_video=4, image_size=SIZE, detector=detector)
+    options = faces.FaceOptions(detector, frames_per_video=4)
+    if kind == "frames":
+        entry = Entry(tmp_path / "frames", "clip", "real", "real", "test",
+                      frames=_frame_files(media, tmp_path / "frames"))
+        read, _ = deepfakebench.read_frames(entry, 4)
+        options = faces.FaceOptions(detector, frames_per_video=4,
+                                    whole_frame_interpolation=deepfakebench.FRAME_INTERPOLATION)
+    else:
+        path = media / ("moving.mp4" if kind == "video" else "astronaut.png")
+        entry = Entry(path, path.name, "real", "real", "test")
+        read = scoring.read_file(path, 4)
+    cache = work.open_cache(tmp_path / "cache", settings)
+    summary = work.process(entry, settings, cache)
+    cached = list(work.cached_examples(entry, "mine", cache))
+    given = []
+
+    def model(crops):
+        given.append(crops)
+        return {"probability": np.zeros(len(crops)), "error_map": np.zeros((len(crops), 1))}
+
+    scored = scoring.score_media(read, model, SIZE, options, 0.5)
+    assert summary["status"] == "ok" and len(cached) == summary["frames"] >= 1
+    (crops,) = given
+    stored = [video.decode_image(np.frombuffer(c["image"], np.uint8)) for c in cached]
+    np.testing.assert_array_equal(np.stack(stored), crops)
+    np.testing.assert_array_equal([c["face_box"] for c in cached],
+                                  [f["box"] for f in scored.entry["frames"]])
+    assert [c["frame_index"] for c in cached] == [f["frame_index"] for f in scored.entry["frames"]]
 
 
 @pytest.mark.parametrize("flag, value, message", [

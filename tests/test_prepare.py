@@ -184,13 +184,19 @@ def test_detect_and_crop_centres_the_face(face_bank):
 
 
 def test_mtcnn_batches_like_single_frames_and_finds_eyes(face_bank):
+    """A frame's detections do not depend on its batch, of one size or mixed (frames of the
+    same size together): what lets `serve` batch frames of several requests."""
     detector = faces.make_detector("mtcnn")
     frames = [_frame(face, x, y) for face in face_bank[:3] for x, y in POSITIONS[::4]]
+    frames[1::3] = [cv2.resize(f, (300, 225)) for f in frames[1::3]]  # Two sizes, interleaved.
     batched = detector.detect_many(frames)
     for frame, in_batch in zip(frames, batched, strict=True):
         alone = detector.detect(frame)
         assert len(alone) == len(in_batch) >= 1
-        np.testing.assert_allclose(alone[0].box, in_batch[0].box, atol=1.0)
+        for one, other in zip(alone, in_batch, strict=True):
+            np.testing.assert_array_equal(one.box, other.box)
+            np.testing.assert_array_equal(one.eyes, other.eyes)
+            assert one.score == other.score
     found = faces.detect_and_crop(
         [_frame(f, 90, 50) for f in face_bank], "mtcnn", 64, 1.3, track=False, align=True
     )

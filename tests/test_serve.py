@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import concurrent.futures
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ import pytest
 
 from cae_jax import main as cli
 from cae_jax import serve
+from data_prep import faces
 from tests import test_predict
 from tests.test_predict import HAAR, haar_crop
 
@@ -165,6 +167,109 @@ def test_concurrent_requests_share_model_calls(server, media, predicted, bundle)
     assert [status for status, _ in results] == [200] * len(shifted)
     np.testing.assert_allclose([body["predictions"][0] for _, body in results], alone, atol=1e-5)
     assert call(url, "/v1/stats")[1]["model_calls"] == service.batcher.calls
+
+
+class GatedDetector:
+    """A detector whose first call waits for `release`, so that requests queued meanwhile
+    are detected together in its next call; records each call's frame count. Frames that
+    are all zero make a call fail, as a detector failing on one request's input would."""
+
+    def __init__(self, inner: faces.FaceDetector):
+        self.inner = inner
+        self.release = threading.Event()
+        self.calls: list[int] = []
+
+    def detect_many(self, frames: list[np.ndarray]) -> list[list[faces.Detection]]:
+        self.calls.append(len(frames))
+        if len(self.calls) == 1:
+            assert self.release.wait(timeout=60)
+        if any(not frame.any() for frame in frames):
+            raise ValueError("an all-zero frame")
+        return self.inner.detect_many(frames)
+
+
+def queue_behind_a_busy_detector(inner: faces.FaceDetector, requests: list[list[np.ndarray]]):
+    """The first request's detection in progress, the others queued behind it: (the gated
+    detector, the batcher, futures of the requests' detections in order)."""
+    gated = GatedDetector(inner)
+    detector = serve.BatchedDetector(gated)
+    first = detector.batcher.submit("detect", requests[0])
+    while not gated.calls:
+        time.sleep(0.01)
+    rest = [detector.batcher.submit("detect", frames) for frames in requests[1:]]
+    gated.release.set()
+    results = [first, *rest]
+    concurrent.futures.wait(results, timeout=120)
+    detector.batcher.close()
+    return gated, detector.batcher, results
+
+
+def assert_same_detections(got: list[faces.Detection], expected: list[faces.Detection]) -> None:
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(a.box, b.box)
+        np.testing.assert_array_equal(a.eyes, b.eyes)
+        assert a.score == b.score
+
+
+def test_requests_waiting_together_are_detected_in_one_call_as_each_alone(media):
+    """MTCNN on the frames of four uploads (a photo, a video's frames, the photo at another
+    size, a faceless frame): the three queued behind the first are one detector call, and
+    every frame's detections are exactly those of detecting it alone."""
+    photo = cv2.cvtColor(cv2.imread(str(media / "astronaut.png")), cv2.COLOR_BGR2RGB)
+    requests = [[photo], test_predict.decode_all(media / "moving.mp4")[:4],
+                [cv2.resize(photo, (300, 300))], [np.full((128, 128, 3), 90, np.uint8)]]
+    mtcnn = faces.make_detector("mtcnn")
+    gated, batcher, results = queue_behind_a_busy_detector(mtcnn, requests)
+    assert gated.calls == [1, 6] and (batcher.calls, batcher.jobs) == (2, 4)
+    for frames, result in zip(requests, results, strict=True):
+        found = result.result()
+        assert len(found) == len(frames)
+        for frame, detections in zip(frames, found, strict=True):
+            assert_same_detections(detections, mtcnn.detect(frame))
+    assert [len(d) for d in results[0].result()] == [1]
+
+
+def test_a_request_that_fails_its_shared_detection_fails_alone(media):
+    photo = cv2.cvtColor(cv2.imread(str(media / "astronaut.png")), cv2.COLOR_BGR2RGB)
+    requests = [[photo], [photo], [np.zeros_like(photo)], [photo[::2, ::2]]]
+    haar = faces.make_detector("haar")
+    gated, batcher, results = queue_behind_a_busy_detector(haar, requests)
+    assert gated.calls == [1, 3, 1, 1, 1]  # The shared call failed: each of its jobs alone.
+    assert (batcher.calls, batcher.jobs) == (5, 4)
+    with pytest.raises(ValueError, match="an all-zero frame"):
+        results[2].result()
+    for index in (0, 1, 3):
+        (found,) = results[index].result()
+        assert_same_detections(found, haar.detect(requests[index][0]))
+
+
+def test_concurrent_uploads_each_get_their_own_answer(server, media, predicted):
+    """Uploads at once (their detection and model calls shared): each gets the faces and
+    scores `predict` gives it, or its own 4xx."""
+    url, service = server
+    bodies = [("astronaut.png", (media / "astronaut.png").read_bytes()),
+              ("moving.mp4", (media / "moving.mp4").read_bytes()),
+              ("noise.mp4", (media / "noise.mp4").read_bytes()),
+              ("notes.txt", b"not media")] * 2
+    before = service.detections.jobs
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda body: call(url, f"/v1/score?name={body[0]}", body[1]),
+                                bodies))
+    assert [status for status, _ in answers] == [200, 200, 422, 415] * 2
+    for (name, _), (status, got) in zip(bodies, answers, strict=True):
+        if status != 200:
+            assert got["error"].startswith(name)
+            continue
+        expected = predicted[name]
+        assert [(f["frame_index"], f["box"]) for f in got["frames"]] == [
+            (f["frame_index"], f["box"]) for f in expected["frames"]]
+        np.testing.assert_allclose([f["score"] for f in got["frames"]],
+                                   [f["score"] for f in expected["frames"]], atol=1e-5)
+    stats = call(url, "/v1/stats")[1]
+    assert service.detections.jobs - before == 6  # Each decodable upload detected once.
+    assert stats["detected_requests"] == service.detections.jobs
+    assert stats["detector_calls"] == service.detections.calls
 
 
 @pytest.mark.parametrize(("method", "path", "body", "status", "message"), [

@@ -3,9 +3,10 @@
 A server process serves one bundle; each client holds one keep-alive connection and sends,
 in turn, a face crop to TF Serving's `:predict` and a photo to `/v1/score`. One client is
 the bundle called one request at a time (serial), the row's peer; more clients let the
-server's batcher share model calls. Throughput, p50 and p99 latency per client count, and the
-server's resident memory after the first `memory_requests[0]` requests against after
-`memory_requests[1]` (flat memory: no per-request leak).
+server's batcher share model calls. Throughput, p50 and p99 latency per client count (mixed,
+and each kind alone at one client and the most), and the server's resident memory after the
+first `memory_requests[0]` requests against after `memory_requests[1]` (flat memory: no
+per-request leak).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ import cv2
 import numpy as np
 
 from cae_jax.bench import report, timing
+
+
+KINDS = ("face crops to :predict", "photos to /v1/score")  # What `payloads` sends, in order.
 
 
 def payloads(image_size: int, model_name: str) -> list[tuple[str, bytes, str]]:
@@ -118,6 +122,12 @@ def service(bundle: Path, image_size: int, *, clients: tuple[int, ...], requests
         for count in clients:
             timing.log(f"service, {count} clients")
             loads.append(drive(url, bodies, count, requests))
+        # Each kind alone, at one client and the most: where the mixed rows' time goes.
+        by_kind = {}
+        for kind, body in zip(KINDS, bodies, strict=True):
+            timing.log(f"service, {kind} alone")
+            by_kind[kind] = [drive(url, [body], count, requests)
+                             for count in (clients[0], clients[-1])]
         timing.log(f"service memory, {memory_requests[1]} requests")
         drive(url, bodies, max(clients), memory_requests[0])
         memory = {"after": {str(memory_requests[0]): rss_mb(process.pid)}}
@@ -129,19 +139,24 @@ def service(bundle: Path, image_size: int, *, clients: tuple[int, ...], requests
     finally:
         process.terminate()
         process.wait(timeout=120)
-    return {"loads": loads, "memory_mb": memory, "server_stats": stats}
+    return {"loads": loads, "by_kind": by_kind, "memory_mb": memory, "server_stats": stats}
+
+
+def load_row(name: str, load: dict, serial: dict, what: str) -> dict:
+    return report.row(f"{name}, {load['clients']} HTTP clients", load["requests_per_s"],
+                      serial["requests_per_s"], "requests/s",
+                      f"vs 1 client (serial); p50 {load['p50_ms']:.0f} ms, "
+                      f"p99 {load['p99_ms']:.0f} ms; {what}")
 
 
 def rows(result: dict) -> list[dict]:
-    """Table rows: each client count beside one client (serial); memory after the larger
-    request count beside after the smaller."""
+    """Table rows: each client count beside one client (serial), mixed and per kind of
+    request; memory after the larger request count beside after the smaller."""
     serial = result["loads"][0]
-    out = [report.row(f"service, {load['clients']} HTTP clients", load["requests_per_s"],
-                      serial["requests_per_s"], "requests/s",
-                      f"vs 1 client (serial); p50 {load['p50_ms']:.0f} ms, "
-                      f"p99 {load['p99_ms']:.0f} ms; face crops to :predict and photos to "
-                      "/v1/score in turn")
-           for load in result["loads"]]
+    out = [load_row("service", load, serial, "face crops to :predict and photos to "
+                    "/v1/score in turn") for load in result["loads"]]
+    for kind, (one, most) in result["by_kind"].items():
+        out.append(load_row(f"service, {kind}", most, one, "this kind of request only"))
     (fewer, few_mb), (more, more_mb) = sorted(result["memory_mb"]["after"].items(),
                                               key=lambda kv: int(kv[0]))
     out.append(report.row(f"service RSS after {more} requests", more_mb, few_mb, "MB",

@@ -24,7 +24,6 @@ import numpy as np
 
 from cae_jax.bench import report, timing
 
-
 KINDS = ("face crops to :predict", "photos to /v1/score")  # What `payloads` sends, in order.
 
 

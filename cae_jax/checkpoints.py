@@ -18,12 +18,16 @@ steps and the best one by validation AUC (model selection never looks at the tes
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import json
 import logging
 import math
 import os
 import shutil
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,18 +66,25 @@ RESUMABLE = frozenset({
 REPLICA_PARALLEL_MIN_SLICE_BYTES = 1 << 20
 
 
-def _replica_parallel_for_large_arrays_only() -> None:
+@contextlib.contextmanager
+def _orbax_warnings_off() -> Iterator[None]:
+    """Orbax's warnings (absl's logger) held back for a call whose outcome this module reports."""
     absl_logger = logging.getLogger("absl")
     level = absl_logger.level
-    absl_logger.setLevel(logging.ERROR)  # Orbax warns of the override it is asked for.
+    absl_logger.setLevel(logging.ERROR)
     try:
+        yield
+    finally:
+        absl_logger.setLevel(level)
+
+
+def _replica_parallel_for_large_arrays_only() -> None:
+    with _orbax_warnings_off():  # Orbax warns of the override it is asked for.
         ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
             array_metadata_store=getattr(ocp.type_handlers.get_type_handler(jax.Array),
                                          "_array_metadata_store", None),
             min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_SLICE_BYTES),
             override=True)
-    finally:
-        absl_logger.setLevel(level)
 
 
 _replica_parallel_for_large_arrays_only()
@@ -277,20 +288,49 @@ def restore_newest_intact(manager: ocp.CheckpointManager, target: Any,
     as `<step>.unreadable` (so the resumed run can save that step again); the step before it
     is tried next. Raises ValueError when none reads.
     """
+    _ignore_abandoned_reads()  # Before: they may be printed before the failure is raised.
     for step in sorted(manager.all_steps(), reverse=True):
         try:
             return restore_train(manager, step, target, data_iterator), step
         except AnotherModelError:
             raise  # Intact, and not this run's: no earlier step would fit either.
-        except (ValueError, OSError) as err:
+        except Exception as err:
+            # tensorstore's errors are ValueErrors and OSErrors; Orbax wraps a failed array
+            # read in a bare Exception. Anything else is a fault here, not in the step.
+            wrapped = type(err) is Exception
+            if not (wrapped or isinstance(err, (ValueError, OSError))):
+                raise
+            reason = err.__cause__ if wrapped and err.__cause__ else err
             broken = manager.directory / str(step)
             logging.warning("%s: unreadable (%s); set aside as %s.unreadable, resuming from "
-                            "an earlier step", broken, str(err).splitlines()[0][:200], step)
+                            "an earlier step", broken, str(reason).splitlines()[0][:200], step)
             if jax.process_index() == 0:
                 broken.rename(broken.parent / f"{step}.unreadable")
             manager.reload()
     raise ValueError(f"{manager.directory}: no checkpoint reads back (see the warnings); "
                      "move it away to train afresh")
+
+
+@functools.cache  # Once per process: each call would wrap the hooks again.
+def _ignore_abandoned_reads() -> None:
+    """Keeps quiet what a restore that failed part-way leaves behind.
+
+    Orbax reads a step's arrays concurrently on an event loop that it closes as soon as one
+    read fails. The reads still in flight cannot report back as each finishes: tensorstore
+    prints an "Event loop is closed" traceback for each (hundreds for one step), and asyncio
+    logs the errors of the other failed reads as never retrieved. The warning naming the
+    step says what they would.
+    """
+    previous_hook = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if not (unraisable.exc_type is RuntimeError
+                and str(unraisable.exc_value) == "Event loop is closed"):
+            previous_hook(unraisable)
+
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(
+        lambda record: not record.getMessage().startswith("Task exception was never retrieved"))
 
 
 def validation_scores(manager: ocp.CheckpointManager) -> dict[int, float]:
@@ -360,7 +400,9 @@ def check_saved_shapes(step_dir: epath.Path, target: Any) -> None:
     Read from the metadata, before any array is (Orbax's own error, after a partial read,
     says how to switch the check off and leaves threads failing at exit). Arrays the
     metadata lacks (a damaged step) are left for the restore to report."""
-    with ocp.PyTreeCheckpointer() as checkpointer:
+    # Orbax warns that a Composite item has no step metadata of its own (always so here), and
+    # of a damaged step's unreadable metadata, which its restore reports.
+    with _orbax_warnings_off(), ocp.PyTreeCheckpointer() as checkpointer:
         metadata = checkpointer.metadata(step_dir / STATE_ITEM)
     leaves = jax.tree_util.tree_flatten_with_path(getattr(metadata, "item_metadata", metadata))[0]
     saved = {_dotted(path): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from ml_collections import ConfigDict
 
 from cae_jax import config as config_lib
 
@@ -172,16 +173,24 @@ def adopt_data_dir(train_dir: Path, data_dir: Path) -> None:
         checkpoints.write_config(train_dir, saved)
 
 
+def train_on(workdir: Path, config: ConfigDict, data_dir: Path) -> None:
+    """Step 2: trains `workdir/train` on `data_dir` alone, resuming an earlier demo run of
+    this workdir, also one run where the workdir was before a copy or a move."""
+    from cae_jax import train
+
+    config.input.train_dirs = (str(data_dir),)
+    adopt_data_dir(workdir / "train", data_dir)
+    train.train(config, workdir / "train")
+
+
 def run_demo(workdir: Path, overrides: list[str]) -> dict:
-    from cae_jax import evaluate, train
+    from cae_jax import evaluate
 
     start = time.time()
     config = config_lib.load_config(DEMO_CONFIG, overrides)
     data_dir = build_dataset(workdir / "data", config.model.image_size, config.seed)
-    config.input.train_dirs = (str(data_dir),)
-    adopt_data_dir(workdir / "train", data_dir)
     built = time.time()
-    train.train(config, workdir / "train")
+    train_on(workdir, config, data_dir)
     trained = time.time()
     report = evaluate.evaluate_checkpoint(workdir / "train", [str(data_dir)], "test",
                                           workdir / "eval" / "metrics.json")

@@ -9,6 +9,12 @@ import pytest
 
 from cae_jax import demo, eval_pipeline
 from cae_jax.config import load_config
+from tests import datasets
+
+# configs/tiny.py's model, as --config.model overrides of the demo's config.
+TINY_MODEL = {"encoder.stem_features": (8, 16), "encoder.entry_features": (16, 24, 32),
+              "encoder.exit_features": (32, 48), "encoder.head_features": (48, 64),
+              "decoder.features": (32, 16, 16, 8, 8), "classifier.hidden": (16,)}
 
 
 def test_demo_dataset_has_disjoint_identities_and_paired_videos(tmp_path):
@@ -76,17 +82,28 @@ def test_bad_demo_overrides_are_one_line_before_any_work(tmp_path, item, message
 
 
 def test_a_copied_demo_workdir_resumes_on_its_own_data(tmp_path, capsys):
+    """The demo's training step run in a workdir, then again in a copy of it with the
+    original gone: the copy resumes on its own data/ (its config.json named the original's)."""
     from cae_jax import checkpoints
 
-    config = load_config(demo.DEMO_CONFIG)
-    config.input.train_dirs = (str(tmp_path / "first" / "data"),)
-    checkpoints.write_config(tmp_path / "first" / "train", config)
-    shutil.copytree(tmp_path / "first", tmp_path / "copy")
-    shutil.rmtree(tmp_path / "first")
+    def config(steps: int):
+        return load_config(demo.DEMO_CONFIG, [
+            *(f"--config.model.{field}={value}" for field, value in TINY_MODEL.items()),
+            f"--config.train.steps={steps}", "--config.train.batch_size=8",
+            "--config.train.eval_every=2", "--config.train.checkpoint_every=2"])
 
-    copy_data = tmp_path / "copy" / "data"
-    demo.adopt_data_dir(tmp_path / "copy" / "train", copy_data)
-    assert f"its workdir moved, so it continues on {copy_data}" in capsys.readouterr().out
-    # What the demo's resume is checked against now names the copy's data.
-    config.input.train_dirs = (str(copy_data),)
-    checkpoints.check_resumable(tmp_path / "copy" / "train", config)
+    first, copy = tmp_path / "first", tmp_path / "copy"
+    datasets.write(first / "data", {"train": (8, 8), "validation": (4, 4)}, num_shards=1)
+    demo.train_on(first, config(2), first / "data")
+    shutil.copytree(first, copy)
+    shutil.rmtree(first)
+    capsys.readouterr()
+
+    demo.train_on(copy, config(4), copy / "data")
+    out = capsys.readouterr().out
+    assert (f"demo: {copy / 'train'} was trained on {first / 'data'}; its workdir moved, so it "
+            f"continues on {copy / 'data'}") in out
+    assert f"resumed from {copy / 'train' / 'checkpoints'} at step 2" in out
+    assert sorted(p.name for p in (copy / "train" / "checkpoints").iterdir()) == ["2", "4"]
+    assert checkpoints.read_config(copy / "train").input.train_dirs == (str(copy / "data"),)
+    assert not first.exists()

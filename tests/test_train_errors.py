@@ -2,7 +2,6 @@
 no work lost (a failed validation keeps its step's checkpoint)."""
 
 import json
-import logging
 import re
 import shutil
 import subprocess
@@ -13,7 +12,7 @@ import cv2
 import pytest
 
 from cae_jax import checkpoints, main, prepared_data
-from tests import datasets, test_previous_release
+from tests import datasets, test_previous_release, test_train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,13 +40,21 @@ def test_a_corrupt_validation_record_is_named_and_keeps_the_steps_checkpoint(tmp
         f.seek(100)
         f.write(bytes([byte[0] ^ 0xFF]))
     workdir = tmp_path / "run"
-    result = train_cli(workdir, data_dir, "--config.train.steps=4",
-                       "--config.train.eval_every=2", "--config.train.checkpoint_every=100")
+    schedule = ("--config.train.steps=4", "--config.train.eval_every=2",
+                "--config.train.checkpoint_every=100")
+    result = train_cli(workdir, data_dir, *schedule)
     assert result.returncode == 1
     assert last_line(result) == (
         f"error: validation at step 2 failed ({shard}: corrupt TFRecord at byte offset 0: "
         "data checksum mismatch); the step's checkpoint is saved, a resume continues after it")
-    assert (workdir / "checkpoints" / "2" / "state").is_dir()
+    assert test_train.saved_steps(workdir) == [2]
+    # The resume trains on from step 2 (steps 1-2 are not redone) to the next validation.
+    result = train_cli(workdir, data_dir, *schedule)
+    assert result.returncode == 1
+    assert f"resumed from {workdir / 'checkpoints'} at step 2" in result.stdout
+    assert last_line(result).startswith(f"error: validation at step 4 failed ({shard}: ")
+    assert test_train.saved_steps(workdir) == [2, 4]
+    assert [r["step"] for r in test_train.records(workdir)] == [1, 2, 3, 4]
 
 
 def test_a_malformed_dataset_info_is_named(tmp_path):
@@ -81,15 +88,35 @@ def resume(steps: int) -> int:
                       f"--config.train.steps={steps}"])
 
 
-def test_resume_falls_back_to_the_newest_intact_step_naming_the_broken_one(fixture_run,
-                                                                          caplog):
-    checkpoints_dir = fixture_run / "workdir" / "checkpoints"
-    assert resume(4) == 0
-    shutil.rmtree(checkpoints_dir / "4" / "state" / "d")  # Partly deleted.
-    caplog.set_level(logging.WARNING)
-    assert resume(6) == 0
-    assert f"{checkpoints_dir / '4'}: unreadable (NOT_FOUND" in caplog.text
-    assert sorted(p.name for p in checkpoints_dir.iterdir()) == ["2", "4", "4.unreadable", "6"]
+def test_resume_falls_back_to_the_newest_intact_step_naming_the_broken_one(tmp_path):
+    data_dir = datasets.write(tmp_path / "toy", {"train": (8, 8)}, num_shards=1)
+    workdir = tmp_path / "run"
+    checkpoints_dir = workdir / "checkpoints"
+    assert train_cli(workdir, data_dir, "--config.train.steps=4",
+                     "--config.train.checkpoint_every=2").returncode == 0
+    uninterrupted = test_train.records(workdir)
+    shutil.copytree(checkpoints_dir / "4", tmp_path / "uninterrupted" / "checkpoints" / "4")
+    # Partly deleted: the root node of the state's tree, so that every array read fails.
+    [root_node] = (checkpoints_dir / "4" / "state" / "d").iterdir()
+    root_node.unlink()
+
+    result = train_cli(workdir, data_dir, "--config.train.steps=4",
+                       "--config.train.checkpoint_every=2")
+    assert result.returncode == 0, result.stderr
+    assert f"resumed from {checkpoints_dir} at step 2" in result.stdout
+    # One line about the broken step, the project's: no Orbax or asyncio internals.
+    assert "Traceback" not in result.stderr and "Event loop" not in result.stderr, result.stderr
+    [warning] = [line for line in result.stderr.replace("\r", "\n").splitlines()
+                 if str(checkpoints_dir / "4") in line]
+    assert warning.startswith(f"WARNING:root:{checkpoints_dir / '4'}: unreadable (NOT_FOUND: ")
+    assert warning.endswith("; set aside as 4.unreadable, resuming from an earlier step")
+    assert sorted(p.name for p in checkpoints_dir.iterdir()) == ["2", "4", "4.unreadable"]
+    # Resumed from step 2, the run saved step 4 again as the uninterrupted run did.
+    config = test_train.config_for(data_dir)
+    test_train.assert_trees_equal(test_train.full_state(workdir, config, 4),
+                                  test_train.full_state(tmp_path / "uninterrupted", config, 4))
+    assert ([test_train.deterministic(r) for r in test_train.records(workdir)]
+            == [test_train.deterministic(r) for r in uninterrupted])
 
 
 def test_resume_below_the_checkpoints_step_says_nothing_was_trained(fixture_run, capsys):
@@ -153,12 +180,16 @@ def test_a_resume_from_a_step_of_another_model_is_one_line_not_a_fallback(fixtur
     workdir = fixture_run / "workdir"
     edit_json(workdir / "config.json",
               lambda c: c["model"]["encoder"].update(stem_features=[8, 8]))
-    with pytest.raises(SystemExit, match=re.escape(
-            f"error: {workdir / 'checkpoints' / '2'}: saved from another model than "
-            f"{workdir / 'config.json'} describes (array "
-            "params.encoder.blocks.0.seps.0.depthwise.value has shape (3, 3, 1, 4), that config "
-            "makes (3, 3, 1, 8))")):
-        main.main(["train", "--config", str(ROOT / "configs" / "tiny.py"), "--workdir",
-                   "workdir", *test_previous_release.model_overrides(),
-                   "--config.model.encoder.stem_features=(8,8)", "--config.train.steps=4"])
+    result = subprocess.run(
+        [sys.executable, "-m", "cae_jax.main", "train", "--config",
+         str(ROOT / "configs" / "tiny.py"), "--workdir", "workdir",
+         *test_previous_release.model_overrides(), "--config.model.encoder.stem_features=(8,8)",
+         "--config.train.steps=4"], cwd=fixture_run, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert last_line(result) == (
+        f"error: {workdir / 'checkpoints' / '2'}: saved from another model than "
+        f"{workdir / 'config.json'} describes (array "
+        "params.encoder.blocks.0.seps.0.depthwise.value has shape (3, 3, 1, 4), that config "
+        "makes (3, 3, 1, 8))")
+    assert "Event loop" not in result.stderr and "unreadable" not in result.stderr
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2"]

@@ -42,6 +42,7 @@ from cae_jax import (
     input_pipeline,
     pixels,
     prepared_data,
+    saved_executable,
     tensorboard_writer,
     train_step,
 )
@@ -201,6 +202,11 @@ def train(config: ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
 def _train(config: ConfigDict, workdir: epath.Path,
            manager: ocp.CheckpointManager) -> dict[str, float]:
     program = train_step.build_program(config, jax.devices())
+    if config.train.executable:
+        saved = saved_executable.load(config.train.executable, config, program, jax.devices())
+        if saved and jax.process_index() == 0:
+            tqdm.write(f"loaded the compiled train and eval steps from {config.train.executable}")
+        program = saved or program
     mesh = program.abstract.mesh
     latest = manager.latest_step()
     if latest is not None:

@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -127,19 +128,25 @@ def compile_program(config: ConfigDict, target: accelerators.Target,
 
 
 def max_batch(config: ConfigDict, target: accelerators.Target, devices: list[jax.Device],
-              start: int) -> dict:
-    """The largest per-chip batch whose train step fits, by compiling: doubling from `start`
-    until one does not fit, then bisecting (in steps of the chip's devices)."""
-    unit = target.chip.devices_per_chip
+              start: int, at_start: dict | None = None) -> dict:
+    """The largest per-chip batch whose train step fits, by compiling (`largest_fitting`);
+    `at_start` is the train step already compiled at `start`, where there is one."""
 
     def fits(batch: int) -> dict:
         phase(f"--max-batch: trying {batch} per chip")
         return compile_program(config, target, devices, batch, steps=("train",),
                                analyze=False)["train step"]
 
+    return largest_fitting(fits, start, target.chip.devices_per_chip, at_start)
+
+
+def largest_fitting(fits: Callable[[int], dict], start: int, unit: int,
+                    at_start: dict | None = None) -> dict:
+    """The largest multiple of `unit` whose `fits(batch)["fits"]`: doubling from `start` until
+    one does not fit, then bisecting; with the message of the smallest that does not."""
     low, high, failure = 0, max(start, unit), None
     while high <= MAX_BATCH_LIMIT:
-        result = fits(high)
+        result = at_start if at_start is not None and high == start else fits(high)
         if not result["fits"]:
             failure = result
             break
@@ -182,7 +189,8 @@ def report(config: ConfigDict, target: accelerators.Target, batch_per_chip: int 
         "steps": compile_program(config, target, devices, batch_per_chip, save_to=save_to),
     }
     if find_max_batch:
-        result["max_batch"] = max_batch(config, target, devices, batch_per_chip)
+        result["max_batch"] = max_batch(config, target, devices, batch_per_chip,
+                                        result["steps"]["train step"])
     return result
 
 

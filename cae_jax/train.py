@@ -193,6 +193,8 @@ def train(config: ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
     config_lib.validate(config)
     if not config.input.train_dirs:
         raise ValueError("config.input.train_dirs is empty: nothing to train on")
+    if config.train.executable:  # A wrong path stops here, before the workdir is made.
+        saved_executable.read_manifest(config.train.executable)
     # The manager is closed on every exit, early errors included (left open, its threads
     # die with a traceback).
     with sole_writer(workdir), checkpoints.make_manager(workdir, config) as manager:

@@ -311,6 +311,7 @@ def test_a_saved_executable_of_another_program_or_no_executable_dir_is_named(
                        r"no executable.json there \(a directory written by `cae-jax compile "
                        r"--save-executable`\)$"):
         main.main(command)
+    assert not (tmp_path / "run").exists()
 
 
 def test_best_checkpoint_is_chosen_by_validation_auc(reference):

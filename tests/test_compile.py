@@ -52,8 +52,11 @@ def test_unknown_topology_or_a_taken_executable_dir_is_one_line(tmp_path):
 
 
 @needs_libtpu
-def test_tiny_train_and_eval_steps_compile_for_v5e_2x2(tmp_path, capsys, caplog):
+def test_tiny_train_and_eval_steps_compile_for_v5e_2x2(tmp_path, capsys, caplog, request):
     saved = tmp_path / "v5e-executable"
+    # --save-executable turns the persistent compilation cache off for its process.
+    cache = jax.config.jax_enable_compilation_cache
+    request.addfinalizer(lambda: jax.config.update("jax_enable_compilation_cache", cache))
     main.main(["compile", "--topology", "v5litepod-4", "--config", "configs/tiny.py",
                "--batch-per-chip", "8", "--out", str(tmp_path), "--save-executable",
                str(saved), *FAST])

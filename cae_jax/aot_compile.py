@@ -16,12 +16,13 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
 from ml_collections import ConfigDict
 
-from cae_jax import accelerators, compile_report, train_step
+from cae_jax import accelerators, compile_report, saved_executable, train_step
 from cae_jax import config as config_lib
 
 ACCEPTS_CONFIG_OVERRIDES = True
@@ -56,11 +57,11 @@ def is_out_of_memory(err: Exception) -> bool:
     return "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text
 
 
-def compile_step(name: str, jitted, args, target: accelerators.Target, batch_per_chip: int,
-                 *, analyze: bool = True) -> dict:
-    """One step compiled: fits or not, and (with `analyze`) its memory, cost and collectives."""
-    start = time.perf_counter()
-    lowered = jitted.lower(*args)
+def compile_step(name: str, lowered: jax.stages.Lowered, start: float,
+                 target: accelerators.Target, batch_per_chip: int, *, analyze: bool = True
+                 ) -> tuple[dict, jax.stages.Compiled | None]:
+    """One step compiled: fits or not, and (with `analyze`) its memory, cost and collectives;
+    with the executable where XLA made one. Its time counts from `start` (before lowering)."""
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as err:
@@ -68,7 +69,7 @@ def compile_step(name: str, jitted, args, target: accelerators.Target, batch_per
             raise
         seconds = time.perf_counter() - start
         phase(f"{name}: does not fit ({seconds:.1f} s)")
-        return {"fits": False, "message": xla_message(err), "compile_seconds": seconds}
+        return {"fits": False, "message": xla_message(err), "compile_seconds": seconds}, None
     seconds = time.perf_counter() - start
     chip = target.chip
     hbm = chip.hbm_bytes // chip.devices_per_chip
@@ -91,7 +92,7 @@ def compile_step(name: str, jitted, args, target: accelerators.Target, batch_per
             collectives=compile_report.collectives(compiled.as_text()))
     if target.chip.platform == "cuda":
         step["note"] = "cuDNN's workspace is not counted"
-    return step
+    return step, compiled
 
 
 def configured(config: ConfigDict, target: accelerators.Target, batch_per_chip: int
@@ -105,35 +106,49 @@ def configured(config: ConfigDict, target: accelerators.Target, batch_per_chip: 
 
 def compile_program(config: ConfigDict, target: accelerators.Target,
                     devices: list[jax.Device], batch_per_chip: int, *, steps=("train", "eval"),
-                    analyze: bool = True) -> dict[str, dict]:
-    """The trainer's train and eval steps for `target`, compiled at `batch_per_chip`."""
+                    analyze: bool = True, save_to: str | None = None) -> dict[str, dict]:
+    """The trainer's train and eval steps for `target`, compiled at `batch_per_chip`; with
+    `save_to`, their executables saved there for `cae-jax train` where both fit."""
     config = configured(config, target, batch_per_chip)
     program = train_step.build_program(config, devices)
-    mesh, shapes = program.abstract.mesh, program.abstract.shapes
-    results = {}
+    results, executables = {}, {}
     for name in steps:
-        batch = train_step.batch_shapes(config, mesh, config.train.batch_size,
-                                        train=name == "train")
-        jitted = program.train_step if name == "train" else program.eval_step
-        results[f"{name} step"] = compile_step(f"{name} step", jitted, (shapes, batch), target,
-                                               batch_per_chip, analyze=analyze)
+        start = time.perf_counter()
+        lowered = train_step.lower_steps(config, program, (name,))[name]
+        results[f"{name} step"], compiled = compile_step(f"{name} step", lowered, start,
+                                                         target, batch_per_chip,
+                                                         analyze=analyze)
+        executables[name] = lowered, compiled
+    if save_to:
+        unfit = [name for name, result in results.items() if not result["fits"]]
+        if unfit:
+            phase(f"not saved: the {unfit[0]} does not fit")
+        else:
+            saved_executable.save(save_to, devices, executables, target.name)
+            phase(f"saved the compiled steps to {save_to}")
     return results
 
 
 def max_batch(config: ConfigDict, target: accelerators.Target, devices: list[jax.Device],
-              start: int) -> dict:
-    """The largest per-chip batch whose train step fits, by compiling: doubling from `start`
-    until one does not fit, then bisecting (in steps of the chip's devices)."""
-    unit = target.chip.devices_per_chip
+              start: int, at_start: dict | None = None) -> dict:
+    """The largest per-chip batch whose train step fits, by compiling (`largest_fitting`);
+    `at_start` is the train step already compiled at `start`, where there is one."""
 
     def fits(batch: int) -> dict:
         phase(f"--max-batch: trying {batch} per chip")
         return compile_program(config, target, devices, batch, steps=("train",),
                                analyze=False)["train step"]
 
+    return largest_fitting(fits, start, target.chip.devices_per_chip, at_start)
+
+
+def largest_fitting(fits: Callable[[int], dict], start: int, unit: int,
+                    at_start: dict | None = None) -> dict:
+    """The largest multiple of `unit` whose `fits(batch)["fits"]`: doubling from `start` until
+    one does not fit, then bisecting; with the message of the smallest that does not."""
     low, high, failure = 0, max(start, unit), None
     while high <= MAX_BATCH_LIMIT:
-        result = fits(high)
+        result = at_start if at_start is not None and high == start else fits(high)
         if not result["fits"]:
             failure = result
             break
@@ -151,7 +166,7 @@ def max_batch(config: ConfigDict, target: accelerators.Target, devices: list[jax
 
 
 def report(config: ConfigDict, target: accelerators.Target, batch_per_chip: int | None,
-           find_max_batch: bool = False) -> dict:
+           find_max_batch: bool = False, save_to: str | None = None) -> dict:
     quiet_libtpu(target)
     start = time.perf_counter()
     devices = accelerators.compile_only_devices(target)
@@ -172,25 +187,14 @@ def report(config: ConfigDict, target: accelerators.Target, batch_per_chip: int 
         "dtype": config.model.dtype,
         "bn_group": config.model.bn_group,
         "mesh": {"data": config.mesh.data, "fsdp": config.mesh.fsdp},
-        "versions": versions(),
+        "versions": saved_executable.versions(),
         "estimated": ["roofline", "images_per_second_per_chip", "images_per_second_total"],
-        "steps": compile_program(config, target, devices, batch_per_chip),
+        "steps": compile_program(config, target, devices, batch_per_chip, save_to=save_to),
     }
     if find_max_batch:
-        result["max_batch"] = max_batch(config, target, devices, batch_per_chip)
+        result["max_batch"] = max_batch(config, target, devices, batch_per_chip,
+                                        result["steps"]["train step"])
     return result
-
-
-def versions() -> dict[str, str]:
-    from importlib import metadata
-
-    found = {}
-    for package in ("jax", "jaxlib", "libtpu", "jax-cuda12-pjrt"):
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
-    return found
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -203,6 +207,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default: the config's train.batch_size over the chips")
     parser.add_argument("--max-batch", action="store_true",
                         help="also find the largest batch per chip that fits, by compiling")
+    parser.add_argument("--save-executable", default=None, metavar="DIR",
+                        help="a new directory for the compiled train and eval steps, which "
+                        "`cae-jax train --config.train.executable=DIR` loads on a matching "
+                        "pod instead of compiling")
     parser.add_argument("--out", default=None,
                         help="directory for report.json and report.md (default: print only)")
     parser.epilog = "Config fields are overridden with --config.a.b=value (repeatable)."
@@ -217,7 +225,15 @@ def run(args: argparse.Namespace) -> int:
                 args.batch_per_chip < 1 or args.batch_per_chip % target.chip.devices_per_chip):
             raise ValueError(f"--batch-per-chip {args.batch_per_chip}: must be a positive "
                              f"multiple of {target.chip.devices_per_chip}")
-        result = report(config, target, args.batch_per_chip, args.max_batch)
+        if args.save_executable and os.path.lexists(args.save_executable):
+            raise ValueError(f"--save-executable {args.save_executable}: exists; name a new "
+                             "directory")
+        if args.save_executable:  # Before the first compile, which fixes the choice.
+            # Executables read back from the persistent compilation cache can serialize
+            # incompletely (XLA:CPU's lose kernels): the saved ones are compiled afresh.
+            jax.config.update("jax_enable_compilation_cache", False)
+        result = report(config, target, args.batch_per_chip, args.max_batch,
+                        args.save_executable)
     except (FileNotFoundError, KeyError, ValueError) as err:
         raise SystemExit(f"error: {err}") from err
     text = compile_report.markdown(result)

@@ -52,7 +52,7 @@ BEST_METRIC = "val_auc"  # Validation frame-level AUC; higher is better.
 # so is input.workers: each worker count gives other batches and another saved data position.
 RESUMABLE = frozenset({
     "train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
-    "train.keep_checkpoints", "train.nan_policy", "train.recon_images",
+    "train.keep_checkpoints", "train.nan_policy", "train.recon_images", "train.executable",
     "input.threads", "input.buffer", "input.prefetch_batches",
     "input.eval_batch_size", "input.skip_corrupt",
     "model.layer_impl", "mesh.data", "mesh.fsdp",

@@ -96,6 +96,9 @@ def default_config() -> ConfigDict:
     config.train.nan_policy = "stop"  # "stop" (keep last good checkpoint) or "skip" the bad step.
     # Validation faces shown with their reconstructions in TensorBoard.
     config.train.recon_images = 8
+    # Compiled steps saved by `cae-jax compile --save-executable DIR`, loaded instead of
+    # compiling where they match this run (versions, devices, program); "" compiles.
+    config.train.executable = ""
 
     # Input pipeline (cae_jax/input_pipeline.py, docs/input_pipeline.md).
     config.input = ConfigDict()

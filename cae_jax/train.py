@@ -42,6 +42,7 @@ from cae_jax import (
     input_pipeline,
     pixels,
     prepared_data,
+    saved_executable,
     tensorboard_writer,
     train_step,
 )
@@ -192,6 +193,8 @@ def train(config: ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
     config_lib.validate(config)
     if not config.input.train_dirs:
         raise ValueError("config.input.train_dirs is empty: nothing to train on")
+    if config.train.executable:  # A wrong path stops here, before the workdir is made.
+        saved_executable.read_manifest(config.train.executable)
     # The manager is closed on every exit, early errors included (left open, its threads
     # die with a traceback).
     with sole_writer(workdir), checkpoints.make_manager(workdir, config) as manager:
@@ -201,6 +204,11 @@ def train(config: ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
 def _train(config: ConfigDict, workdir: epath.Path,
            manager: ocp.CheckpointManager) -> dict[str, float]:
     program = train_step.build_program(config, jax.devices())
+    if config.train.executable:
+        saved = saved_executable.load(config.train.executable, config, program, jax.devices())
+        if saved and jax.process_index() == 0:
+            tqdm.write(f"loaded the compiled train and eval steps from {config.train.executable}")
+        program = saved or program
     mesh = program.abstract.mesh
     latest = manager.latest_step()
     if latest is not None:

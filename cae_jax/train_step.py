@@ -139,16 +139,31 @@ def build_program(config: ConfigDict, devices: Sequence[jax.Device]) -> Program:
 def batch_shapes(config: ConfigDict, mesh: Mesh, batch_size: int, *, train: bool = True
                  ) -> dict[str, jax.ShapeDtypeStruct]:
     """The global batch the input pipeline feeds a step, as sharded shapes: uint8 images with
-    the `aug_*` fields where the train step augments on the device, else normalized floats."""
+    the `aug_*` fields where the train step augments on the device, else normalized floats;
+    training batches also say which dataset each example came from (unused by the step)."""
     size, shard = config.model.image_size, sharding.batch_sharding(mesh)
     on_device = train and augment.on_device(config.input.augment, sharding.platform(mesh))
     fields = {"image": ((batch_size, size, size, 3), jnp.uint8 if on_device else jnp.float32),
               "label": ((batch_size,), jnp.int32)}
+    if train:
+        fields["dataset_id"] = ((batch_size,), jnp.int32)
     if on_device:
         fields.update({f"aug_{name}": ((batch_size,), dtype)
                        for name, dtype in device_augment.PARAM_DTYPES.items()})
     return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=shard)
             for name, (shape, dtype) in fields.items()}
+
+
+def lower_steps(config: ConfigDict, program: Program, steps: Sequence[str] = ("train", "eval")
+                ) -> dict[str, jax.stages.Lowered]:
+    """`program`'s steps lowered (traced, not compiled) for the batches a run feeds them: the
+    train step at `train.batch_size`, the eval step at the validation batch. What `cae-jax
+    compile` compiles and what a saved executable is matched against."""
+    mesh, state = program.abstract.mesh, program.abstract.shapes
+    eval_batch = config.input.eval_batch_size or config.train.batch_size
+    calls = {"train": (program.train_step, batch_shapes(config, mesh, config.train.batch_size)),
+             "eval": (program.eval_step, batch_shapes(config, mesh, eval_batch, train=False))}
+    return {name: calls[name][0].lower(state, calls[name][1]) for name in steps}
 
 
 def make_train_step(config: ConfigDict, abstract: AbstractState) -> Callable:

@@ -5,13 +5,17 @@ oversized batch is a result, not a traceback; --max-batch finds the boundary."""
 import dataclasses
 import importlib.util
 import json
+import logging
 import os
 import subprocess
 import sys
+from importlib import metadata
 
+import jax
 import pytest
 
-from cae_jax import accelerators, aot_compile, compile_table, main, sharding
+from cae_jax import (accelerators, aot_compile, compile_table, main, saved_executable,
+                     sharding, train_step)
 from cae_jax import config as config_lib
 
 needs_libtpu = pytest.mark.skipif(not importlib.util.find_spec("libtpu"),
@@ -41,15 +45,25 @@ def test_topology_names_map_to_slices_and_unknown_ones_are_refused():
         accelerators.parse("v9-4")
 
 
-def test_unknown_topology_is_one_line_on_the_command_line(capsys):
+def test_unknown_topology_or_a_taken_executable_dir_is_one_line(tmp_path):
     with pytest.raises(SystemExit, match=r"^error: --topology 'k80-8': unknown accelerator"):
         main.main(["compile", "--topology", "k80-8", "--config", "configs/tiny.py"])
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(SystemExit, match=rf"^error: --save-executable {tmp_path / 'taken'}: "
+                       "exists; name a new directory$"):
+        main.main(["compile", "--topology", "v5litepod-4", "--config", "configs/tiny.py",
+                   "--save-executable", str(tmp_path / "taken")])
 
 
 @needs_libtpu
-def test_tiny_train_and_eval_steps_compile_for_v5e_2x2(tmp_path, capsys):
+def test_tiny_train_and_eval_steps_compile_for_v5e_2x2(tmp_path, capsys, caplog, request):
+    saved = tmp_path / "v5e-executable"
+    # --save-executable turns the persistent compilation cache off for its process.
+    cache = jax.config.jax_enable_compilation_cache
+    request.addfinalizer(lambda: jax.config.update("jax_enable_compilation_cache", cache))
     main.main(["compile", "--topology", "v5litepod-4", "--config", "configs/tiny.py",
-               "--batch-per-chip", "8", "--out", str(tmp_path), *FAST])
+               "--batch-per-chip", "8", "--out", str(tmp_path), "--save-executable",
+               str(saved), *FAST])
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["target"]["topology"] == "v5e:2x2" and report["global_batch"] == 32
     train = report["steps"]["train step"]
@@ -65,6 +79,20 @@ def test_tiny_train_and_eval_steps_compile_for_v5e_2x2(tmp_path, capsys):
     row = compile_table.row(compile_table.read_report(tmp_path / "report.json"))
     assert (row["chips"], row["batchnorm"], row["fits"]) == (4, "global batch", True)
     assert row["hbm_gib"] == train["memory"]["total"] / 2**30
+    # The executables compiled for the v5e slice are saved here, and refused, by their
+    # devices, by a trainer on this host's CPUs (which then compiles its own).
+    manifest = json.loads((saved / "executable.json").read_text())
+    assert manifest["devices"] == {"platform": "tpu", "kind": "TPU v5 lite", "count": 4,
+                                   "slices": 1}
+    assert manifest["versions"]["libtpu"] == metadata.version("libtpu")
+    assert (saved / "train_step.bin").stat().st_size > 0
+    config = tiny(**{"train.batch_size": 32})
+    program = train_step.build_program(config, jax.devices())
+    with caplog.at_level(logging.WARNING):
+        assert saved_executable.load(saved, config, program, jax.devices()) is None
+    assert caplog.records[-1].getMessage() == (
+        f"--config.train.executable={saved}: saved for 4 TPU v5 lite devices, running 8 cpu "
+        "devices; compiling as usual.")
 
 
 @needs_libtpu
@@ -77,31 +105,54 @@ def test_an_oversized_batch_is_reported_as_not_fitting_with_xlas_message():
     assert "memory" in steps["train step"]["message"].lower()
 
 
-@needs_cuda_plugin
-def test_tiny_train_step_compiles_for_one_h100_with_default_flags():
-    """At 60 the decoder's 64 is resized: jax.image's HIGHEST-precision matmul did not compile
+@pytest.fixture(scope="module")
+def h100_at_1():
+    """The train step for one H100 at 1 per chip: (target, devices, config, its result).
+    At 60 the decoder's 64 is resized: jax.image's HIGHEST-precision matmul did not compile
     for the GPU with XLA's default flags, the model's resize does."""
     target = accelerators.parse("h100-1")
     devices = accelerators.compile_only_devices(target)
-    step = aot_compile.compile_program(tiny(**{"model.image_size": 60}), target, devices, 8,
+    config = tiny(**{"model.image_size": 60})
+    step = aot_compile.compile_program(config, target, devices, 1,
                                        steps=("train",))["train step"]
+    return target, devices, config, step
+
+
+@needs_cuda_plugin
+def test_tiny_train_step_compiles_for_one_h100_with_default_flags(h100_at_1):
+    step = h100_at_1[3]
     assert step["fits"] and step["memory"]["total"] > 0
     assert step["cost"]["flops"] > 0 and step["collectives"] == {}
 
 
+def test_bisection_finds_the_boundary_in_the_fewest_compiles_with_the_first_failures_message():
+    """Doubling from 8 to the first that does not fit (64), then bisecting in steps of 2
+    (tpu7x: two devices per chip); the start's compile is reused, not repeated."""
+    tried = []
+
+    def fits(batch):
+        tried.append(batch)
+        return {"fits": batch <= 37, "message": f"{batch} does not fit"}
+
+    found = aot_compile.largest_fitting(fits, 8, 2, at_start={"fits": True})
+    assert (found["fits"], found["fails"], found["message"]) == (36, 38, "38 does not fit")
+    assert tried == [16, 32, 64, 48, 40, 36, 38]
+    assert aot_compile.largest_fitting(fits, 64, 1) == {"fits": 37, "fails": 38,
+                                                        "message": "38 does not fit"}
+    assert aot_compile.largest_fitting(lambda batch: {"fits": True}, 2**15, 1)["fails"] is None
+
+
 @needs_cuda_plugin
-def test_max_batch_finds_the_largest_batch_that_fits():
+def test_max_batch_finds_the_largest_batch_that_fits(h100_at_1):
     """On a GPU the fit is this report's own comparison, so a GPU made as small as the train
-    step at 3 per chip puts the boundary where three compiles find it (2, 4, then 3)."""
-    target = accelerators.parse("h100-1")
-    devices = accelerators.compile_only_devices(target)
-    config = tiny()
-    at_3 = aot_compile.compile_program(config, target, devices, 3, steps=("train",),
-                                       analyze=False)["train step"]["memory"]["total"]
-    target = dataclasses.replace(target, chip=dataclasses.replace(target.chip, hbm_bytes=at_3))
-    found = aot_compile.max_batch(config, target, devices, start=2)
-    assert (found["fits"], found["fails"]) == (3, 4)
-    assert "exceed" in found["message"]
+    step at 1 per chip puts the boundary where one more compile finds it: the report's own
+    compile at 1 (reused) fits, 2 does not."""
+    target, devices, config, at_1 = h100_at_1
+    target = dataclasses.replace(
+        target, chip=dataclasses.replace(target.chip, hbm_bytes=at_1["memory"]["total"]))
+    found = aot_compile.max_batch(config, target, devices, start=1, at_start=at_1)
+    assert (found["fits"], found["fails"]) == (1, 2)
+    assert "exceed the" in found["message"]
 
 
 @needs_libtpu

@@ -1,6 +1,7 @@
 """Trainer: SIGKILL or SIGTERM + resume equals an uninterrupted run; resume refuses another
 config; NaN policies and NaN validation AUCs; train then evaluate."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -10,13 +11,24 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax._src import compilation_cache
 
-from cae_jax import checkpoints, eval_pipeline, main, models, sharding, train, train_step
+from cae_jax import (
+    checkpoints,
+    eval_pipeline,
+    main,
+    models,
+    saved_executable,
+    sharding,
+    train,
+    train_step,
+)
 from cae_jax.config import load_config
 from tests import datasets
 
@@ -198,6 +210,108 @@ def test_resume_with_another_model_config_stops_and_keeps_config_json(reference,
     resumable.input.threads, resumable.input.prefetch_batches = 2, 1
     train.train(resumable, workdir)
     assert checkpoints.read_config(workdir).train.eval_every == 3
+
+
+class CountedCalls:
+    """A jitted step that counts the calls that would compile and run it (lowering is free)."""
+
+    def __init__(self, jitted):
+        self.jitted, self.calls = jitted, 0
+
+    def lower(self, *args):
+        return self.jitted.lower(*args)
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.jitted(*args)
+
+
+def count_step_calls(monkeypatch) -> list[train_step.Program]:
+    """The programs `build_program` makes from now on, their jitted steps counting calls."""
+    build, built = train_step.build_program, []
+
+    def counted(config, devices):
+        program = build(config, devices)
+        built.append(dataclasses.replace(program, train_step=CountedCalls(program.train_step),
+                                         eval_step=CountedCalls(program.eval_step)))
+        return built[-1]
+
+    monkeypatch.setattr(train_step, "build_program", counted)
+    return built
+
+
+@pytest.fixture(scope="module")
+def saved_steps_dir(data_dir, tmp_path_factory):
+    """The train and eval steps of `config_for(data_dir)` compiled for this host's 8 CPU
+    devices and saved as `cae-jax compile --save-executable` saves them."""
+    config = config_for(data_dir)
+    program = train_step.build_program(config, jax.devices())
+    # Compiled afresh, as `cae-jax compile --save-executable` does: XLA:CPU's executables
+    # read back from the persistent compilation cache serialize without some kernels.
+    with mock.patch.object(compilation_cache, "is_cache_used", lambda backend: False):
+        steps = {name: (lowered, lowered.compile())
+                 for name, lowered in train_step.lower_steps(config, program).items()}
+    directory = tmp_path_factory.mktemp("executable") / "cpu-8"
+    saved_executable.save(directory, jax.devices(), steps, "cpu-8")
+    return directory
+
+
+def test_a_saved_executable_trains_without_compiling_and_equals_a_compiled_run(
+        reference, data_dir, saved_steps_dir, tmp_path, monkeypatch, capsys):
+    ref_dir, ref_final = reference
+    built = count_step_calls(monkeypatch)
+    workdir = tmp_path / "loaded"
+    final = train.train(config_for(data_dir, executable=str(saved_steps_dir)), workdir)
+
+    assert f"loaded the compiled train and eval steps from {saved_steps_dir}" in \
+        capsys.readouterr().out
+    assert (built[0].train_step.calls, built[0].eval_step.calls) == (0, 0)
+    assert_trees_equal(full_state(workdir, config_for(data_dir), STEPS),
+                       full_state(ref_dir, config_for(data_dir), STEPS))
+    assert ([deterministic(r) for r in records(workdir)]
+            == [deterministic(r) for r in records(ref_dir)])
+    assert final["val_auc"] == ref_final["val_auc"]
+
+
+def test_a_saved_executable_for_other_versions_is_refused_by_name_then_compiled(
+        reference, data_dir, saved_steps_dir, tmp_path, monkeypatch, caplog):
+    ref_dir, _ = reference
+    other = tmp_path / "other-jax"
+    shutil.copytree(saved_steps_dir, other)
+    manifest = json.loads((other / saved_executable.MANIFEST).read_text())
+    manifest["versions"]["jax"] = "0.4.1"
+    (other / saved_executable.MANIFEST).write_text(json.dumps(manifest))
+    built = count_step_calls(monkeypatch)
+    workdir = tmp_path / "compiled"
+    with caplog.at_level(logging.WARNING):
+        train.train(config_for(data_dir, executable=str(other)), workdir)
+
+    assert [r.getMessage() for r in caplog.records if "executable" in r.getMessage()] == [
+        f"--config.train.executable={other}: saved for jax 0.4.1, running "
+        f"{jax.__version__}; compiling as usual."]
+    assert built[0].train_step.calls == STEPS
+    assert_trees_equal(full_state(workdir, config_for(data_dir), STEPS),
+                       full_state(ref_dir, config_for(data_dir), STEPS))
+
+
+def test_a_saved_executable_of_another_program_or_no_executable_dir_is_named(
+        data_dir, saved_steps_dir, tmp_path, caplog):
+    """Another batch size is another program: found by lowering, before any compile."""
+    config = config_for(data_dir, batch_size=16)
+    program = train_step.build_program(config, jax.devices())
+    with caplog.at_level(logging.WARNING):
+        assert saved_executable.load(saved_steps_dir, config, program, jax.devices()) is None
+    assert caplog.records[-1].getMessage() == (
+        f"--config.train.executable={saved_steps_dir}: saved for another program (this run's "
+        "train step differs: its config or input shapes); compiling as usual.")
+    command = ["train", "--config", str(ROOT / "configs" / "tiny.py"), "--workdir",
+               str(tmp_path / "run"), *overrides(data_dir),
+               f"--config.train.executable={tmp_path}"]
+    with pytest.raises(SystemExit, match=rf"^error: --config.train.executable={tmp_path}: "
+                       r"no executable.json there \(a directory written by `cae-jax compile "
+                       r"--save-executable`\)$"):
+        main.main(command)
+    assert not (tmp_path / "run").exists()
 
 
 def test_best_checkpoint_is_chosen_by_validation_auc(reference):

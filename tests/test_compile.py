@@ -14,8 +14,15 @@ from importlib import metadata
 import jax
 import pytest
 
-from cae_jax import (accelerators, aot_compile, compile_table, main, saved_executable,
-                     sharding, train_step)
+from cae_jax import (
+    accelerators,
+    aot_compile,
+    compile_table,
+    main,
+    saved_executable,
+    sharding,
+    train_step,
+)
 from cae_jax import config as config_lib
 
 needs_libtpu = pytest.mark.skipif(not importlib.util.find_spec("libtpu"),

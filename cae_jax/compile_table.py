@@ -54,7 +54,8 @@ def batchnorm(report: dict[str, Any]) -> str:
 
 
 def row(report: dict[str, Any]) -> dict[str, Any]:
-    """One table row: the train step of one report."""
+    """One table row: the train step of one report. Memory and cost are per device (tpu7x
+    has two a chip, the others one), images/s per chip."""
     target, step = report["target"], report["steps"]["train step"]
     name = target["name"] + (f" x{target['slices']} slices" if target["slices"] > 1 else "")
     fields = {
@@ -97,7 +98,7 @@ def sort_key(fields: dict[str, Any]) -> tuple:
 
 def to_markdown(rows: list[dict[str, Any]]) -> str:
     header = ["target", "chips", "dtype", "mesh.fsdp", "BatchNorm", "batch per chip",
-              "HBM per chip (of), GiB", "fits", "TFLOP / GB per chip per step",
+              "HBM per device (of), GiB", "fits", "TFLOP / GB per device per step",
               "GFLOP per image", "est. images/s per chip", "est. images/s in all",
               "collectives per step", "compile"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cae_jax import backbones, checkpoints, main, models, pixels, sharding, train_step, weights
+from cae_jax import backbones, checkpoints, main, models, sharding, train_step, weights
 from cae_jax import config as config_lib
 from cae_jax.backbones import efficientnet
 from tests import datasets
@@ -41,7 +41,7 @@ def test_full_size_is_timms_b4():
 
 def test_encoder_input_is_imagenet_normalization():
     pixels = np.random.default_rng(0).integers(0, 256, (2, 5, 5, 3)).astype(np.float32)
-    signed = pixels / 127.5 - 1  # The input pipeline's range.
+    signed = pixels / 127.5 - 1  # The model's target range, from which it normalizes.
     ours = backbones.encoder_input(jnp.asarray(signed), efficientnet)
     expected = (pixels / 255 - np.array(efficientnet.MEAN)) / np.array(efficientnet.STD)
     np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
@@ -173,8 +173,7 @@ def test_tiny_b4_cae_trains_exports_and_predicts(tmp_path):
     config, params, stats, step = checkpoints.restore_inference(workdir)
     assert (config.model.encoder.name, step) == ("efficientnet_b4", 2)
     graphdef, _, _ = models.abstract_model(config.model)
-    images = pixels.normalize(jnp.asarray(face)[None])
-    outputs, _ = models.forward(graphdef, params, stats, images, train=False)
+    outputs, _ = models.forward(graphdef, params, stats, face[None], train=False)
     assert score == pytest.approx(float(jax.nn.sigmoid(outputs["logit"][0])), abs=1e-5)
 
 

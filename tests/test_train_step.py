@@ -23,11 +23,11 @@ def tiny_config(**optim):
 
 
 def face_batch(size=64, n=8):
-    """Crops of a real face photo (skimage's astronaut), labels alternating real/fake."""
-    image = data.astronaut()[30:230, 150:350] / 127.5 - 1.0
-    crops = [transform.resize(np.roll(image, 8 * k, axis=1), (size, size), anti_aliasing=True)
-             for k in range(n)]
-    return {"image": np.stack(crops).astype(np.float32),
+    """uint8 crops of a real face photo (skimage's astronaut), labels alternating real/fake."""
+    image = data.astronaut()[30:230, 150:350]
+    crops = [transform.resize(np.roll(image, 8 * k, axis=1), (size, size), anti_aliasing=True,
+                              preserve_range=True) for k in range(n)]
+    return {"image": np.stack(crops).round().astype(np.uint8),
             "label": (np.arange(n) % 2).astype(np.int32)}
 
 
@@ -101,6 +101,7 @@ def test_non_finite_step_leaves_the_state_unchanged():
     state = train_step.create_train_state(config, abstract)
     before = jax.device_get(state)
     batch = face_batch()
+    batch["image"] = batch["image"].astype(np.float32)  # The model takes [0, 255] floats too.
     batch["image"][0, 0, 0, 0] = np.nan
     state, metrics = train_step.make_train_step(config, abstract)(state, batch)
     assert float(metrics["finite"]) == 0.0
@@ -160,7 +161,7 @@ def test_train_step_lowers_past_two_to_the_31_elements_per_batch_norm_channel():
     batch_size = 2**31 // (64 * 64) + 8
     mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
     abstract = train_step.abstract_state(config, mesh)
-    batch = {"image": jax.ShapeDtypeStruct((batch_size, 64, 64, 3), np.float32),
+    batch = {"image": jax.ShapeDtypeStruct((batch_size, 64, 64, 3), np.uint8),
              "label": jax.ShapeDtypeStruct((batch_size,), np.int32)}
     lowered = train_step.make_train_step(config, abstract).lower(abstract.shapes, batch)
     assert f"tensor<{batch_size}x64x64x8xf32>" in lowered.as_text()

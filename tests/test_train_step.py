@@ -153,6 +153,31 @@ def test_eval_step_with_reconstructions_adds_them_and_changes_nothing_else():
     np.testing.assert_allclose(full["reconstruction"], recon, rtol=1e-5, atol=1e-5)
 
 
+def test_model_takes_uint8_or_float_pixels_and_returns_its_target_in_minus_one_one():
+    graphdef, params, batch_stats = models.split_model(models.build_model(tiny_config().model))
+    run = jax.jit(functools.partial(models.forward, graphdef, train=False))
+    images = face_batch(n=2)["image"]
+    from_uint8, _ = run(params, batch_stats, images)
+    from_float, _ = run(params, batch_stats, images.astype(np.float32))
+    jax.tree.map(np.testing.assert_array_equal, from_uint8, from_float)
+    # To float32 rounding: XLA may divide as a multiply by the reciprocal.
+    np.testing.assert_allclose(from_uint8["target"], (images.astype(np.float64) - 127.5) / 127.5,
+                               rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("on_device", ["on", "off"])
+def test_steps_take_uint8_images_wherever_augmentation_runs(on_device):
+    """The model normalizes its input: train and eval batches hold uint8 images, with the
+    host's augmentation choices where the train step augments on the device."""
+    config = tiny_config()
+    config.input.augment.on_device = on_device
+    mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
+    train, evaluate = (train_step.batch_shapes(config, mesh, 8, train=t) for t in (True, False))
+    assert train["image"].dtype == evaluate["image"].dtype == np.uint8
+    assert any(k.startswith("aug_") for k in train) == (on_device == "on")
+    assert set(evaluate) == {"image", "label"}
+
+
 def test_train_step_lowers_past_two_to_the_31_elements_per_batch_norm_channel():
     """The last decoder BatchNorm sums B * 64 * 64 elements per channel: past 2**31 at this
     global batch (a pod's, e.g. v5p-128 at 1024 per chip for the full-size model). Shapes

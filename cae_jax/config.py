@@ -254,21 +254,6 @@ def _parse_like(old, text: str, key: str):
     return value
 
 
-def latent_size(image_size: int) -> int:
-    """Side of the encoder's output for an input side (299 -> 10): the stem's two valid 3x3
-    convs (the first with stride 2), then four padded stride-2 stages (the entry blocks and
-    the exit block, ceil(side / 2) each). 0 where the stem leaves no rows."""
-    side = (image_size - 3) // 2 + 1 - 2
-    if side < 1:
-        return 0
-    for _ in range(4):
-        side = -(-side // 2)
-    return side
-
-
-MIN_IMAGE_SIZE = next(size for size in range(1, 64) if latent_size(size) >= 1)
-
-
 def _integer(low: int) -> tuple[Callable, str]:
     ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low  # noqa: E731
     return ok, f"an integer >= {low}"
@@ -307,7 +292,7 @@ LAYER_IMPLS = ("auto", "decomposed", "native")  # How `cae_jax/ops` computes (mo
 # fail only later (after compiling, or hours into a run): (dotted key, (check, requirement)).
 RULES: tuple[tuple[str, tuple[Callable, str]], ...] = (
     ("seed", _integer(0)),
-    ("model.image_size", _integer(MIN_IMAGE_SIZE)),
+    ("model.image_size", _integer(1)),  # And the encoder's minimum (`_encoder_problems`).
     ("model.dtype", _one_of("float32", "bfloat16")),
     ("model.bn_momentum", _PROBABILITY),
     ("model.bn_epsilon", _number(0.0, open_low=True)),
@@ -396,6 +381,12 @@ def _encoder_problems(model_config: ConfigDict) -> list[str]:
         elif not ok(model_config.encoder[key]):
             problems.append(f"model.encoder.{key}={model_config.encoder[key]!r} "
                             f"(must be {requirement})")
+    size = model_config.image_size
+    if not problems and _integer(1)[0](size):
+        minimum = backbones.min_image_size(model_config)
+        if size < minimum:
+            problems.append(f"model.image_size={size} (must be an integer >= {minimum} for "
+                            f"{module.NAME}: a smaller input leaves it no latent)")
     return problems
 
 

@@ -31,7 +31,6 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from cae_jax import augment, device_augment, prepared_data, sbi, sharding
-from cae_jax.pixels import normalize
 
 
 def per_host_batch(global_batch: int, process_count: int) -> int:
@@ -239,18 +238,15 @@ def train_dataset(
     )
 
 
-def to_global(batch: dict[str, np.ndarray], mesh: Mesh, normalized: bool = True
-              ) -> dict[str, jax.Array]:
+def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Host-local numpy batch -> global arrays split over the mesh's batch axes.
 
-    Images cross to the device as uint8, a quarter of the bytes of float32, and are
-    normalized there (`normalized=False` leaves them uint8: the train step augments first).
+    Images cross to the device as uint8, a quarter of the bytes of float32: the model
+    normalizes them (`models.CAE`).
     """
     batch_sharding = sharding.batch_sharding(mesh)
-    out = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
-    if normalized:
-        out["image"] = normalize(out["image"])
-    return out
+    return {k: jax.make_array_from_process_local_data(batch_sharding, v)
+            for k, v in batch.items()}
 
 
 def _close_and_drop(holder: list) -> None:
@@ -261,18 +257,17 @@ def _close_and_drop(holder: list) -> None:
 class TrainIterator:
     """Global training batches; `get_state()`/`set_state()` resume exactly.
 
-    Yields dicts of global `jax.Array`s: `image` float32 [B, H, W, 3] in [-1, 1], `label`
-    int32 [B], `dataset_id` int32 [B], B = config.train.batch_size (with on-device
-    augmentation: `image` uint8 and the `aug_*` fields, for the train step). Each host has its own
+    Yields dicts of global `jax.Array`s: `image` uint8 [B, H, W, 3], `label` int32 [B],
+    `dataset_id` int32 [B], B = config.train.batch_size (with on-device augmentation also the
+    `aug_*` fields, for the train step). Each host has its own
     state; `grain.checkpoint.CheckpointSave(iterator)` / `CheckpointRestore(iterator)` store
     it in an Orbax checkpoint (one JSON file per process). Restore into a fresh iterator
     built with the same config and data: the next batch is the one the saved run was due.
     """
 
-    def __init__(self, dataset: grain.IterDataset, mesh: Mesh, normalized: bool = True):
+    def __init__(self, dataset: grain.IterDataset, mesh: Mesh):
         self._holder = [iter(dataset)]
         self._mesh = mesh
-        self._normalized = normalized
         # Closes and drops the grain iterator at exit too, while the interpreter is whole
         # (grain's own cleanup fails once modules are being torn down).
         self._close = weakref.finalize(self, _close_and_drop, self._holder)
@@ -287,7 +282,7 @@ class TrainIterator:
         return self
 
     def __next__(self) -> dict[str, jax.Array]:
-        return to_global(next(self._iterator), self._mesh, self._normalized)
+        return to_global(next(self._iterator), self._mesh)
 
     def get_state(self) -> bytes:
         """This host's position as JSON bytes (the `grain.DataLoaderIterator` convention)."""
@@ -320,5 +315,4 @@ def make_train_iterator(
     platform = sharding.platform(mesh)
     dataset = train_dataset(config, data_dirs, process_index=process_index,
                             process_count=process_count, platform=platform)
-    on_device = augment.on_device(config.input.augment, platform)
-    return TrainIterator(dataset, mesh, normalized=not on_device)
+    return TrainIterator(dataset, mesh)

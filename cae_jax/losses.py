@@ -2,8 +2,8 @@
 term a mean over the batch and each reported.
 
 `TERMS` maps each name to its function of the model's outputs (`CAE.__call__`: logit,
-reconstruction, latent), the input images in [-1, 1] (the reconstruction target: the
-normalized input, whatever the encoder's own normalization) and the labels. A new term is one
+reconstruction, target, latent; the target is the model's input in [-1, 1], whatever the
+encoder's own normalization) and the labels. A new term is one
 function here, one entry in `TERMS` and its `loss.<name>_weight` in config.py. A term whose
 weight is 0 is not computed, except the CAE's own two (bce, recon), which are always reported.
 """
@@ -22,9 +22,9 @@ ALWAYS_REPORTED = ("bce", "recon")
 SSIM_WINDOW, SSIM_SIGMA, SSIM_C1, SSIM_C2 = 11, 1.5, 0.01**2, 0.03**2
 
 
-def reconstruction_error(recon: jax.Array, images: jax.Array, kind: str) -> jax.Array:
+def reconstruction_error(recon: jax.Array, target: jax.Array, kind: str) -> jax.Array:
     """Per-example mean squared ("mse") or absolute ("l1") pixel error, shape [N]."""
-    diff = recon.astype(jnp.float32) - images.astype(jnp.float32)
+    diff = recon.astype(jnp.float32) - target.astype(jnp.float32)
     if kind == "mse":
         per_pixel = jnp.square(diff)
     else:  # "l1"; config.RULES admits no other.
@@ -70,33 +70,30 @@ def _batch_mean(per_example: jax.Array, labels: jax.Array, loss_config: ConfigDi
     return jnp.sum(per_example * real) / jnp.maximum(jnp.sum(real), 1.0)
 
 
-def bce(outputs: dict, images: jax.Array, labels: jax.Array, loss_config: ConfigDict
-        ) -> jax.Array:
-    del images, loss_config
+def bce(outputs: dict, labels: jax.Array, loss_config: ConfigDict) -> jax.Array:
+    del loss_config
     return jnp.mean(optax.sigmoid_binary_cross_entropy(outputs["logit"],
                                                        labels.astype(jnp.float32)))
 
 
-def recon(outputs: dict, images: jax.Array, labels: jax.Array, loss_config: ConfigDict
-          ) -> jax.Array:
+def recon(outputs: dict, labels: jax.Array, loss_config: ConfigDict) -> jax.Array:
     """Pixel reconstruction error (`loss.recon`), real faces only with `recon_real_only`."""
-    error = reconstruction_error(outputs["reconstruction"], images, loss_config.recon)
+    error = reconstruction_error(outputs["reconstruction"], outputs["target"], loss_config.recon)
     return _batch_mean(error, labels, loss_config)
 
 
-def ssim_term(outputs: dict, images: jax.Array, labels: jax.Array, loss_config: ConfigDict
-              ) -> jax.Array:
+def ssim_term(outputs: dict, labels: jax.Array, loss_config: ConfigDict) -> jax.Array:
     """1 - SSIM of the reconstruction, averaged as the pixel reconstruction term."""
-    return _batch_mean(1.0 - ssim(outputs["reconstruction"], images), labels, loss_config)
+    return _batch_mean(1.0 - ssim(outputs["reconstruction"], outputs["target"]), labels,
+                       loss_config)
 
 
-Term = Callable[[dict, jax.Array, jax.Array, ConfigDict], jax.Array]
+Term = Callable[[dict, jax.Array, ConfigDict], jax.Array]
 TERMS: dict[str, Term] = {"bce": bce, "recon": recon, "ssim": ssim_term}
 
 
 def joint_loss(
     outputs: dict[str, jax.Array],
-    images: jax.Array,
     labels: jax.Array,
     loss_config: ConfigDict,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -107,6 +104,6 @@ def joint_loss(
         weight = loss_config[f"{name}_weight"]
         if weight == 0 and name not in ALWAYS_REPORTED:
             continue
-        terms[name] = term(outputs, images, labels, loss_config)
+        terms[name] = term(outputs, labels, loss_config)
         total = total + weight * terms[name]
     return total, {**terms, "loss": total}

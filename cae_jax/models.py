@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from cae_jax import backbones, ops
+from cae_jax import backbones, ops, pixels
 from cae_jax.layers import CONV_INIT, Layers
 
 
@@ -131,20 +131,24 @@ class CAE(nnx.Module):
                                      rngs=rngs)
 
     def __call__(
-        self, x: jax.Array, *, train: bool, dropout_key: jax.Array | None = None
+        self, images: jax.Array, *, train: bool, dropout_key: jax.Array | None = None
     ) -> dict[str, jax.Array]:
-        """x: float [N, H, W, 3] in [-1, 1] -> {"logit" [N], "reconstruction" [N, H, W, 3],
-        "latent" (the encoder's feature map)}: a mapping, so a loss on any of them
+        """images: uint8 (or float) [N, H, W, 3] pixel values in [0, 255] -> {"logit" [N],
+        "reconstruction" [N, H, W, 3], "target" (what the decoder reconstructs: the images in
+        [-1, 1]), "latent" (the encoder's feature map)}: a mapping, so a loss on any of them
         (`losses.TERMS`) needs no other change.
 
-        The encoder sees x in its own normalization (`backbones.encoder_input`); the decoder
-        reconstructs x itself."""
+        The model owns its input's normalization: the encoder sees the images in its own
+        (`backbones.encoder_input`), the decoder reconstructs them in [-1, 1]
+        (`pixels.normalize`), whatever the encoder."""
+        target = pixels.normalize(images)
         encoder_key = (None if dropout_key is None
                        else jax.random.fold_in(dropout_key, ENCODER_STREAM))
-        z = self.encoder(backbones.encoder_input(x, backbones.BACKBONES[self.backbone]),
+        z = self.encoder(backbones.encoder_input(target, backbones.BACKBONES[self.backbone]),
                          train=train, dropout_key=encoder_key)
         logit = self.classifier(z, train=train, dropout_key=dropout_key)
-        return {"logit": logit, "reconstruction": self.decoder(z, train=train), "latent": z}
+        return {"logit": logit, "reconstruction": self.decoder(z, train=train),
+                "target": target, "latent": z}
 
 
 def build_model(model_config: ConfigDict, seed: int = 0, bn_groups: int = 1) -> CAE:
@@ -167,7 +171,8 @@ def abstract_model(model_config: ConfigDict, bn_groups: int = 1
 def forward(graphdef: nnx.GraphDef, params: nnx.State, batch_stats: nnx.State,
             images: jax.Array, *, train: bool, dropout_key: jax.Array | None = None
             ) -> tuple[dict[str, jax.Array], nnx.State]:
-    """Runs the model from its arrays: (`CAE.__call__`'s outputs, updated batch_stats)."""
+    """Runs the model from its arrays on uint8 (or [0, 255] float) images:
+    (`CAE.__call__`'s outputs, updated batch_stats)."""
     model = nnx.merge(graphdef, params, batch_stats, copy=True)
     outputs = model(images, train=train, dropout_key=dropout_key)
     return outputs, nnx.state(model, nnx.BatchStat)

@@ -1,7 +1,7 @@
 """The model's pixel convention, both ways: uint8 [0, 255] in, float [-1, 1] out and back.
 
-Xception expects inputs in [-1, 1]; the decoder's reconstructions come out in the same range
-and go back to uint8 to be shown beside the inputs.
+`models.CAE` normalizes its uint8 input to [-1, 1], the range its decoder reconstructs (and
+Xception's own input); reconstructions go back to uint8 to be shown beside the inputs.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from cae_jax import config as config_lib
-from cae_jax import flat_state, models, pixels
+from cae_jax import flat_state, models
 from cae_jax.ops import cpu_serving
 
 MODEL_JSON = "model.json"
@@ -44,17 +44,16 @@ def serving_fns(graphdef: nnx.GraphDef) -> dict[str, Callable]:
 
     def run(weights: Weights, images: jax.Array):
         params, batch_stats = weights
-        x = pixels.normalize(images)
-        outputs, _ = models.forward(graphdef, params, batch_stats, x, train=False)
+        outputs, _ = models.forward(graphdef, params, batch_stats, images, train=False)
         return (jax.nn.sigmoid(outputs["logit"].astype(jnp.float32)),
-                outputs["reconstruction"].astype(jnp.float32), x)
+                outputs["reconstruction"].astype(jnp.float32), outputs["target"])
 
     def classify(weights: Weights, images: jax.Array) -> dict[str, jax.Array]:
         return {"probability": run(weights, images)[0]}
 
     def reconstruct(weights: Weights, images: jax.Array) -> dict[str, jax.Array]:
-        prob, recon, x = run(weights, images)
-        error = jnp.mean(jnp.abs(recon - x), axis=-1)
+        prob, recon, target = run(weights, images)
+        error = jnp.mean(jnp.abs(recon - target), axis=-1)
         return {"probability": prob, "reconstruction": recon, "error_map": error}
 
     return {"classify": classify, "reconstruct": reconstruct}

@@ -126,9 +126,9 @@ def on_host(step_metrics: list[dict[str, Any]]) -> list[dict[str, float]]:
 
 
 def recon_grid(images: np.ndarray, recons: np.ndarray) -> np.ndarray:
-    """Inputs (top row) over reconstructions (bottom row) as one uint8 image."""
-    return np.concatenate([np.concatenate(list(pixels.to_uint8(x)), axis=1)
-                           for x in (images, recons)], axis=0)
+    """uint8 inputs (top row) over their reconstructions (bottom row) as one uint8 image."""
+    return np.concatenate([np.concatenate(list(x), axis=1)
+                           for x in (images, pixels.to_uint8(recons))], axis=0)
 
 
 def validate(config, eval_step, state, mesh, logger, step) -> dict[str, float]:

@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
-from cae_jax import augment, device_augment, losses, models, pixels, sharding
+from cae_jax import augment, device_augment, losses, models, sharding
 
 
 @flax.struct.dataclass
@@ -138,12 +138,12 @@ def build_program(config: ConfigDict, devices: Sequence[jax.Device]) -> Program:
 
 def batch_shapes(config: ConfigDict, mesh: Mesh, batch_size: int, *, train: bool = True
                  ) -> dict[str, jax.ShapeDtypeStruct]:
-    """The global batch the input pipeline feeds a step, as sharded shapes: uint8 images with
-    the `aug_*` fields where the train step augments on the device, else normalized floats;
-    training batches also say which dataset each example came from (unused by the step)."""
+    """The global batch the input pipeline feeds a step, as sharded shapes: uint8 images, with
+    the `aug_*` fields where the train step augments on the device; training batches also say
+    which dataset each example came from (unused by the step)."""
     size, shard = config.model.image_size, sharding.batch_sharding(mesh)
     on_device = train and augment.on_device(config.input.augment, sharding.platform(mesh))
-    fields = {"image": ((batch_size, size, size, 3), jnp.uint8 if on_device else jnp.float32),
+    fields = {"image": ((batch_size, size, size, 3), jnp.uint8),
               "label": ((batch_size,), jnp.int32)}
     if train:
         fields["dataset_id"] = ((batch_size,), jnp.int32)
@@ -169,9 +169,9 @@ def lower_steps(config: ConfigDict, program: Program, steps: Sequence[str] = ("t
 def make_train_step(config: ConfigDict, abstract: AbstractState) -> Callable:
     """`train_step(state, batch) -> (state, metrics)`, jitted with donated state.
 
-    `batch` holds "image" (float [B, H, W, 3] in [-1, 1]) and "label" (int [B]); with
-    `input.augment.on_device`, "image" is uint8 and the `aug_*` fields of the input pipeline
-    are augmented and normalized here, on the device. A step whose
+    `batch` holds "image" (uint8 [B, H, W, 3], which the model normalizes) and "label" (int
+    [B]); with `input.augment.on_device` also the `aug_*` fields of the input pipeline, and the
+    images are augmented here, on the device, before the model. A step whose
     loss or gradient norm is not finite leaves parameters, statistics and optimizer untouched
     (`metrics["finite"]` is 0): the trainer then stops or goes on, per `train.nan_policy`.
     """
@@ -187,13 +187,13 @@ def make_train_step(config: ConfigDict, abstract: AbstractState) -> Callable:
         images = batch["image"]
         if on_device:
             max_kernel = augment_config.blur_kernel[1]
-            images = pixels.normalize(device_augment.augment_batch(batch, max_kernel))
+            images = device_augment.augment_batch(batch, max_kernel)
 
         def loss_fn(params, batch_stats):
             outputs, new_stats = models.forward(
                 graphdef, params, batch_stats, images, train=True, dropout_key=dropout_key,
             )
-            loss, terms = losses.joint_loss(outputs, images, batch["label"], config.loss)
+            loss, terms = losses.joint_loss(outputs, batch["label"], config.loss)
             return loss, (terms, new_stats)
 
         (loss, (terms, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -243,7 +243,8 @@ def make_eval_step(
         outputs = {
             "logit": logits,
             "prob": jax.nn.sigmoid(logits),
-            "recon_error": losses.reconstruction_error(recon, batch["image"], config.loss.recon),
+            "recon_error": losses.reconstruction_error(recon, model_outputs["target"],
+                                                       config.loss.recon),
         }
         if with_reconstructions:
             outputs["reconstruction"] = recon

@@ -1,5 +1,6 @@
 """`cae-jax bench --smoke`: one tiny iteration of every benchmark (no timing asserted)."""
 
+import importlib.util
 import json
 import os
 import time
@@ -15,6 +16,9 @@ ROWS = [
     "train step, batch 8",
     "train step compile",
     "train step GFLOP/s (share of matmul peak)",
+    "train step, batch 8, EfficientNet-B4",
+    "train step compile, EfficientNet-B4",
+    "train step GFLOP/s (share of matmul peak), EfficientNet-B4",
     "inference, batch 1",
     "inference compile, batch 1",
     "inference, batch 4",
@@ -51,6 +55,9 @@ def test_smoke_runs_every_benchmark_and_writes_json_and_table(smoke):
                    for t in ("forward_s", "gradient_s"))
         assert f"| {r['layer']} |" in table
     assert results["train"]["cae_jax"]["gflop"] > 0
+    b4 = results["train_efficientnet_b4"]  # Beside timm's B4 in PyTorch where torch is.
+    assert b4["cae_jax"]["gflop"] > 0
+    assert (b4["torch"] is None) == (importlib.util.find_spec("torch") is None)
     assert results["input_pipeline"]["tf.data"]["images_per_s_per_core"] > 0
     cost = results["host_cost"]
     assert cost["images_per_s"] == 2000.0  # No accelerator train-step rate on CPU.
@@ -121,11 +128,13 @@ def test_host_cores_scale_with_the_rate():
     assert input_rows.host_cores(0.005, 10_000) == pytest.approx(50.0)
 
 
-def test_torch_peer_runs_a_train_step_and_inference():
+@pytest.mark.parametrize("config_file", ["", "configs/ffpp_c23_effb4.py"])
+def test_torch_peer_runs_a_train_step_and_inference(config_file):
     """Where torch is installed (the test extra has it): the peer rows execute (full widths,
-    small input)."""
+    small input), on Xception and on EfficientNet-B4."""
     pytest.importorskip("torch")
-    config = config_lib.default_config()
+    config = (config_lib.load_config(config_file) if config_file
+              else config_lib.default_config())
     config.model.image_size = 64
     config.train.batch_size = 2
     assert model_rows.torch_reason(config) == ""

@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import save_file
 
-from cae_jax import flat_state, metrics, models, pixels, scoring, serving
+from cae_jax import flat_state, metrics, models, scoring, serving
 from cae_jax import main as cli
 from cae_jax.backbones import xception
 from data_prep import faces
@@ -63,7 +63,7 @@ def detector_arrays(model_config, seed: int, crops: np.ndarray | None = None):
     if crops is not None:
         model = nnx.merge(graphdef, flat_state.unflatten(params, flat_p),
                           flat_state.unflatten(stats, flat_s))
-        logits = np.asarray(model(pixels.normalize(crops), train=False)["logit"])
+        logits = np.asarray(model(crops, train=False)["logit"])
         head, bias = head / logits.std(), (bias - [0, logits.mean()]) / logits.std()
         flat_p["classifier.out.kernel"] = (head[1] - head[0])[:, None].astype(np.float32)
         flat_p["classifier.out.bias"] = np.array([bias[1] - bias[0]], np.float32)

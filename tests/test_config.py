@@ -54,7 +54,9 @@ def test_bad_overrides_are_named(item, error, named):
     ("--config.loss.recon=l2", r"loss\.recon='l2' "),
     ("--config.model.decoder.output_activation=relu", r"output_activation='relu' "),
     ("--config.model.pool_padding=valid", r"model\.pool_padding='valid' "),
-    ("--config.model.image_size=2", r"model\.image_size=2 \(must be an integer >= 7\)"),
+    ("--config.model.image_size=2", r"model\.image_size=2 \(must be an integer >= 7 for "
+                                    r"xception: a smaller input leaves it no latent\)"),
+    ("--config.model.image_size=0", r"model\.image_size=0 \(must be an integer >= 1\)$"),
 ])
 def test_values_no_run_can_use_are_refused_at_load_naming_the_field(item, named):
     with pytest.raises(ValueError, match=named):
@@ -145,20 +147,34 @@ def test_readme_documents_every_config_field():
     assert not missing
 
 
-@pytest.mark.parametrize("pool_padding", ["torch", "same"])
-def test_latent_size_is_the_encoders_output_and_the_smallest_image_size_runs(pool_padding):
+@pytest.mark.parametrize("config_file, overrides, sizes, minimum", [
+    ("configs/tiny.py", ["--config.model.pool_padding=torch"], (5, 6, 7, 8, 9, 13, 64, 299), 7),
+    ("configs/tiny.py", ["--config.model.pool_padding=same"], (6, 7, 8, 9, 13, 64, 299), 7),
+    ("configs/tiny_effb4.py", [], (1, 2, 3, 31, 32, 33, 64, 380), 1),
+    # B4's own widths and depths at DeepfakeBench's 256 and the paper's 299.
+    ("configs/tiny_effb4.py", ["--config.model.encoder.width_multiplier=1.4",
+                               "--config.model.encoder.depth_multiplier=1.8"], (256, 299), 1),
+])
+def test_latent_size_is_the_encoders_output_and_the_smallest_image_size_runs(
+        config_file, overrides, sizes, minimum):
     import jax
     import jax.numpy as jnp
 
-    from cae_jax import models
+    from cae_jax import backbones, models
 
-    config = config_lib.load_config("configs/tiny.py")
-    config.model.pool_padding = pool_padding
-    for size in (5, 6, 7, 8, 9, 13, 64, 299):
+    config = config_lib.load_config(config_file, overrides)
+    module = backbones.backbone(config.model)
+    for size in sizes:
         config.model.image_size = size
         encoder = models.build_model(config.model).encoder
         shape = jax.eval_shape(lambda x, encoder=encoder: encoder(x, train=False),
                                jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)).shape
-        assert shape[1:3] == (config_lib.latent_size(size),) * 2, size
-    assert config_lib.latent_size(config_lib.MIN_IMAGE_SIZE - 1) == 0
-    assert config_lib.latent_size(config_lib.MIN_IMAGE_SIZE) == 1
+        assert shape[1:3] == (module.latent_size(config.model.encoder, size),) * 2, size
+    assert backbones.min_image_size(config.model) == minimum
+    assert module.latent_size(config.model.encoder, minimum) == 1
+    assert minimum == 1 or module.latent_size(config.model.encoder, minimum - 1) == 0
+    if minimum > 1:  # Refused in one line naming the field, the minimum and the encoder.
+        with pytest.raises(ValueError, match=rf"^invalid config: model\.image_size={minimum - 1} "
+                           rf"\(must be an integer >= {minimum} for {module.NAME}: "):
+            config_lib.load_config(config_file, [*overrides,
+                                                 f"--config.model.image_size={minimum - 1}"])

@@ -108,15 +108,15 @@ def deepfakebench_detector(torch):
     return XceptionDetector().eval()
 
 
-def faces_in_unit_range() -> np.ndarray:
-    """Four distinct natural images (scikit-image's), 256x256, in [-1, 1] as their loader
-    normalizes (mean 0.5, std 0.5): unlike noise, they give well-separated features."""
+def faces() -> np.ndarray:
+    """Four distinct natural images (scikit-image's), uint8 256x256: unlike noise, they give
+    well-separated features."""
     import cv2
     from skimage import data
 
     photos = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
     resized = [cv2.resize(p, (SIDE, SIDE), interpolation=cv2.INTER_AREA) for p in photos]
-    return (np.stack(resized).astype(np.float32) / 255 - 0.5) / 0.5
+    return np.stack(resized)
 
 
 def test_detector_import_gives_their_probabilities(tmp_path):
@@ -125,8 +125,9 @@ def test_detector_import_gives_their_probabilities(tmp_path):
     torch.manual_seed(0)
     model = deepfakebench_detector(torch)
     randomize_batch_norm(model, generator)
-    images = faces_in_unit_range()
-    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    images = faces()
+    # In [-1, 1] as their loader normalizes (mean 0.5, std 0.5).
+    x = torch.from_numpy((images.astype(np.float32) / 255 - 0.5) / 0.5).permute(0, 3, 1, 2)
     with torch.inference_mode():  # A head that spreads these faces' probabilities over (0, 1).
         pooled = model.pooled(x)
         w = torch.randn(2, 2048, generator=generator)
@@ -164,7 +165,7 @@ def test_detector_import_gives_their_probabilities(tmp_path):
     labels = [1, 0, 0, 1]
     data = tmp_path / "Celeb-DF-v2"
     writer.write_dataset(data, "deepfakebench", {"test": [
-        {"image": np.round((im + 1) * 127.5).astype(np.uint8), "label": label,
+        {"image": im, "label": label,
          "dataset": "deepfakebench", "method": "CelebDFv2_fake" if label else "CelebDFv2_real",
          "compression": "c23", "video_id": f"v{i}", "frame_index": 0,
          "face_box": np.zeros(4, np.float32), "fps": 0.0}

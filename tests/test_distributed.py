@@ -147,7 +147,7 @@ def tiny_config():
 def global_batch(step: int) -> dict[str, np.ndarray]:
     """The same global batch in every process, a different one at each step."""
     rng = np.random.default_rng(step)
-    images = rng.uniform(-1, 1, (GLOBAL_BATCH, 32, 32, 3)).astype(np.float32)
+    images = rng.integers(0, 256, (GLOBAL_BATCH, 32, 32, 3), dtype=np.uint8)
     return {"image": images, "label": np.arange(GLOBAL_BATCH, dtype=np.int32) % 2}
 
 

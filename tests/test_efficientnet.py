@@ -1,8 +1,8 @@
 """EfficientNet-B4 as the CAE's encoder: timm's layout, timm's weights with parity, and the
 import recording its backbone.
 
-The reference is `tests/torch_efficientnet.py`, timm's `efficientnet_b4` written in plain torch
-(timm needs torchvision, which does not load beside the pinned CPU torch).
+The reference is `cae_jax/bench/torch_efficientnet.py`, timm's `efficientnet_b4` written in
+plain torch (timm needs torchvision, which does not load beside the pinned CPU torch).
 """
 
 import json
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cae_jax import backbones, checkpoints, main, models, pixels, sharding, train_step, weights
+from cae_jax import backbones, checkpoints, main, models, sharding, train_step, weights
 from cae_jax import config as config_lib
 from cae_jax.backbones import efficientnet
 from tests import datasets
@@ -41,7 +41,7 @@ def test_full_size_is_timms_b4():
 
 def test_encoder_input_is_imagenet_normalization():
     pixels = np.random.default_rng(0).integers(0, 256, (2, 5, 5, 3)).astype(np.float32)
-    signed = pixels / 127.5 - 1  # The input pipeline's range.
+    signed = pixels / 127.5 - 1  # The model's target range, from which it normalizes.
     ours = backbones.encoder_input(jnp.asarray(signed), efficientnet)
     expected = (pixels / 255 - np.array(efficientnet.MEAN)) / np.array(efficientnet.STD)
     np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
@@ -74,7 +74,7 @@ def timm_weights(tmp_path, channel_multiplier, depth_multiplier):
     torch = pytest.importorskip("torch")
     import safetensors.torch as safetensors_torch
 
-    from tests.torch_efficientnet import EfficientNet
+    from cae_jax.bench.torch_efficientnet import EfficientNet
     from tests.torch_helpers import randomize_batch_norm
 
     torch.manual_seed(0)
@@ -173,17 +173,22 @@ def test_tiny_b4_cae_trains_exports_and_predicts(tmp_path):
     config, params, stats, step = checkpoints.restore_inference(workdir)
     assert (config.model.encoder.name, step) == ("efficientnet_b4", 2)
     graphdef, _, _ = models.abstract_model(config.model)
-    images = pixels.normalize(jnp.asarray(face)[None])
-    outputs, _ = models.forward(graphdef, params, stats, images, train=False)
+    outputs, _ = models.forward(graphdef, params, stats, face[None], train=False)
     assert score == pytest.approx(float(jax.nn.sigmoid(outputs["logit"][0])), abs=1e-5)
 
 
-def test_b4_config_has_no_xception_torch_peer():
+def test_b4_config_has_a_torch_peer_around_timms_b4():
     pytest.importorskip("torch")
     from cae_jax.bench import torch_peer
+    from cae_jax.bench.torch_efficientnet import EfficientNet
 
-    assert torch_peer.unsupported_reason(config_lib.load_config(TINY).model) == (
-        "the peer's encoder is legacy_xception; encoder.name=efficientnet_b4")
+    config = config_lib.load_config(TINY)
+    assert torch_peer.unsupported_reason(config.model) == ""
+    peer = torch_peer.TorchCAE(config.model)
+    ours = models.build_model(config.model).encoder
+    assert isinstance(peer.encoder, EfficientNet) and peer.encoder.features == ours.features
+    assert sum(p.numel() for p in peer.encoder.parameters()) == sum(
+        x.size for x in jax.tree.leaves(nnx.state(ours, nnx.Param)))
 
 
 def test_saved_b4_config_reads_back_with_its_own_encoder_defaults():

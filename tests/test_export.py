@@ -64,13 +64,13 @@ def face_batch(n: int, seed: int) -> np.ndarray:
 
 @functools.partial(jax.jit, static_argnums=0)
 def model_outputs(graphdef, params, batch_stats, images) -> dict[str, jax.Array]:
-    """The JAX model itself: uint8 -> normalize -> CAE(train=False) -> sigmoid (one program:
-    run op by op, each new batch size took seconds of compiling single ops)."""
-    x = pixels.normalize(images)
-    outputs, _ = models.forward(graphdef, params, batch_stats, x, train=False)
+    """The JAX model itself: uint8 -> CAE(train=False) -> sigmoid, the error map against the
+    images in [-1, 1] (one program: run op by op, each new batch size took seconds of
+    compiling single ops)."""
+    outputs, _ = models.forward(graphdef, params, batch_stats, images, train=False)
     logits, recon = outputs["logit"], outputs["reconstruction"]
     return {"logits": logits, "probability": jax.nn.sigmoid(logits), "reconstruction": recon,
-            "error_map": jnp.mean(jnp.abs(recon - x), axis=-1)}
+            "error_map": jnp.mean(jnp.abs(recon - pixels.normalize(images)), axis=-1)}
 
 
 def reference(graphdef, params, batch_stats, images: np.ndarray) -> dict[str, np.ndarray]:

@@ -48,13 +48,12 @@ def traced_programs(config) -> dict:
     mesh = sharding.make_mesh(-1, 1)
     size = config.model.image_size
     state = jax.eval_shape(lambda: train_step.init_state(config))
-    batch = {"image": jax.ShapeDtypeStruct((BATCH, size, size, 3), jnp.float32),
+    batch = {"image": jax.ShapeDtypeStruct((BATCH, size, size, 3), jnp.uint8),
              "label": jax.ShapeDtypeStruct((BATCH,), jnp.int32)}
     train_config = config.copy_and_resolve_references()
     train_config.input.augment.on_device = "on"
-    train_batch = {**batch, "image": jax.ShapeDtypeStruct((BATCH, size, size, 3), jnp.uint8),
-                   **{f"aug_{name}": jax.ShapeDtypeStruct((BATCH,), dtype)
-                      for name, dtype in device_augment.PARAM_DTYPES.items()}}
+    train_batch = {**batch, **{f"aug_{name}": jax.ShapeDtypeStruct((BATCH,), dtype)
+                               for name, dtype in device_augment.PARAM_DTYPES.items()}}
     graphdef, params, batch_stats = models.abstract_model(config.model)
     params = jax.eval_shape(
         lambda p: export.cast_for_export(config.model, p, config.model.dtype)[1], params)
@@ -182,7 +181,7 @@ def test_a_bundle_newer_than_this_reader_is_refused_by_name(tmp_path):
 def test_native_layer_forms_train_export_and_serve_end_to_end(tmp_path):
     """What a GPU/TPU user runs (layer_impl "native"), exercised on the CPU: training steps,
     a bundle from the checkpoint, and its scores equal to the trained model's own forward."""
-    from cae_jax import checkpoints, pixels, train
+    from cae_jax import checkpoints, train
     from tests import datasets
 
     data = datasets.write(tmp_path / "toy", {"train": (8, 8), "validation": (4, 4)})
@@ -199,7 +198,7 @@ def test_native_layer_forms_train_export_and_serve_end_to_end(tmp_path):
     images = np.stack([datasets.face_crop(i) for i in range(4)])
     graphdef, _, _ = models.abstract_model(restored.model)
     logits = jax.jit(lambda p, s, x: models.forward(graphdef, p, s, x, train=False)[0]["logit"])(
-        params, batch_stats, pixels.normalize(jnp.asarray(images)))
+        params, batch_stats, images)
     classify = jax.export.deserialize((bundle / "classify.jax").read_bytes())
     np.testing.assert_allclose(classify.call(images)["probability"], jax.nn.sigmoid(logits),
                                rtol=1e-5, atol=1e-6)

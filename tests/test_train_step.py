@@ -23,11 +23,11 @@ def tiny_config(**optim):
 
 
 def face_batch(size=64, n=8):
-    """Crops of a real face photo (skimage's astronaut), labels alternating real/fake."""
-    image = data.astronaut()[30:230, 150:350] / 127.5 - 1.0
-    crops = [transform.resize(np.roll(image, 8 * k, axis=1), (size, size), anti_aliasing=True)
-             for k in range(n)]
-    return {"image": np.stack(crops).astype(np.float32),
+    """uint8 crops of a real face photo (skimage's astronaut), labels alternating real/fake."""
+    image = data.astronaut()[30:230, 150:350]
+    crops = [transform.resize(np.roll(image, 8 * k, axis=1), (size, size), anti_aliasing=True,
+                              preserve_range=True) for k in range(n)]
+    return {"image": np.stack(crops).round().astype(np.uint8),
             "label": (np.arange(n) % 2).astype(np.int32)}
 
 
@@ -101,6 +101,7 @@ def test_non_finite_step_leaves_the_state_unchanged():
     state = train_step.create_train_state(config, abstract)
     before = jax.device_get(state)
     batch = face_batch()
+    batch["image"] = batch["image"].astype(np.float32)  # The model takes [0, 255] floats too.
     batch["image"][0, 0, 0, 0] = np.nan
     state, metrics = train_step.make_train_step(config, abstract)(state, batch)
     assert float(metrics["finite"]) == 0.0
@@ -152,6 +153,33 @@ def test_eval_step_with_reconstructions_adds_them_and_changes_nothing_else():
     np.testing.assert_allclose(full["reconstruction"], recon, rtol=1e-5, atol=1e-5)
 
 
+def test_model_takes_uint8_or_float_pixels_and_returns_its_target_in_minus_one_one():
+    graphdef, params, batch_stats = models.split_model(models.build_model(tiny_config().model))
+    run = jax.jit(functools.partial(models.forward, graphdef, train=False))
+    images = face_batch(n=2)["image"]
+    from_uint8, _ = run(params, batch_stats, images)
+    from_float, _ = run(params, batch_stats, images.astype(np.float32))
+    # Equal to float32 rounding: XLA fuses the conversion and division (which it may turn into
+    # a multiply by the reciprocal) into the first layer per input dtype.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4),
+                 from_uint8, from_float)
+    np.testing.assert_allclose(from_uint8["target"], (images.astype(np.float64) - 127.5) / 127.5,
+                               rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("on_device", ["on", "off"])
+def test_steps_take_uint8_images_wherever_augmentation_runs(on_device):
+    """The model normalizes its input: train and eval batches hold uint8 images, with the
+    host's augmentation choices where the train step augments on the device."""
+    config = tiny_config()
+    config.input.augment.on_device = on_device
+    mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
+    train, evaluate = (train_step.batch_shapes(config, mesh, 8, train=t) for t in (True, False))
+    assert train["image"].dtype == evaluate["image"].dtype == np.uint8
+    assert any(k.startswith("aug_") for k in train) == (on_device == "on")
+    assert set(evaluate) == {"image", "label"}
+
+
 def test_train_step_lowers_past_two_to_the_31_elements_per_batch_norm_channel():
     """The last decoder BatchNorm sums B * 64 * 64 elements per channel: past 2**31 at this
     global batch (a pod's, e.g. v5p-128 at 1024 per chip for the full-size model). Shapes
@@ -160,7 +188,7 @@ def test_train_step_lowers_past_two_to_the_31_elements_per_batch_norm_channel():
     batch_size = 2**31 // (64 * 64) + 8
     mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
     abstract = train_step.abstract_state(config, mesh)
-    batch = {"image": jax.ShapeDtypeStruct((batch_size, 64, 64, 3), np.float32),
+    batch = {"image": jax.ShapeDtypeStruct((batch_size, 64, 64, 3), np.uint8),
              "label": jax.ShapeDtypeStruct((batch_size,), np.int32)}
     lowered = train_step.make_train_step(config, abstract).lower(abstract.shapes, batch)
     assert f"tensor<{batch_size}x64x64x8xf32>" in lowered.as_text()

@@ -53,7 +53,7 @@ def test_full_size_parameter_count_and_shapes():
     # Classifier: Dense 2048 -> 256 and 256 -> 1, with biases.
     assert count(params["classifier"]) == 2048 * 256 + 256 + 256 + 1 == 524_801
     assert "classifier" not in stats
-    images = jax.ShapeDtypeStruct((2, 299, 299, 3), np.float32)
+    images = jax.ShapeDtypeStruct((2, 299, 299, 3), np.uint8)
     outputs, _ = jax.eval_shape(
         lambda p, s, x: models.forward(graphdef, p, s, x, train=False), params, stats, images
     )

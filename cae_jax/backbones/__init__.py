@@ -2,7 +2,9 @@
 
 Each backbone is one module that declares, once: `NAME`; `encoder_config()` (its
 `model.encoder` defaults); `RULES` (checks of those fields, as `config.RULES`); `MEAN`/`STD`
-(the input normalization its weights expect, on [0, 1] pixels); `TIMM_ARCH` (the timm model
+(the input normalization its weights expect, on [0, 1] pixels); `latent_size(encoder,
+image_size)` (the side of its feature map for an input side: its stem and stride arithmetic,
+0 where nothing is left); `TIMM_ARCH` (the timm model
 whose state dict `import-weights --format timm` reads) and `TIMM_CONVENTIONS` (the model
 fields those weights need); and `build(model_config, layers=,
 rngs=)`, an nnx.Module with `features` (the latent's width) and `stride` (its downsampling)
@@ -12,6 +14,7 @@ A new backbone is one such module and one line in `BACKBONES`.
 
 from __future__ import annotations
 
+import itertools
 from types import ModuleType
 
 import jax
@@ -38,6 +41,13 @@ def backbone(model_config: ConfigDict) -> ModuleType:
     if name not in BACKBONES:
         raise ValueError(f"model.encoder.name={name!r} is not one of {', '.join(BACKBONES)}")
     return BACKBONES[name]
+
+
+def min_image_size(model_config: ConfigDict) -> int:
+    """The smallest input side the config's encoder maps to a feature map (1x1 or more)."""
+    module = backbone(model_config)
+    return next(size for size in itertools.count(1)
+                if module.latent_size(model_config.encoder, size) >= 1)
 
 
 def encoder_input(images: jax.Array, module: ModuleType) -> jax.Array:

@@ -45,6 +45,8 @@ STAGES = (
 SE_RATIO = 0.25
 STEM_FEATURES = 32
 HEAD_FEATURES = 1280
+# The stem and each stage's first block halve the side where their stride is 2.
+STRIDE = 2 * 2 ** sum(stride == 2 for *_, stride, _, _ in STAGES)
 
 
 def encoder_config() -> ConfigDict:
@@ -65,6 +67,13 @@ RULES = (
     ("depth_multiplier", config_lib._number(0.0, open_low=True)),
     ("drop_path_rate", config_lib._number(0.0, 1.0, open_high=True)),
 )
+
+
+def latent_size(encoder: ConfigDict, image_size: int) -> int:
+    """Side of the encoder's output for an input side (380 -> 12, 299 -> 10, 256 -> 8): each
+    strided conv pads (kernel - 1) // 2 a side, so each gives ceil(side / 2)."""
+    del encoder  # The multipliers change widths and depths, not strides.
+    return -(-image_size // STRIDE)
 
 
 def make_divisible(value: float, divisor: int = 8) -> int:
@@ -178,7 +187,7 @@ class EfficientNet(nnx.Module):
         self.features = width(HEAD_FEATURES)
         self.conv_head = layers.conv(in_features, self.features, 1, rngs=rngs)
         self.bn2 = layers.batch_norm(self.features, rngs=rngs)
-        self.stride = 2 * 2 ** sum(stride == 2 for *_, stride, _, _ in STAGES)
+        self.stride = STRIDE
 
     def __call__(self, x: jax.Array, *, train: bool, dropout_key: jax.Array | None = None
                  ) -> jax.Array:

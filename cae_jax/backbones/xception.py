@@ -49,6 +49,18 @@ RULES = (
 )
 
 
+def latent_size(encoder: ConfigDict, image_size: int) -> int:
+    """Side of the encoder's output for an input side (299 -> 10): the stem's two valid 3x3
+    convs (the first with stride 2), then the padded stride-2 entry blocks and exit block
+    (ceil(side / 2) each). 0 where the stem leaves no rows."""
+    side = (image_size - 3) // 2 + 1 - 2
+    if side < 1:
+        return 0
+    for _ in range(len(encoder.entry_features) + 1):
+        side = -(-side // 2)
+    return side
+
+
 class SeparableConv(nnx.Module):
     """Depthwise 3x3 then pointwise 1x1, both without bias (Xception's SeparableConv2d)."""
 

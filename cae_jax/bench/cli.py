@@ -2,11 +2,13 @@
 a peer measured in the same run on the same machine.
 
 Peers: PyTorch eager with timm's `legacy_xception` plus the same decoder and classifier (the
-`bench` extra; "n/a" without it), tf.data for the input pipeline, dlib's HOG detector for
-`prepare` (the `dlib` extra). Times are medians over repeats (train and inference: cae-jax and
-PyTorch taking turns, repeat by repeat, each of these rows in a fresh process); compile time is
-reported apart. The peer's `legacy_xception` is timm's module written in plain torch
-(`torch_peer.LegacyXception`: timm needs torchvision, absent beside the pinned CPU torch).
+`bench` extra; "n/a" without it), and for the train step on EfficientNet-B4 the same CAE around
+timm's `efficientnet_b4` (`torch_efficientnet`); tf.data for the input pipeline; dlib's HOG
+detector for `prepare` (the `dlib` extra). Times are medians over repeats (train and
+inference: cae-jax and PyTorch taking turns, repeat by repeat, each of these rows in a fresh
+process); compile time is reported apart. The peer's `legacy_xception` is timm's module
+written in plain torch (`torch_peer.LegacyXception`: timm needs torchvision, absent beside the
+pinned CPU torch).
 GFLOP/s come from XLA's cost analysis, beside a measured large float32 matmul (the peak).
 On a GPU or TPU (or with `--accelerator`) the rows of `accelerator` run instead.
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 import jax
 from ml_collections import ConfigDict
 
+from cae_jax import backbones
 from cae_jax import config as config_lib
 from cae_jax.bench import input_rows, layers, model_rows, prepare_rows, report, timing
 
@@ -28,9 +31,45 @@ ACCEPTS_CONFIG_OVERRIDES = True
 TINY_CONFIG = config_lib.shipped_config("tiny")
 
 
+def on_efficientnet_b4(config: ConfigDict, smoke: bool) -> ConfigDict | None:
+    """The bench's config with EfficientNet-B4 as the encoder, as configs/ffpp_c23_effb4.py sets
+    it (with --smoke, the tests' narrow B4 of configs/tiny_effb4.py); None where the config's
+    encoder is B4 already."""
+    if backbones.name_of(config.model) == backbones.efficientnet.NAME:
+        return None
+    source = config_lib.load_config(
+        config_lib.shipped_config("tiny_effb4" if smoke else "ffpp_c23_effb4"))
+    b4 = config.copy_and_resolve_references()
+    b4.model.encoder = source.model.encoder
+    b4.model.bn_epsilon = source.model.bn_epsilon
+    return b4
+
+
+def train_rows(config: ConfigDict, repeats: int, peak: dict, suffix: str = ""
+               ) -> tuple[dict, list[dict]]:
+    """The train step, cae-jax beside the PyTorch peer on the same encoder (in turns, in a
+    fresh process): its results and rows (rate, compile, GFLOP/s), names ending in `suffix`."""
+    no_torch = model_rows.torch_reason(config)
+    timing.log(f"train step{suffix}, cae-jax"
+               + (f" alone: {no_torch}" if no_torch else " and PyTorch in turns"))
+    train, peer = timing.in_fresh_process(model_rows.train_row, config, repeats, not no_torch)
+    arch = backbones.backbone(config.model).TIMM_ARCH
+    rows = [
+        report.row(f"train step, batch {config.train.batch_size}{suffix}", train["images_per_s"],
+                   peer and peer["images_per_s"], "images/s",
+                   no_torch or f"PyTorch eager, timm {arch} + decoder + classifier"),
+        report.row(f"train step compile{suffix}", train["compile_s"], None, "s"),
+        report.row(f"train step GFLOP/s (share of matmul peak){suffix}", train["gflops_per_s"],
+                   None, "GFLOP/s", f"{train['gflops_per_s'] / peak['gflops_per_s']:.0%} of "
+                   f"{peak['gflops_per_s']:.0f} GFLOP/s"),
+    ]
+    return {"cae_jax": train, "torch": peer}, rows
+
+
 def run_all(config: ConfigDict, *, repeats: int, matmul_size: int, layer_scale: int, batches: int,
             infer_batches: tuple[int, ...], clip_frames: int, workdir: Path,
-            worker_counts: tuple[int, ...] = (0, 1, 2)) -> dict:
+            worker_counts: tuple[int, ...] = (0, 1, 2), b4: ConfigDict | None = None) -> dict:
+    """Every CPU row of `config`; with `b4` (`on_efficientnet_b4`) its train-step rows too."""
     results = {"machine": timing.machine(),
                "config": {"image_size": config.model.image_size,
                           "train_batch": config.train.batch_size,
@@ -43,20 +82,12 @@ def run_all(config: ConfigDict, *, repeats: int, matmul_size: int, layer_scale: 
     timing.log("layers, native and decomposed")
     results["layers"] = layers.layer_impls(layer_scale, repeats)
     no_torch = model_rows.torch_reason(config)
-    rows = []
-
-    timing.log("train step, cae-jax"
-               + (f" alone: {no_torch}" if no_torch else " and PyTorch in turns"))
-    train, peer = timing.in_fresh_process(model_rows.train_row, config, repeats, not no_torch)
-    results["train"] = {"cae_jax": train, "torch": peer}
-    rows.append(report.row(
-        f"train step, batch {config.train.batch_size}", train["images_per_s"],
-        peer and peer["images_per_s"], "images/s",
-        no_torch or "PyTorch eager, timm legacy_xception + decoder + classifier"))
-    rows.append(report.row("train step compile", train["compile_s"], None, "s"))
-    rows.append(report.row("train step GFLOP/s (share of matmul peak)", train["gflops_per_s"], None,
-                           "GFLOP/s", f"{train['gflops_per_s'] / peak['gflops_per_s']:.0%} of "
-                           f"{peak['gflops_per_s']:.0f} GFLOP/s"))
+    results["train"], rows = train_rows(config, repeats, peak)
+    train = results["train"]["cae_jax"]
+    if b4 is not None:
+        results["train_efficientnet_b4"], b4_rows = train_rows(b4, repeats, peak,
+                                                               ", EfficientNet-B4")
+        rows += b4_rows
     results["inference"] = {}
     for batch in infer_batches:
         timing.log(f"inference, batch {batch}")
@@ -204,5 +235,6 @@ def run(args: argparse.Namespace) -> int:
             clip_frames=2 if smoke else 16,
             worker_counts=(0, 1) if smoke else (0, 1, 2),
             workdir=Path(workdir),
+            b4=on_efficientnet_b4(config, smoke),
         )
     return write_results(results, args)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from cae_jax import augment, device_augment, models, pixels, serving, sharding, train_step
+from cae_jax import augment, device_augment, models, serving, sharding, train_step
 from cae_jax.bench import timing
 
 
@@ -23,11 +23,11 @@ def random_batch(config: ConfigDict, batch: int) -> tuple[np.ndarray, np.ndarray
 
 
 def train_batch(config: ConfigDict, images: np.ndarray, labels: np.ndarray) -> dict:
-    """The train step's batch: normalized images, or with `input.augment.on_device` (the
-    default on GPU/TPU) uint8 images and augmentation choices drawn as the pipeline draws
-    them, so the timed step includes the on-device augmentation."""
+    """The train step's batch: uint8 images, with `input.augment.on_device` (the default on
+    GPU/TPU) and augmentation choices drawn as the pipeline draws them, so the timed step
+    includes the on-device augmentation."""
     if not augment.on_device(config.input.augment, jax.default_backend()):
-        return {"image": pixels.normalize(jnp.asarray(images)), "label": jnp.asarray(labels)}
+        return {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
     rng, size = np.random.default_rng(config.seed), config.model.image_size
     draws = [device_augment.param_fields({**augment.draw(rng, config.input.augment),
                                           **device_augment.place(image, size)[1]})

@@ -1,4 +1,5 @@
-"""PyTorch: timm's `legacy_xception` in plain torch, and the benchmark's peer CAE around it.
+"""PyTorch: timm's `legacy_xception` in plain torch, and the benchmark's peer CAE around it (or
+around timm's `efficientnet_b4`, `torch_efficientnet`, for a B4 config).
 
 `LegacyXception` is the Cadene/timm Xception module written out with torch.nn alone (same
 modules, same order, same state-dict keys and ops as `timm.create_model("legacy_xception",
@@ -22,8 +23,9 @@ from ml_collections import ConfigDict
 from torch import nn
 
 from cae_jax import backbones
+from cae_jax.bench.torch_efficientnet import EfficientNet
 
-# legacy_xception has these widths only; other configs have no PyTorch peer.
+# legacy_xception has these widths only; other Xception configs have no PyTorch peer.
 XCEPTION_WIDTHS = {
     "stem_features": (32, 64),
     "entry_features": (128, 256, 728),
@@ -34,9 +36,13 @@ XCEPTION_WIDTHS = {
 
 
 def unsupported_reason(model_config: ConfigDict) -> str:
-    """Why this model config has no PyTorch peer ("" when it has one)."""
-    if backbones.name_of(model_config) != backbones.xception.NAME:
-        return f"the peer's encoder is legacy_xception; encoder.name={model_config.encoder.name}"
+    """Why this model config has no PyTorch peer ("" when it has one: Xception at
+    legacy_xception's widths, EfficientNet-B4 at any multipliers)."""
+    name = backbones.name_of(model_config)
+    if name == backbones.efficientnet.NAME:
+        return ""
+    if name != backbones.xception.NAME:
+        return f"no PyTorch peer for encoder.name={name}"
     enc = model_config.encoder
     for name, value in XCEPTION_WIDTHS.items():
         ours = tuple(enc[name]) if isinstance(value, tuple) else enc[name]
@@ -110,6 +116,7 @@ class LegacyXception(nn.Module):
         self.conv4 = SeparableConv2d(1536, 2048)
         self.bn4 = nn.BatchNorm2d(2048)
         self.act4 = nn.ReLU(inplace=True)
+        self.features = XCEPTION_WIDTHS["head_features"][-1]
         for m in self.modules():  # timm's initialization.
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -122,15 +129,29 @@ class LegacyXception(nn.Module):
         return self.act4(self.bn4(self.conv4(x)))
 
 
+def torch_encoder(model_config: ConfigDict) -> nn.Module:
+    """The config's encoder in torch (`unsupported_reason` says which have one)."""
+    if backbones.name_of(model_config) == backbones.efficientnet.NAME:
+        enc = model_config.encoder
+        return EfficientNet(enc.width_multiplier, enc.depth_multiplier, enc.drop_path_rate)
+    return LegacyXception()
+
+
 class TorchCAE(nn.Module):
-    """legacy_xception features -> (classifier logit [N], decoder reconstruction)."""
+    """Encoder features -> (classifier logit [N], decoder reconstruction), from images in
+    [-1, 1] that the encoder sees in its own normalization, as `models.CAE`."""
 
     def __init__(self, model_config: ConfigDict):
         super().__init__()
-        self.encoder = LegacyXception()
+        self.encoder = torch_encoder(model_config)
+        module = backbones.backbone(model_config)
+        # (x + 1) / 2 in the backbone's normalization: x * scale + shift per channel.
+        std = torch.tensor(module.STD)
+        self.register_buffer("scale", (0.5 / std).reshape(1, 3, 1, 1))
+        self.register_buffer("shift", ((0.5 - torch.tensor(module.MEAN)) / std).reshape(1, 3, 1, 1))
         momentum = 1.0 - model_config.bn_momentum  # PyTorch counts momentum from the other side.
         layers = []
-        ins = [XCEPTION_WIDTHS["head_features"][-1], *model_config.decoder.features[:-1]]
+        ins = [self.encoder.features, *model_config.decoder.features[:-1]]
         k = model_config.decoder.kernel_size
         for width_in, width_out in zip(ins, model_config.decoder.features, strict=True):
             layers += [
@@ -142,7 +163,7 @@ class TorchCAE(nn.Module):
         layers.append(nn.Conv2d(model_config.decoder.features[-1], 3, 3, padding=1))
         self.decoder = nn.Sequential(*layers)
         head = []
-        width = XCEPTION_WIDTHS["head_features"][-1]
+        width = self.encoder.features
         for h in model_config.classifier.hidden:
             head += [nn.Linear(width, h), nn.ReLU(inplace=True),
                      nn.Dropout(model_config.classifier.dropout)]
@@ -151,12 +172,14 @@ class TorchCAE(nn.Module):
         self.classifier = nn.Sequential(*head)
         self.image_size = model_config.image_size
 
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder.forward_features(x * self.scale + self.shift)
+
     def classify(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.encoder.forward_features(x)
-        return self.classifier(z.mean(dim=(2, 3)))[:, 0]
+        return self.classifier(self.encode(x).mean(dim=(2, 3)))[:, 0]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = self.encoder.forward_features(x)
+        z = self.encode(x)
         logit = self.classifier(z.mean(dim=(2, 3)))[:, 0]
         recon = self.decoder(z).float()  # As the JAX decoder: RGB out, then float32.
         if recon.shape[-1] != self.image_size:

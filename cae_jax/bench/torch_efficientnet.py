@@ -1,9 +1,10 @@
 """timm's `efficientnet_b4` (`forward_features`) written out in plain torch: the reference of the
-EfficientNet import parity test (timm itself needs torchvision, which does not load beside the
-pinned CPU torch). Transcribed from timm's `_gen_efficientnet`, `EfficientNetBuilder`,
-`DepthwiseSeparableConv`, `InvertedResidual` and `SqueezeExcite`: same modules, state-dict keys
-and ops (BatchNorm2d eps 1e-5, SiLU, padding ((stride - 1) + (k - 1)) // 2), at any channel and
-depth multiplier (1.4, 1.8 is B4)."""
+EfficientNet import parity test and the encoder of the benchmark's B4 peer (`torch_peer`; timm
+itself needs torchvision, which does not load beside the pinned CPU torch). Transcribed from
+timm's `_gen_efficientnet`, `EfficientNetBuilder`, `DepthwiseSeparableConv`, `InvertedResidual`,
+`SqueezeExcite` and `DropPath`: same modules, state-dict keys and ops (BatchNorm2d eps 1e-5,
+SiLU, padding ((stride - 1) + (k - 1)) // 2, block i of n dropping its residual branch with
+drop_path_rate * i / n in training), at any channel and depth multiplier (1.4, 1.8 is B4)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,14 @@ def make_divisible(v, divisor=8, min_value=None, round_limit=0.9):
     return new_v
 
 
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """timm's `drop_path`: whole samples of a residual branch dropped, the rest scaled."""
+    if not training or rate == 0:
+        return x
+    keep = x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(1 - rate)
+    return x * keep / (1 - rate)
+
+
 def conv(cin, cout, k, stride=1, groups=1, bias=False):
     return nn.Conv2d(cin, cout, k, stride, ((stride - 1) + (k - 1)) // 2, groups=groups,
                      bias=bias)
@@ -46,9 +55,10 @@ class SqueezeExcite(nn.Module):
 
 
 class DepthwiseSeparableConv(nn.Module):
-    def __init__(self, cin, cout, k, stride, se_ratio):
+    def __init__(self, cin, cout, k, stride, se_ratio, drop_path_rate=0.0):
         super().__init__()
         self.has_skip = stride == 1 and cin == cout
+        self.drop_path_rate = drop_path_rate
         self.conv_dw = conv(cin, cin, k, stride, groups=cin)
         self.bn1 = nn.BatchNorm2d(cin)
         self.se = SqueezeExcite(cin, se_ratio)
@@ -58,13 +68,14 @@ class DepthwiseSeparableConv(nn.Module):
     def forward(self, x):
         y = nn.functional.silu(self.bn1(self.conv_dw(x)))
         y = self.bn2(self.conv_pw(self.se(y)))
-        return y + x if self.has_skip else y
+        return drop_path(y, self.drop_path_rate, self.training) + x if self.has_skip else y
 
 
 class InvertedResidual(nn.Module):
-    def __init__(self, cin, cout, k, stride, exp_ratio, se_ratio):
+    def __init__(self, cin, cout, k, stride, exp_ratio, se_ratio, drop_path_rate=0.0):
         super().__init__()
         self.has_skip = stride == 1 and cin == cout
+        self.drop_path_rate = drop_path_rate
         mid = make_divisible(cin * exp_ratio)
         self.conv_pw = conv(cin, mid, 1)
         self.bn1 = nn.BatchNorm2d(mid)
@@ -78,11 +89,13 @@ class InvertedResidual(nn.Module):
         y = nn.functional.silu(self.bn1(self.conv_pw(x)))
         y = nn.functional.silu(self.bn2(self.conv_dw(y)))
         y = self.bn3(self.conv_pwl(self.se(y)))
-        return y + x if self.has_skip else y
+        return drop_path(y, self.drop_path_rate, self.training) + x if self.has_skip else y
 
 
 class EfficientNet(nn.Module):
-    def __init__(self, channel_multiplier=1.4, depth_multiplier=1.8):
+    """`features` is the latent's width."""
+
+    def __init__(self, channel_multiplier=1.4, depth_multiplier=1.8, drop_path_rate=0.0):
         super().__init__()
 
         def chs(c):
@@ -91,18 +104,23 @@ class EfficientNet(nn.Module):
         stem = chs(32)
         self.conv_stem = conv(3, stem, 3, 2)
         self.bn1 = nn.BatchNorm2d(stem)
-        stages, cin = [], stem
-        for kind, repeats, k, stride, exp, cout in ARCH:
+        plan = [(kind, int(math.ceil(repeats * depth_multiplier)), *rest)
+                for kind, repeats, *rest in ARCH]
+        total = sum(repeats for _, repeats, *_ in plan)
+        stages, cin, index = [], stem, 0
+        for kind, repeats, k, stride, exp, cout in plan:
             blocks = []
-            for i in range(int(math.ceil(repeats * depth_multiplier))):
-                s = stride if i == 0 else 1
-                blocks.append(DepthwiseSeparableConv(cin, chs(cout), k, s, 0.25) if kind == "ds"
-                              else InvertedResidual(cin, chs(cout), k, s, exp, 0.25))
-                cin = chs(cout)
+            for i in range(repeats):
+                s, rate = (stride if i == 0 else 1), drop_path_rate * index / total
+                blocks.append(DepthwiseSeparableConv(cin, chs(cout), k, s, 0.25, rate)
+                              if kind == "ds"
+                              else InvertedResidual(cin, chs(cout), k, s, exp, 0.25, rate))
+                cin, index = chs(cout), index + 1
             stages.append(nn.Sequential(*blocks))
         self.blocks = nn.Sequential(*stages)
-        self.conv_head = conv(cin, chs(1280), 1)
-        self.bn2 = nn.BatchNorm2d(chs(1280))
+        self.features = chs(1280)
+        self.conv_head = conv(cin, self.features, 1)
+        self.bn2 = nn.BatchNorm2d(self.features)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = nn.functional.silu(self.bn1(self.conv_stem(x)))

@@ -259,7 +259,7 @@ def test_whole_model_agrees_across_impls():
     for impl in ("native", "decomposed"):
         config.model.layer_impl = impl
         models_by_impl[impl] = models.build_model(config.model, seed=0)
-    x = jax.random.uniform(jax.random.key(0), (4, 64, 64, 3), minval=-1, maxval=1)
+    x = jax.random.uniform(jax.random.key(0), (4, 64, 64, 3), maxval=255)  # Pixels, as fed.
 
     def loss_and_grads(model):
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)

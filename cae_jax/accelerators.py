@@ -47,7 +47,7 @@ class Chip:
 CHIPS: dict[str, Chip] = {
     "v4": Chip("tpu", "v4", 32 * GIB, 275e12, 1200 * GB, 4, cores_in_name=2, grid_dims=3,
                chip_config="megacore", source="cloud.google.com/tpu/docs/v4"),
-    "v5litepod": Chip("tpu", "v5e", 16 * GB, 197e12, 819 * GB, 4,
+    "v5litepod": Chip("tpu", "v5e", 16 * GIB, 197e12, 819 * GB, 4,  # XLA leaves 15.75 GiB.
                       source="cloud.google.com/tpu/docs/v5e"),
     "v5p": Chip("tpu", "v5", 95 * GB, 459e12, 2765 * GB, 4, cores_in_name=2, grid_dims=3,
                 chip_config="megacore", source="cloud.google.com/tpu/docs/v5p"),

@@ -145,6 +145,7 @@ def plot_scaling(rows: list[dict[str, Any]]) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
+    ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)  # A color for each of many lines.
     for label, points in scaling_series(rows).items():
         chips, totals = zip(*points, strict=True)
         ax.plot(chips, totals, marker="o", label=label)
@@ -154,7 +155,7 @@ def plot_scaling(rows: list[dict[str, Any]]) -> bytes:
     ax.set_ylabel("images/s in all (estimated: roofline, not measured)")
     ax.grid(alpha=0.3, which="both")
     if ax.lines:
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)

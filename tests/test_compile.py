@@ -125,6 +125,18 @@ def h100_at_1():
     return target, devices, config, step
 
 
+@needs_libtpu
+def test_on_a_tpu_the_compiler_decides_the_fit_not_the_published_hbm():
+    """XLA's TPU compiler refuses what exceeds the HBM it leaves programs; the published
+    figure (here made 1 byte) is for the margin only, never a second verdict."""
+    target = accelerators.parse("v5litepod-4")
+    target = dataclasses.replace(target, chip=dataclasses.replace(target.chip, hbm_bytes=1))
+    devices = accelerators.compile_only_devices(target)
+    steps = aot_compile.compile_program(tiny(), target, devices, 8, steps=("train",),
+                                        analyze=False)
+    assert steps["train step"]["fits"] and "message" not in steps["train step"]
+
+
 @needs_cuda_plugin
 def test_tiny_train_step_compiles_for_one_h100_with_default_flags(h100_at_1):
     step = h100_at_1[3]
